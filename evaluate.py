@@ -1,0 +1,364 @@
+"""
+Evaluate Gene-DML checkpoints on their held-out patients, the way the field reports it.
+
+    python evaluate.py --ckpt runs/demo/best.pt                    # one fold
+    python evaluate.py --ckpt runs/her2st/fold*/best.pt            # the cohort table over folds
+    python evaluate.py --ckpt best.pt --predict IMAGE SPOTFILE     # a new slide without counts
+
+Per held-out slide: the Pearson r of every gene across the slide's spots, PCC(M) = mean over the
+genes, MSE and MAE per gene; then the mean over the slides of a fold, then mean ± std over folds.
+PCC(H) is the mean over the 50 "highly predictive genes", ranked by their PCC averaged over folds.
+Everything the model needs is read from the checkpoint (loaded with weights_only=True).
+"""
+import argparse
+import glob
+import json
+import logging
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageDraw
+
+log = logging.getLogger("evaluate")
+
+# Paper Table 1 (MSE / PCC(M) / PCC(H)), for the printed comparison. These are the published
+# numbers, chosen with the best epoch on the test fold; see README "Results".
+PAPER_TABLE1 = {
+    "her2st": {"ST-Net": (.260, .194, .345), "BLEEP": (.277, .151, .277),
+               "TRIPLEX": (.228, .314, .497), "Gene-DML": (.210, .331, .541)},
+    "stnet": {"ST-Net": (.209, .116, .223), "BLEEP": (.235, .095, .193),
+              "TRIPLEX": (.202, .206, .352), "Gene-DML": (.179, .237, .384)},
+    "cscc": {"ST-Net": (.294, .274, .382), "BLEEP": (.297, .269, .396),
+             "TRIPLEX": (.268, .374, .490), "Gene-DML": (.237, .433, .520)},
+}
+
+# -----------------------------------------------------------------------------
+# metrics: one tensor expression per slide, no per-gene loop
+
+def pearson_per_gene(pred, true):
+    """Pearson r of each gene (column) across spots (rows): (N, G), (N, G) -> (G,).
+
+    A gene that is constant over the slide (in prediction or truth) has no defined r: it gets NaN,
+    and the caller reports how many genes that happened to rather than averaging NaN silently.
+    """
+    pred = torch.as_tensor(pred, dtype=torch.float64)
+    true = torch.as_tensor(true, dtype=torch.float64)
+    assert pred.shape == true.shape and pred.ndim == 2, f"expected two (N, G) arrays, got {tuple(pred.shape)} and {tuple(true.shape)}"
+    p = pred - pred.mean(0)
+    t = true - true.mean(0)
+    denom = (p.square().sum(0) * t.square().sum(0)).sqrt()
+    r = (p * t).sum(0) / denom
+    return torch.where(denom > 1e-12, r, torch.full_like(r, float("nan"))).numpy()
+
+
+def slide_metrics(pred, true):
+    """Per-gene PCC, MSE, MAE of one slide, as numpy arrays of shape (G,)."""
+    pred = np.asarray(pred, dtype=np.float64)
+    true = np.asarray(true, dtype=np.float64)
+    return {"pcc": pearson_per_gene(pred, true),
+            "mse": ((pred - true) ** 2).mean(0),
+            "mae": np.abs(pred - true).mean(0)}
+
+
+def summarise(per_slide):
+    """Mean over slides of the per-gene metrics, then over genes. per_slide: {slide: slide_metrics}.
+
+    Returns (per-gene means over slides (dict of (G,) arrays), fold summary dict). PCC(M) skips the
+    genes whose r is undefined (constant on a slide) and says how many there were.
+    """
+    stack = {m: np.stack([s[m] for s in per_slide.values()]) for m in ("pcc", "mse", "mae")}
+    with warnings.catch_warnings():          # a gene constant on every slide: NaN, counted below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_gene = {m: np.nanmean(v, axis=0) if m == "pcc" else v.mean(0) for m, v in stack.items()}
+    undefined = int(np.isnan(stack["pcc"]).sum())
+    slide_pcc = [np.nanmean(s["pcc"]) if np.isfinite(s["pcc"]).any() else float("nan")
+                 for s in per_slide.values()]
+    return per_gene, {"pcc_m": float(np.nanmean(slide_pcc)) if np.isfinite(slide_pcc).any() else float("nan"),
+                      "mse": float(stack["mse"].mean()), "mae": float(stack["mae"].mean()),
+                      "undefined_pcc": undefined, "slides": len(per_slide)}
+
+
+def highly_predictive_genes(fold_gene_pcc, n=50):
+    """Indices of the n genes with the best PCC rank averaged over folds (PCC(H), METHOD.md).
+
+    fold_gene_pcc: (F, G) per-gene PCC of each fold. Rank 0 = best gene of that fold; undefined
+    PCCs rank last.
+    """
+    pcc = np.nan_to_num(np.asarray(fold_gene_pcc, dtype=np.float64), nan=-np.inf)
+    ranks = (-pcc).argsort(1).argsort(1)             # (F, G) rank of each gene within its fold
+    return np.argsort(ranks.mean(0), kind="stable")[:min(n, pcc.shape[1])]
+
+
+# -----------------------------------------------------------------------------
+# running a checkpoint
+
+def load_checkpoint(path):
+    """Load a Gene-DML checkpoint safely, with an error that names the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle refused by weights_only, truncated file, not a torch file...
+        raise ValueError(f"{path}: not a loadable Gene-DML checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    missing = [k for k in ("model", "config", "genes", "data") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a Gene-DML checkpoint (missing {', '.join(missing)})")
+    return ckpt
+
+
+@torch.no_grad()
+def predict(model, loader, context, device):
+    """Run the image side over a loader; returns {section index: (predictions (N, G), rows (N,))}."""
+    model.eval()
+    out = {}
+    for batch in loader:
+        pred = model(batch["local"].to(device), batch["neighbour_feats"].to(device),
+                     batch["neighbour_mask"].to(device), batch["section"].to(device),
+                     batch["index"].to(device), context).prediction.float().cpu()
+        for s in batch["section"].unique().tolist():
+            m = batch["section"] == s
+            p, r = out.get(s, (torch.empty(0, pred.shape[1]), torch.empty(0, dtype=torch.long)))
+            out[s] = (torch.cat([p, pred[m]]), torch.cat([r, batch["index"][m]]))
+    return {s: (p[r.argsort()].numpy(), r.sort().values.numpy()) for s, (p, r) in out.items()}
+
+
+def evaluate_split(model, split, device, batch_size=64):
+    """Per-slide metrics of a model on one prepared split (see train.prepare_split)."""
+    loader = torch.utils.data.DataLoader(split.dataset, batch_size=batch_size, shuffle=False)
+    preds = predict(model, loader, split.context, device)
+    per_slide = {}
+    for s, (pred, rows) in sorted(preds.items()):
+        assert len(rows) == len(split.sections[s].spot_ids), "every spot of a slide must be predicted"
+        per_slide[split.sections[s].name] = slide_metrics(pred, split.dataset.labels[s])
+    return per_slide, preds
+
+
+# -----------------------------------------------------------------------------
+# outputs a person can open: CSV tables and PNG maps
+
+def write_csv(df, path):
+    """Write a CSV atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    df.to_csv(tmp, index=False, float_format="%.5g")
+    os.replace(tmp, path)
+
+
+def _colour(values):
+    """Map values to RGB with a small perceptual ramp (dark blue -> teal -> yellow), no matplotlib."""
+    ramp = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
+    v = np.asarray(values, dtype=np.float64)
+    lo, hi = np.nanmin(v), np.nanmax(v)
+    x = np.zeros_like(v) if hi - lo < 1e-12 else (v - lo) / (hi - lo) * (len(ramp) - 1)
+    i = np.clip(np.floor(x).astype(int), 0, len(ramp) - 2)
+    f = (x - i)[:, None]
+    return ((1 - f) * ramp[i] + f * ramp[i + 1]).astype(np.uint8)
+
+
+def expression_map(image_path, pixel_xy, panels, path, title, width=600):
+    """Save a PNG: the H&E thumbnail once per panel with the spots coloured by each panel's values.
+
+    panels: list of (label, values (N,)). Typically [("measured", y), ("predicted", y_hat)].
+    """
+    if image_path is not None and Path(image_path).is_file():
+        Image.MAX_IMAGE_PIXELS = None
+        with Image.open(image_path) as im:
+            scale = width / im.width
+            thumb = im.convert("RGB").resize((width, max(1, round(im.height * scale))))
+    else:  # no image: white canvas around the spots
+        scale = width / (pixel_xy[:, 0].max() + 100)
+        thumb = Image.new("RGB", (width, round((pixel_xy[:, 1].max() + 100) * scale)), "white")
+    radius = max(2, round(0.4 * _spot_spacing(pixel_xy) * scale))
+    canvas = Image.new("RGB", (thumb.width * len(panels), thumb.height + 24), "white")
+    for p, (label, values) in enumerate(panels):
+        tile = thumb.copy()
+        draw = ImageDraw.Draw(tile)
+        for (x, y), c in zip(pixel_xy * scale, _colour(values)):
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=tuple(int(v) for v in c))
+        canvas.paste(tile, (p * thumb.width, 24))
+        ImageDraw.Draw(canvas).text((p * thumb.width + 4, 4), label, fill="black")
+    ImageDraw.Draw(canvas).text((canvas.width // 2 - 3 * len(title), 4), title, fill="black")
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}.png")
+    canvas.save(tmp)
+    os.replace(tmp, path)
+
+
+def _spot_spacing(pixel_xy):
+    """Median distance from a spot to its nearest neighbour, in pixels."""
+    if len(pixel_xy) < 2:
+        return 20.0
+    d = torch.cdist(torch.as_tensor(pixel_xy, dtype=torch.float64), torch.as_tensor(pixel_xy, dtype=torch.float64))
+    d.fill_diagonal_(float("inf"))
+    return float(d.min(1).values.median())
+
+
+# -----------------------------------------------------------------------------
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate Gene-DML checkpoints (see README).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", nargs="+", required=True, help="one best.pt, or several (one per fold; globs allowed) for the cohort table")
+    p.add_argument("--out", default=None, help="output folder (default: <folder of the first checkpoint>/eval)")
+    p.add_argument("--root", default=None, help="cohort folder, if it moved since training")
+    p.add_argument("--cache-dir", default="cache", help="where decoded images, crops and frozen features are cached")
+    p.add_argument("--maps", type=int, default=3, help="PNG maps for this many best-predicted genes per slide")
+    p.add_argument("--genes", default=None, help="comma list of genes to map instead of the best-predicted ones")
+    p.add_argument("--n-hpg", type=int, default=50, help="number of highly predictive genes in PCC(H)")
+    p.add_argument("--predict", nargs=2, metavar=("IMAGE", "SPOTFILE"), default=None,
+                   help="predict a new slide (H&E image + spot file with x, y, pixel_x, pixel_y; no counts needed)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = p.parse_args(argv)
+    args.ckpt = [c for pattern in args.ckpt for c in (sorted(glob.glob(pattern)) or [pattern])]
+    args.out = Path(args.out or Path(args.ckpt[0]).parent / "eval")
+    return args
+
+
+def rebuild(ckpt, device):
+    """The model and the frozen trunk, from the checkpoint alone (no download, no training flags)."""
+    from model import GeneDML, GeneDMLConfig, build_trunk
+    cfg = GeneDMLConfig(**{**ckpt["config"], "levels": tuple(ckpt["config"]["levels"])})
+    model = GeneDML(cfg)
+    model.load_state_dict(ckpt["model"])
+    trunk = build_trunk("none")
+    trunk.load_state_dict(ckpt["frozen_trunk"])
+    return model.to(device).eval(), trunk.to(device).eval()
+
+
+def spot_file_section(image, spots, genes):
+    """A data.Section for a slide that has an image and a spot file but no counts."""
+    import data
+    spots = Path(spots)
+    try:
+        df = pd.read_csv(spots, sep=None, engine="python")
+    except Exception as e:
+        raise ValueError(f"{spots}: cannot read the spot file ({e})") from None
+    missing = {"x", "y", "pixel_x", "pixel_y"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{spots}: spot file lacks the column(s) {sorted(missing)}")
+    if "selected" in df.columns:
+        df = df[df["selected"] == 1]
+    xy = df[["x", "y"]].round().astype(np.int64).to_numpy()
+    ids = [f"{x}x{y}" for x, y in xy]
+    return data.Section(cohort="predict", name=Path(image).stem, patient="new", image_path=Path(image),
+                        spot_ids=ids, array_xy=xy, pixel_xy=df[["pixel_x", "pixel_y"]].to_numpy(np.float64),
+                        counts=pd.DataFrame(0.0, index=ids, columns=genes))
+
+
+def predictions_frame(section, genes, pred):
+    df = pd.DataFrame({"section": section.name, "spot_id": section.spot_ids,
+                       "array_x": section.array_xy[:, 0], "array_y": section.array_xy[:, 1],
+                       "pixel_x": section.pixel_xy[:, 0], "pixel_y": section.pixel_xy[:, 1]})
+    return pd.concat([df, pd.DataFrame(pred, columns=genes)], axis=1)
+
+
+def evaluate_checkpoint(path, args, device):
+    """Evaluate one checkpoint on its held-out sections; writes CSVs and maps into args.out/<name>."""
+    import data
+    from cache import ArrayCache
+    from train import prepare_split
+    ckpt = load_checkpoint(path)
+    genes, d = ckpt["genes"], ckpt["data"]
+    model, trunk = rebuild(ckpt, device)
+    cache = ArrayCache(args.cache_dir)
+    if args.predict:
+        sections = [spot_file_section(*args.predict, genes)]
+    else:
+        root = args.root or d["root"]
+        data.check_cohort(d["cohort"], root, d["sections"]["test"])
+        sections = [data.load_section(d["cohort"], root, n) for n in d["sections"]["test"]]
+    split = prepare_split(sections, genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"])
+    per_slide, preds = ({}, predict(model, torch.utils.data.DataLoader(split.dataset, batch_size=args.batch_size),
+                                    split.context, device)) if args.predict else \
+        evaluate_split(model, split, device, args.batch_size)
+
+    out = args.out / (Path(path).parent.name if len(args.ckpt) > 1 else "")
+    (out / "maps").mkdir(parents=True, exist_ok=True)
+    write_csv(pd.concat([predictions_frame(s, genes, preds[i][0]) for i, s in enumerate(sections)]),
+              out / "predictions.csv")
+    if per_slide:
+        write_csv(pd.concat([pd.DataFrame({"slide": name, "gene": genes, **m}) for name, m in per_slide.items()]),
+                  out / "per_gene.csv")
+    for i, s in enumerate(sections):
+        pcc = per_slide[s.name]["pcc"] if per_slide else np.zeros(len(genes))
+        chosen = args.genes.split(",") if args.genes else \
+            [genes[j] for j in np.argsort(-np.nan_to_num(pcc, nan=-2))[:args.maps]]
+        for g in chosen:
+            if g not in genes:
+                raise SystemExit(f"--genes: {g!r} is not in the checkpoint's gene list")
+            j = genes.index(g)
+            panels = [("predicted", preds[i][0][:, j])]
+            title = f"{s.name} {g}"
+            if per_slide:
+                panels.insert(0, ("measured", split.dataset.labels[i][:, j]))
+                title += f"  r = {pcc[j]:.3f}"
+            expression_map(s.image_path, s.pixel_xy, panels, out / "maps" / f"{s.name}_{g}.png", title)
+    return ckpt, per_slide
+
+
+def main(argv=None):
+    args = get_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    try:
+        results = [evaluate_checkpoint(p, args, device) for p in args.ckpt]
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.predict:
+        print(f"predictions for {args.predict[0]} written to {args.out}")
+        return 0
+    cohorts = {r[0]["data"]["cohort"] for r in results}
+    gene_lists = {tuple(r[0]["genes"]) for r in results}
+    if len(cohorts) > 1 or len(gene_lists) > 1:
+        print(f"error: the checkpoints do not belong together (cohorts {sorted(cohorts)}, "
+              f"{len(gene_lists)} different gene lists)", file=sys.stderr)
+        return 2
+
+    # fold table: PCC(M), MSE, MAE per fold; PCC(H) over the genes ranked best across folds
+    folds = [summarise(per_slide) for _, per_slide in results]
+    hpg = highly_predictive_genes([g["pcc"] for g, _ in folds], args.n_hpg)
+    rows = []
+    for (ckpt, per_slide), (per_gene, s) in zip(results, folds):
+        rows.append({"fold": ckpt["data"]["fold"], "test": ",".join(per_slide), "pcc_m": s["pcc_m"],
+                     "pcc_h": float(np.nanmean(per_gene["pcc"][hpg])), "mse": s["mse"], "mae": s["mae"],
+                     "undefined_pcc": s["undefined_pcc"], "selection": ckpt["selection"]})
+    table = pd.DataFrame(rows)
+    write_csv(table, args.out / "folds.csv")
+    genes = results[0][0]["genes"]
+    write_csv(pd.DataFrame({"gene": genes, **{f"pcc_fold{r['fold']}": g["pcc"] for r, (g, _) in zip(rows, folds)},
+                            "hpg": np.isin(np.arange(len(genes)), hpg)}), args.out / "genes.csv")
+
+    cohort = cohorts.pop()
+    print(f"\n{cohort}: {len(rows)} fold(s), selection on {rows[0]['selection']}")
+    print(table[["fold", "test", "pcc_m", "pcc_h", "mse", "mae"]].to_string(index=False, float_format="%.4f"))
+    mean = table[["mse", "pcc_m", "pcc_h", "mae"]].mean()
+    std = table[["mse", "pcc_m", "pcc_h", "mae"]].std(ddof=0)
+    print(f"\n{'':10s} {'MSE':>15s} {'PCC(M)':>15s} {'PCC(H)':>15s}")
+    print(f"{'ours':10s} " + " ".join(f"{mean[m]:7.3f} ± {std[m]:5.3f}" for m in ("mse", "pcc_m", "pcc_h")))
+    for method, (mse, pm, ph) in PAPER_TABLE1.get(cohort, {}).items():
+        print(f"{method + '*':10s} {mse:15.3f} {pm:15.3f} {ph:15.3f}")
+    if cohort in PAPER_TABLE1:
+        print("* paper Table 1: all sections, pretrained weights, best epoch chosen on the test fold")
+    undefined = int(table["undefined_pcc"].sum())
+    if undefined:
+        print(f"note: {undefined} (slide, gene) pairs had a constant prediction or label; their PCC is undefined and left out of the means")
+    summary = {"cohort": cohort, "folds": len(rows), **{f"{k}_mean": float(v) for k, v in mean.items()},
+               **{f"{k}_std": float(v) for k, v in std.items()}, "selection": rows[0]["selection"]}
+    tmp = args.out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, args.out / "summary.json")
+    print(f"wrote {args.out}/folds.csv, genes.csv, summary.json and per-fold predictions, per-gene CSVs and maps")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

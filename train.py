@@ -1,0 +1,331 @@
+"""
+Train Gene-DML on one fold (or all folds) of a spatial-transcriptomics cohort.
+
+    python train.py --data demo                       # synthetic cohort, a few minutes on a CPU
+    python train.py --data her2st --epochs 50         # real data (python data.py download her2st)
+    python train.py --data her2st --fold all          # every leave-one-patient-out fold + table
+
+The story, in order: data (sections, gene list, crops, frozen features) -> model -> losses ->
+optimiser -> resume -> loop (train, select on the validation patient, checkpoint, stop early).
+The best epoch is chosen on a validation patient drawn from the training patients; the published
+protocol (best epoch chosen on the held-out fold itself) is `--select-on-test`, and every output
+made that way says so.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+from cache import ArrayCache
+from evaluate import evaluate_split, summarise
+from losses import gene_dml_loss
+from model import GeneDML, GeneDMLConfig, build_trunk, section_features
+
+log = logging.getLogger("train")
+
+# Training recipe per cohort; explicit flags override. The reference used 200 epochs with early
+# stopping and batches of 256-512; the demo is sized to finish in minutes on a laptop CPU.
+RECIPES = {
+    "demo": dict(epochs=10, batch_size=64, weights="none"),
+    "default": dict(epochs=200, batch_size=256, weights="imagenet"),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Train Gene-DML (see README).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data
+    p.add_argument("--data", default="demo", choices=sorted(data.COHORTS), help="cohort")
+    p.add_argument("--root", default=None, help="cohort folder (default: the cohort table's, e.g. data/her2st)")
+    p.add_argument("--fold", default="0", help="fold number, or 'all' to run every fold into <out>/fold<i>/")
+    p.add_argument("--sections", default=None, help="comma list: use only these sections (e.g. the ones with images)")
+    p.add_argument("--test-sections", default=None, help="comma list: hold these out instead of the fold's patient")
+    p.add_argument("--val-sections", default=None, help="comma list: select the epoch on these (default: the fold's validation patient)")
+    p.add_argument("--genes", default=None, help="gene list file (.txt or .npy); default: top --n-genes by total count over the training sections")
+    p.add_argument("--n-genes", type=int, default=None, help="number of genes (default: cohort table, 250 for real cohorts)")
+    p.add_argument("--no-smooth", action="store_true", help="do not 3x3-smooth the labels (the published numbers used smoothing)")
+    p.add_argument("--crop-size", type=int, default=None, help="spot crop / neighbour tile size in pixels (default: cohort table)")
+    p.add_argument("--cache-dir", default="cache", help="where decoded images, crops and frozen features are cached")
+    # model
+    p.add_argument("--weights", default=None, help="trunk weights: none | imagenet | path to a checkpoint (default: imagenet; demo: none)")
+    p.add_argument("--levels", default="local,neighbour,global", help="image levels to use (ablation: any non-empty subset)")
+    # losses
+    p.add_argument("--tau", type=float, default=0.07, help="temperature of the instance-level InfoNCE")
+    p.add_argument("--tau-group", type=float, default=0.07, help="temperature of the instance-group classification")
+    p.add_argument("--k", type=int, default=None, help="k-means groups per batch (default: cohort table; clamped to the batch size)")
+    p.add_argument("--lam", type=float, default=0.8, help="weight of the instance-group loss (paper: 0.8; 0 switches it off)")
+    p.add_argument("--w-inst", type=float, default=1.0, help="weight of the instance-level loss (0 switches it off)")
+    p.add_argument("--w-mse", type=float, default=1.0, help="weight of the regression loss")
+    # optimisation
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 200; demo: 10)")
+    p.add_argument("--batch-size", type=int, default=None, help="spots per step (default: 256; demo: 64); use 32-64 on a CPU")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better selection metric")
+    p.add_argument("--select-on-test", action="store_true", help="published protocol: choose the best epoch on the held-out fold itself (optimistic; labelled as such)")
+    # run
+    p.add_argument("--out", default=None, help="output folder (default: runs/<data>)")
+    p.add_argument("--resume", default=None, help="continue from a last.pt")
+    p.add_argument("--seed", type=int, default=2021)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (default: on for CUDA)")
+    p.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates of the loss parts")
+    args = p.parse_args(argv)
+
+    spec, recipe = data.COHORTS[args.data], RECIPES.get(args.data, RECIPES["default"])
+    args.root = args.root or spec["root"]
+    args.crop_size = args.crop_size or spec["crop"]
+    args.k = args.k or spec["k"]
+    args.n_genes = args.n_genes or spec["genes"]
+    args.epochs = args.epochs or recipe["epochs"]
+    args.batch_size = args.batch_size or recipe["batch_size"]
+    args.weights = args.weights or recipe["weights"]
+    args.out = args.out or f"runs/{args.data}"
+    args.levels = tuple(l.strip() for l in args.levels.split(",") if l.strip())
+    if args.fold != "all" and not args.fold.isdigit():
+        p.error(f"--fold must be a number or 'all', got {args.fold!r}")
+    return args
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# data: sections -> crops -> frozen features -> dataset + the global level's context
+
+@dataclasses.dataclass
+class Split:
+    sections: list       # data.Section, one per slide
+    dataset: object      # data.SpotDataset over those sections
+    context: list        # per section: (frozen features (N, 512), array coords (N, 2)) on the device
+
+
+def trunk_id(trunk):
+    """A short hash of the frozen trunk's weights: it keys the feature cache."""
+    h = hashlib.sha1()
+    for k, v in sorted(trunk.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True, augment=False):
+    """Crop every section (cached), extract its frozen features once (cached), build the dataset."""
+    wid = trunk_id(trunk)
+    crops = [data.section_crops(s, cache, crop_size) for s in sections]
+    feats = [section_features(trunk, wid, c, cache, f"{s.cohort}-{s.name}-features", device=device)
+             for s, c in zip(sections, crops)]
+    dataset = data.SpotDataset(sections, crops, genes, smooth=smooth, augment=augment, features=feats)
+    context = [(torch.as_tensor(np.asarray(f["local"]), dtype=torch.float32, device=device),
+                torch.as_tensor(s.array_xy, dtype=torch.long, device=device)) for f, s in zip(feats, sections)]
+    return Split(sections, dataset, context)
+
+
+def split_sections(args, fold):
+    """Which sections train, select the epoch, and are held out, by patient (never by spot)."""
+    only = set(args.sections.split(",")) if args.sections else None
+    keep = lambda names: [n for n in names if only is None or n in only]
+    if args.test_sections:
+        test = args.test_sections.split(",")
+        pool = [n for n in data.sections_of(args.data, list(data.COHORTS[args.data]["patients"])) if n not in test]
+        pool = keep(pool)
+        val = args.val_sections.split(",") if args.val_sections else pool[:1]
+        return {"train": [n for n in pool if n not in val], "val": val, "test": test}
+    split = data.fold_split(args.data, fold)
+    names = {part: keep(data.sections_of(args.data, split[part])) for part in ("train", "val", "test")}
+    if args.val_sections:
+        val = args.val_sections.split(",")
+        names = {"train": [n for n in names["train"] + names["val"] if n not in val], "val": val, "test": names["test"]}
+    for part, ns in names.items():
+        if not ns:
+            raise SystemExit(f"fold {fold}: no {part} sections left (check --sections / --test-sections / --val-sections)")
+    return names
+
+
+# -----------------------------------------------------------------------------
+
+def save_atomic(obj, path):
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def plain(x):
+    """Arguments as checkpoint-safe primitives (weights_only=True loads no Path or Namespace)."""
+    return {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v) for k, v in vars(x).items()}
+
+
+def train_fold(args, fold):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    amp = (device.type == "cuda") if args.amp is None else args.amp
+    amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    resume = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
+    seed_everything(args.seed)
+
+    # ---- data
+    if args.data == "demo":
+        import demo
+        demo.make_demo_cohort(args.root)
+    names = split_sections(args, fold)
+    everything = names["train"] + names["val"] + names["test"]
+    data.check_cohort(args.data, args.root, everything)
+    sections = {n: data.load_section(args.data, args.root, n) for n in everything}
+    if resume:
+        genes = resume["genes"]
+    elif args.genes:
+        genes = data.read_gene_list(args.genes)
+    else:
+        genes = data.select_genes([sections[n] for n in names["train"]], args.n_genes)
+    cache = ArrayCache(args.cache_dir)
+    # The frozen trunk for the neighbour and global levels. With --weights none it is random but
+    # seeded, and it travels in the checkpoint, so evaluation sees exactly the same features.
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        trunk = build_trunk(args.weights).to(device).eval()
+    if resume:
+        trunk.load_state_dict(resume["frozen_trunk"])
+    splits = {part: prepare_split([sections[n] for n in ns], genes, args.crop_size, trunk, cache, device,
+                                  smooth=not args.no_smooth, augment=(part == "train"))
+              for part, ns in names.items()}
+    select_part = "test" if args.select_on_test else "val"
+    print(f"fold {fold}: train {names['train']}  val {names['val']}  test {names['test']}  "
+          f"| {len(splits['train'].dataset)} training spots, {len(genes)} genes, selection on {select_part}")
+    loader = torch.utils.data.DataLoader(splits["train"].dataset, batch_size=args.batch_size, shuffle=True,
+                                         drop_last=len(splits["train"].dataset) > args.batch_size,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+
+    # ---- model
+    cfg = GeneDMLConfig(n_genes=len(genes), levels=args.levels)
+    model = GeneDML(cfg).to(device)
+    model.load_trunk_weights(trunk.state_dict())    # the trainable local trunk starts where the frozen one is
+
+    # ---- optimiser: Adam, StepLR(20, 0.95), gradient scaling only for float16
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.95)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
+
+    # ---- resume
+    start, best, best_epoch, bad = 0, -math.inf, -1, 0
+    if resume:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        start, best, best_epoch, bad = resume["epoch"] + 1, resume["best"]["metric"], resume["best"]["epoch"], resume["best"]["bad_epochs"]
+        print(f"=> loaded checkpoint '{args.resume}' (epoch {resume['epoch']}, best {select_part} PCC(M) {best:.4f} at epoch {best_epoch})")
+        # Drop log lines of epochs after the checkpoint (a run killed between its log line and its
+        # checkpoint), so the resumed log reads as if the run had never stopped.
+        if (out / "log.jsonl").exists():
+            lines = [l for l in (out / "log.jsonl").read_text().splitlines() if json.loads(l)["epoch"] < start]
+            (out / "log.jsonl").write_text("".join(l + "\n" for l in lines))
+
+    def checkpoint(epoch):
+        return {"model": model.state_dict(), "frozen_trunk": trunk.state_dict(),
+                "config": dataclasses.asdict(cfg), "genes": list(genes),
+                "data": {"cohort": args.data, "root": str(args.root), "crop_size": args.crop_size,
+                         "smooth": not args.no_smooth, "fold": fold, "sections": names,
+                         "normalisation": "counts of the selected genes scaled to 1e4 per spot, log10(1+x)"
+                                          + (", 3x3 array-grid mean" if not args.no_smooth else "")},
+                "selection": "test (published protocol: best epoch chosen on the held-out fold; optimistic)"
+                             if args.select_on_test else "validation",
+                "args": plain(args), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch,
+                "best": {"metric": best, "epoch": best_epoch, "bad_epochs": bad}}
+
+    # ---- loop
+    for epoch in range(start, args.epochs):
+        # Every epoch reseeds from (seed, epoch): shuffling, augmentation and dropout then do not
+        # depend on what ran before, which makes --resume exact without saving RNG states.
+        seed_everything(args.seed * 1000 + epoch)
+        model.train()
+        sums, seen, t0 = {}, 0, time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        for step, batch in enumerate(bar):
+            label = batch["label"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                outputs = model(batch["local"].to(device), batch["neighbour_feats"].to(device),
+                                batch["neighbour_mask"].to(device), batch["section"].to(device),
+                                batch["index"].to(device), splits["train"].context, expression=label)
+            loss, parts = gene_dml_loss(outputs, label, tau=args.tau, tau_group=args.tau_group, k=args.k,
+                                        lam=args.lam, w_inst=args.w_inst, w_mse=args.w_mse)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"epoch {epoch} step {step}: non-finite loss {parts}; stopping. "
+                                 f"The last good checkpoint is {out / 'last.pt'} (lower --lr or disable --amp).")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            n = len(label)
+            seen += n
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value * n
+            if step % args.log_every == 0:
+                bar.set_postfix_str(" ".join(f"{k} {sums[k] / seen:.3f}" for k in ("total", "inst", "group", "mse"))
+                                    + f" {seen / (time.time() - t0):.0f} spots/s")
+        sched.step()
+        train_time = time.time() - t0
+
+        # ---- select: PCC(M) on the validation patient (or, labelled, on the test fold)
+        per_slide, _ = evaluate_split(model, splits[select_part], device, args.batch_size)
+        metric = summarise(per_slide)[1]
+        score = metric["pcc_m"] if math.isfinite(metric["pcc_m"]) else -math.inf
+        improved = score > best
+        if improved:
+            best, best_epoch, bad = score, epoch, 0
+        else:
+            bad += 1
+        record = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
+                  f"{select_part}_pcc_m": metric["pcc_m"], f"{select_part}_mse": metric["mse"],
+                  "lr": opt.param_groups[0]["lr"], "spots_per_s": seen / train_time, "seconds": train_time}
+        print(f"epoch {epoch}: loss {record.get('train_total', float('nan')):.4f} "
+              f"(inst {record.get('train_inst', 0):.3f} group {record.get('train_group', 0):.3f} "
+              f"mse {record.get('train_mse', 0):.4f}) | {select_part} PCC(M) {metric['pcc_m']:.4f} "
+              f"MSE {metric['mse']:.4f}{' *' if improved else ''} | {record['spots_per_s']:.0f} spots/s")
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        ckpt = checkpoint(epoch)
+        if improved:
+            save_atomic(ckpt, out / "best.pt")
+        save_atomic(ckpt, out / "last.pt")
+        if bad >= args.patience:
+            print(f"early stop: no better {select_part} PCC(M) for {args.patience} epochs")
+            break
+
+    print(f"best {select_part} PCC(M) {best:.4f} at epoch {best_epoch}; checkpoint {out / 'best.pt'}")
+    return out / "best.pt"
+
+
+def main(argv=None):
+    args = get_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.fold != "all":
+        return train_fold(args, int(args.fold))
+    import evaluate
+    root_out, best = Path(args.out), []
+    for fold in range(len(data.COHORTS[args.data]["folds"])):
+        fold_args = argparse.Namespace(**{**vars(args), "out": str(root_out / f"fold{fold}"), "fold": str(fold)})
+        best.append(train_fold(fold_args, fold))
+    evaluate.main(["--ckpt", *map(str, best), "--out", str(root_out / "eval"), "--cache-dir", args.cache_dir])
+    return best
+
+
+if __name__ == "__main__":
+    main()
