@@ -1,0 +1,487 @@
+"""Gene-DML: predict spot gene expression from an H&E image at three levels, aligned with genes.
+
+Gene-DML (Song, Fan, Chang, Cai, "Gene-DML: Dual-Pathway Multi-Level Discrimination for Gene
+Expression Prediction from Histopathology Images", WACV 2026, https://arxiv.org/abs/2507.14670),
+built on the ResNet18 three-level design of TRIPLEX (Chung et al., CVPR 2024).
+In: for a batch of spots, the crop centred on each spot (local), the frozen ResNet18 features of the
+5x5 tiles around it (neighbour) and of every spot of its section (global), plus, in training, the
+measured expression. Out: a `GeneDMLOutput` with one L2-normalised embedding per image level, a
+clustering-space image and gene embedding, and the predicted expression of G genes. No loss here:
+see losses.py.
+"""
+
+import logging
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("local", "neighbour", "global")
+FEAT_DIM = 512  # channels of ResNet18's last stage = width of every frozen feature
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class GeneDMLConfig:
+    n_genes: int = 250                # G: genes predicted (the top-250 highly expressed ones)
+    dim: int = 512                    # D: width of every token and embedding
+    levels: tuple = LEVELS            # image levels switched on; any non-empty subset (ablations)
+    grid: int = 5                     # the neighbour window is grid x grid tiles
+    neighbour_depth: int = 4          # transformer layers of the neighbour encoder
+    neighbour_heads: int = 4
+    neighbour_mlp_ratio: float = 4.0  # MLP width / D
+    neighbour_dropout: float = 0.3
+    global_depth: int = 5             # transformer layers of the global encoder (PEG after the first)
+    global_heads: int = 8
+    global_mlp_ratio: float = 4.0
+    global_dropout: float = 0.3
+    fusion_heads: int = 1             # one fusion layer over all image tokens
+    fusion_mlp_ratio: float = 2.0     # MLP 1024 at D = 512
+    fusion_dropout: float = 0.1
+    gene_dropout: float = 0.3         # inside the gene encoder's residual branch
+    gene_mlp_ratio: float = 2.0       # the gene encoder's closing feed-forward (dropout 0.1)
+    head_hidden: int = 1536           # regression head D -> 1536 -> D -> G (3·D in the reference)
+    head_dropout: float = 0.1
+    weights: str = "none"             # local trunk init: "none", "imagenet" or a checkpoint path
+
+    @classmethod
+    def for_cohort(cls, cohort: str, n_genes: int, **overrides) -> "GeneDMLConfig":
+        """Per-cohort encoder sizes of the Gene-DML reference code (dml.py, ImageEncoder_UNI)."""
+        assert cohort in COHORT_SIZES, f"unknown cohort {cohort!r}; known: {sorted(COHORT_SIZES)}"
+        return replace(cls(n_genes=n_genes, **COHORT_SIZES[cohort]), **overrides)
+
+
+# (depth, heads, MLP ratio, dropout) of the neighbour and global encoders per cohort. The
+# reference tuned these at UNI width 1024; we keep them at D = 512. "demo" uses her2st's.
+_HER2ST = dict(neighbour_depth=4, neighbour_heads=4, neighbour_mlp_ratio=4.0, neighbour_dropout=0.3,
+               global_depth=5, global_heads=8, global_mlp_ratio=4.0, global_dropout=0.3)
+COHORT_SIZES = {
+    "her2st": _HER2ST, "demo": _HER2ST,
+    "stnet": dict(_HER2ST, neighbour_heads=8, global_depth=3, global_mlp_ratio=2.0, global_dropout=0.1),
+    "cscc": dict(neighbour_depth=4, neighbour_heads=16, neighbour_mlp_ratio=1.0, neighbour_dropout=0.3,
+                 global_depth=2, global_heads=16, global_mlp_ratio=1.0, global_dropout=0.1),
+}
+
+
+# ----------------------------------------------------------------------------- trunk
+class ResNet18Trunk(nn.Sequential):
+    """torchvision's ResNet18 (He et al. 2016) up to its last feature map: (B,3,H,W) -> (B,512,H/32,W/32).
+
+    Departures from torchvision.models.resnet18:
+    - no avgpool and no fc: the local level keeps all (H/32)·(W/32) positions as tokens (7x7 at 224 px);
+    - nothing else: the modules keep torchvision's names, so its state dicts (less fc.*) load as they are.
+    """
+
+    def __init__(self):
+        r = torchvision.models.resnet18(weights=None)
+        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        super().__init__(OrderedDict((n, getattr(r, n)) for n in names))
+
+
+def build_trunk(weights: str = "none", progress: bool = True) -> ResNet18Trunk:
+    """A ResNet18 trunk with random ("none"), torchvision ImageNet ("imagenet") or local-file weights."""
+    trunk = ResNet18Trunk()
+    if weights == "none":
+        return trunk
+    if weights == "imagenet":
+        url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+        try:  # served from torch.hub's cache when the file is already there
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=progress,
+                                                       weights_only=True)
+        except OSError as e:  # URLError, timeouts, refused connections are all OSErrors
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+            raise RuntimeError(
+                f"could not download the torchvision ImageNet ResNet18 weights from {url} ({e}). "
+                f"Offline? Put that file at {cache}, or pass the path of a local ResNet18 checkpoint "
+                f"(a state dict, or tenpercent_resnet18.ckpt) as the weights instead of 'imagenet'.") from None
+        _load_trunk_state(trunk, state, url)
+        return trunk
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"trunk weights {path}: no such file (expected 'none', 'imagenet' or a path)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickled non-tensor objects are refused by weights_only=True
+        raise ValueError(f"{path}: cannot be read as a tensor checkpoint with torch.load(weights_only=True) "
+                         f"({e}). If you trust the file, re-save just its state dict.") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
+        ckpt = ckpt["state_dict"]  # a (Lightning) training checkpoint such as Ciga et al.'s
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a state dict (or a dict with key 'state_dict'), got {type(ckpt)}")
+    _load_trunk_state(trunk, ckpt, path)
+    return trunk
+
+
+def _load_trunk_state(trunk: nn.Module, state: dict, source) -> None:
+    """Load a torchvision-style ResNet18 state dict strictly, except for the classifier (fc.*)."""
+    prefixes = ("model.resnet.", "module.", "resnet.")  # Ciga et al.'s SimCLR wrapper, DataParallel
+    state = {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in state.items()}
+    dropped = sorted(k for k in state if k.startswith("fc."))  # classifier or SimCLR projection head
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    expected = trunk.state_dict()
+    # num_batches_tracked only counts BN updates; a checkpoint without it is still complete
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    found = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+    problems = [f"{what} {len(keys)} ({', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})"
+                for what, keys in found if keys]
+    if problems:
+        raise ValueError(f"{source}: not a ResNet18 checkpoint this trunk can load: {'; '.join(problems)}")
+    trunk.load_state_dict(state, strict=False)
+    log.info("loaded %d/%d tensors from %s, dropped %s", len(state), len(expected), source,
+             ", ".join(dropped) or "nothing")
+
+
+def preprocess(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B,3,H,W) -> float, /255, normalised with ImageNet's mean and std."""
+    assert x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3, \
+        f"expected uint8 images (B,3,H,W), got {x.dtype} {tuple(x.shape)}"
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+# ----------------------------------------------------------------------------- frozen features
+@torch.no_grad()
+def extract_features(trunk, crops, batch_size=64, device="cpu", progress=True) -> dict[str, np.ndarray]:
+    """Run the frozen trunk, global-average-pooled, once over every crop and on-image tile of a section.
+
+    crops has .local (N,c,c,3) uint8 and .tiles(i) -> (tiles (g²,c,c,3) uint8, mask (g²,) bool).
+    Returns {"local": (N, 512), "tiles": (N, g², 512)} float32, zeros where a tile is off the image.
+    """
+    device = torch.device(device)
+    trunk = trunk.to(device).eval()  # eval: BatchNorm uses (and keeps) its running statistics
+    cuda = device.type == "cuda"
+    half = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    amp = (lambda: torch.autocast("cuda", dtype=half)) if cuda else nullcontext  # stored as float32 anyway
+    n = len(crops.local)
+    assert n > 0, "a section without spots has no features"
+    g2 = len(crops.tiles(0)[1])  # tiles per window (25)
+    out = {"local": np.zeros((n, FEAT_DIM), np.float32), "tiles": np.zeros((n, g2, FEAT_DIM), np.float32)}
+    todo, where = [], []  # images waiting for the trunk, and (spot, tile) each one belongs to; tile -1 = local
+
+    def run(k):
+        x = torch.from_numpy(np.stack(todo[:k])).to(device).permute(0, 3, 1, 2)  # (k, 3, c, c) uint8
+        with amp():
+            f = trunk(preprocess(x)).mean(dim=(2, 3)).float().cpu().numpy()  # (k, 512)
+        for (i, j), fi in zip(where[:k], f):
+            if j < 0:
+                out["local"][i] = fi
+            else:
+                out["tiles"][i, j] = fi
+        del todo[:k], where[:k]
+
+    for i in tqdm(range(n), desc="frozen features", unit="spot", disable=not progress):
+        tiles, mask = crops.tiles(i)
+        assert len(tiles) == len(mask) == g2, f"spot {i}: {len(tiles)} tiles, {len(mask)} mask entries, not {g2}"
+        todo.append(crops.local[i]); where.append((i, -1))
+        for j in np.flatnonzero(mask):
+            todo.append(tiles[j]); where.append((i, int(j)))
+        while len(todo) >= batch_size:
+            run(batch_size)
+    if todo:
+        run(len(todo))
+    return out
+
+
+def section_features(trunk, weights_id: str, crops, cache, name: str, **kw) -> dict[str, np.ndarray]:
+    """extract_features, built once and then read from the cache (keyed by the crops and the weights)."""
+    return cache.get(name, {"crops": crops.key, "weights": weights_id},
+                     lambda: extract_features(trunk, crops, **kw))
+
+
+# ----------------------------------------------------------------------------- transformer parts
+def feed_forward(dim: int, hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, dim), nn.Dropout(dropout))
+
+
+class RelativePositionBias(nn.Module):
+    """A learnable bias per head for each relative offset (Δrow, Δcol) on a g x g grid (as in Swin).
+
+    Tokens are the grid cells in row-major order; the pair (query t, key s) gets table[h, offset(t, s)],
+    added to its attention logit, so attention can prefer near tiles or one direction.
+    """
+
+    def __init__(self, grid: int, heads: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(heads, (2 * grid - 1) ** 2))  # (h, 81) for a 5x5 grid
+        nn.init.trunc_normal_(self.table, std=0.02)
+        cells = torch.arange(grid * grid)
+        row, col = cells // grid, cells % grid
+        d_row = row[:, None] - row[None, :] + grid - 1  # (g², g²) in [0, 2g-2]
+        d_col = col[:, None] - col[None, :] + grid - 1
+        self.register_buffer("index", d_row * (2 * grid - 1) + d_col, persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        return self.table[:, self.index]  # (h, g², g²)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with an optional additive bias and a key mask (False = ignore key)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        assert dim % heads == 0, f"dim {dim} must be a multiple of heads {heads}"
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x, bias=None, key_mask=None):
+        B, n, C = x.shape
+        q, k, v = self.qkv(x).view(B, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B,h,n,C/h)
+        mask = None  # additive logits mask, broadcast to (B, h, n, n)
+        if bias is not None:
+            mask = bias.unsqueeze(0)  # (1, h, n, n)
+        if key_mask is not None:
+            # -inf on ignored keys: softmax gives them weight exactly 0, so their content cannot leak
+            pad = torch.zeros(B, 1, 1, n, device=x.device).masked_fill(~key_mask[:, None, None, :], float("-inf"))
+            mask = pad if mask is None else mask + pad
+        if mask is not None:
+            mask = mask.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, n, C))  # (B, n, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer: x + Attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, grid: int | None = None):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.mlp = feed_forward(dim, int(dim * mlp_ratio), dropout)
+        self.bias = RelativePositionBias(grid, heads) if grid else None
+
+    def forward(self, x, key_mask=None):
+        bias = self.bias() if self.bias is not None else None
+        x = x + self.attn(self.norm1(x), bias, key_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------- the three levels
+class LocalEncoder(nn.Module):
+    """Target spot: a trainable ResNet18 trunk; each cell of its last feature map is a token."""
+
+    def __init__(self, weights: str = "none"):
+        super().__init__()
+        self.trunk = build_trunk(weights)
+
+    def forward(self, crops):  # (B, 3, c, c) uint8
+        fmap = self.trunk(preprocess(crops))  # (B, 512, c/32, c/32)
+        return fmap.flatten(2).transpose(1, 2)  # (B, (c/32)², 512): 49 tokens at 224 px
+
+
+class NeighbourEncoder(nn.Module):
+    """5x5 frozen tile features -> transformer with relative-position bias; off-image tiles are masked."""
+
+    def __init__(self, cfg: GeneDMLConfig):
+        super().__init__()
+        self.grid = cfg.grid
+        self.proj = nn.Linear(FEAT_DIM, cfg.dim)
+        self.blocks = nn.ModuleList(
+            Block(cfg.dim, cfg.neighbour_heads, cfg.neighbour_mlp_ratio, cfg.neighbour_dropout, grid=cfg.grid)
+            for _ in range(cfg.neighbour_depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def forward(self, feats, mask):  # (B, g², 512) float, (B, g²) bool (True = on the image)
+        g2 = self.grid ** 2
+        assert feats.ndim == 3 and feats.shape[1:] == (g2, FEAT_DIM), \
+            f"expected neighbour features (B,{g2},{FEAT_DIM}), got {tuple(feats.shape)}"
+        assert mask.dtype == torch.bool and mask.shape == feats.shape[:2], \
+            f"expected a bool neighbour mask (B,{g2}), got {mask.dtype} {tuple(mask.shape)}"
+        assert mask[:, g2 // 2].all(), "the centre tile (the spot itself) must always be on the image"
+        x = self.proj(feats)  # (B, g², D)
+        for block in self.blocks:
+            x = block(x, key_mask=mask)  # masked tiles are never attended to
+        return self.norm(x)  # (B, g², D); rows of masked tiles are dropped later by the fusion
+
+
+class PEG(nn.Module):
+    """Positional-encoding generator (Chu et al., CPVT; TRIPLEX's PEGH) on the spot array.
+
+    Scatter the spot tokens onto the dense array grid, run a depthwise 3x3 conv, gather the result
+    back at each spot and add it: a token learns about its array neighbours' content and position.
+    """
+
+    def __init__(self, dim: int, kernel: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+
+    def forward(self, x, xy):  # (N, D), (N, 2) array (x, y)
+        N, D = x.shape
+        xy = xy - xy.min(dim=0).values
+        W, H = (int(v) + 1 for v in xy.max(dim=0).values)
+        cell = xy[:, 1] * W + xy[:, 0]  # (N,) row-major index of each spot's grid cell
+        assert cell.unique().numel() == N, "two spots of one section share an array position"
+        grid = x.new_zeros(H * W, D)
+        grid[cell] = x  # empty cells stay 0
+        grid = grid.T.reshape(1, D, H, W)
+        pos = self.conv(grid).reshape(D, H * W).T[cell]  # (N, D)
+        return x + pos
+
+
+class GlobalEncoder(nn.Module):
+    """Frozen features of every spot of a section -> layer -> PEG -> depth-1 layers -> one row per spot."""
+
+    def __init__(self, cfg: GeneDMLConfig):
+        super().__init__()
+        self.proj = nn.Linear(FEAT_DIM, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.global_heads, cfg.global_mlp_ratio, cfg.global_dropout)
+                                    for _ in range(cfg.global_depth))
+        self.peg = PEG(cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def forward(self, feats, xy):  # (N, 512) float, (N, 2) long
+        assert feats.ndim == 2 and feats.shape[1] == FEAT_DIM and xy.shape == (len(feats), 2), \
+            f"expected features (N,{FEAT_DIM}) and array_xy (N,2), got {tuple(feats.shape)}, {tuple(xy.shape)}"
+        x = self.blocks[0](self.proj(feats)[None])  # (1, N, D): the section is one sequence
+        x = self.peg(x[0], xy)[None]  # (1, N, D)
+        for block in self.blocks[1:]:
+            x = block(x)
+        return self.norm(x[0])  # (N, D)
+
+
+# ----------------------------------------------------------------------------- genes, fusion, model
+class GeneEncoder(nn.Module):
+    """Expression (B,G) -> L2-normalised gene embedding g (B,D). Training only."""
+
+    def __init__(self, cfg: GeneDMLConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.n_genes, cfg.dim)
+        self.fc = nn.Linear(cfg.dim, cfg.dim)
+        self.drop = nn.Dropout(cfg.gene_dropout)
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.ff = feed_forward(cfg.dim, int(cfg.dim * cfg.gene_mlp_ratio), 0.1)
+
+    def forward(self, expression):  # (B, G)
+        h = self.proj(expression)  # (B, D)
+        x = self.norm(h + self.drop(self.fc(F.gelu(h))))  # residual to the first projection
+        return F.normalize(self.ff(x), dim=-1)  # the reference applies this feed-forward without a residual
+
+
+class Fusion(nn.Module):
+    """Concatenate all image tokens, one transformer layer + feed-forward, then mean-pool per level."""
+
+    def __init__(self, cfg: GeneDMLConfig, in_dims: dict[str, int]):
+        super().__init__()
+        self.proj = nn.ModuleDict({level: nn.Linear(d, cfg.dim) for level, d in in_dims.items()})
+        self.block = Block(cfg.dim, cfg.fusion_heads, cfg.fusion_mlp_ratio, cfg.fusion_dropout)
+        self.ff = feed_forward(cfg.dim, int(cfg.dim * cfg.fusion_mlp_ratio), cfg.fusion_dropout)
+
+    def forward(self, tokens: dict, valid: dict):  # level -> (B, n_l, d_l) tokens, (B, n_l) bool
+        x = torch.cat([self.proj[level](t) for level, t in tokens.items()], dim=1)  # (B, T, D)
+        keep = torch.cat([valid[level] for level in tokens], dim=1)  # (B, T): off-image tiles are False
+        x = self.ff(self.block(x, key_mask=keep))  # (B, T, D), plain feed-forward as in the reference
+        w = keep.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+        pooled, start = {}, 0
+        for level, t in tokens.items():  # mean over each level's valid tokens
+            end = start + t.shape[1]
+            pooled[level] = (x[:, start:end] * w[:, start:end]).sum(1) / w[:, start:end].sum(1)  # (B, D)
+            start = end
+        return pooled, (x * w).sum(1) / w.sum(1)  # per level, and over all valid tokens (B, D)
+
+
+@dataclass
+class GeneDMLOutput:
+    embeddings: dict[str, torch.Tensor]  # level -> (B, D) L2-normalised (enabled levels only)
+    image_cluster: torch.Tensor     # (B, D) clustering head on the mean fused token, L2-normalised
+    gene: torch.Tensor | None       # (B, D) L2-normalised gene embedding (when expression is given)
+    gene_cluster: torch.Tensor | None  # (B, D) clustering head on the gene embedding
+    prediction: torch.Tensor        # (B, G)
+
+
+class GeneDML(nn.Module):
+    """Image side: three levels -> fusion -> one embedding per level, and the mean fused token ->
+    regression head and clustering head. Gene side (training): gene encoder -> g -> the same clustering head.
+
+        local crop (B,3,c,c)              LocalEncoder     (B, (c/32)², 512) --+
+        neighbour (B,25,512), mask (B,25) NeighbourEncoder (B, 25, D)       ---+-- Fusion -> v_local, v_neighbour,
+        context[section] (N_s,512), xy    GlobalEncoder    (N_s, D)[index]  ---+           v_global, mean token
+    Each level can be switched off (cfg.levels); its module is then not built and its inputs may be None.
+    """
+
+    def __init__(self, cfg: GeneDMLConfig):
+        super().__init__()
+        assert cfg.levels and set(cfg.levels) <= set(LEVELS), f"levels must be a non-empty subset of {LEVELS}"
+        self.cfg = cfg
+        self.levels = tuple(level for level in LEVELS if level in cfg.levels)  # fixed token order
+        on = self.levels.__contains__
+        self.local_encoder = LocalEncoder(cfg.weights) if on("local") else None
+        self.neighbour_encoder = NeighbourEncoder(cfg) if on("neighbour") else None
+        self.global_encoder = GlobalEncoder(cfg) if on("global") else None
+        in_dims = {"local": FEAT_DIM, "neighbour": cfg.dim, "global": cfg.dim}
+        self.fusion = Fusion(cfg, {level: in_dims[level] for level in self.levels})
+        self.gene_encoder = GeneEncoder(cfg)
+        D = cfg.dim
+        self.head = nn.Sequential(nn.Linear(D, cfg.head_hidden), nn.ReLU(), nn.Dropout(cfg.head_dropout),
+                                  nn.Linear(cfg.head_hidden, D), nn.ReLU(), nn.Dropout(cfg.head_dropout),
+                                  nn.Linear(D, cfg.n_genes))
+        self.cluster_head = nn.Linear(D, D)  # shared by images and genes; L2-normalised after
+
+    def load_trunk_weights(self, state: dict) -> None:
+        """Start the trainable local trunk from a trunk's weights (copied), e.g. the frozen trunk's."""
+        if self.local_encoder is not None:
+            self.local_encoder.trunk.load_state_dict(state)
+
+    def global_tokens(self, section, index, context):
+        """Run the global encoder once per section present in the batch; return each spot's row (B, D)."""
+        rows, order = [], []
+        for s in section.unique().tolist():
+            at = (section == s).nonzero().squeeze(1)  # batch positions of this section's spots
+            assert 0 <= s < len(context) and context[s] is not None, f"no context for section {s}"
+            feats, xy = context[s]
+            assert isinstance(feats, torch.Tensor) and isinstance(xy, torch.Tensor), \
+                f"context[{s}] must be a pair of tensors (feats (N,512), array_xy (N,2))"
+            assert 0 <= int(index[at].min()) and int(index[at].max()) < len(feats), \
+                f"index outside the {len(feats)} spots of section {s}"
+            out = self.global_encoder(feats.to(section.device, torch.float32), xy.to(section.device))  # (N_s, D)
+            rows.append(out[index[at]])
+            order.append(at)
+        return torch.cat(rows)[torch.cat(order).argsort()]  # (B, D), back in batch order
+
+    def forward(self, local, neighbour, neighbour_mask, section, index, context, expression=None) -> GeneDMLOutput:
+        tokens, valid = {}, {}  # level -> (B, n, d) tokens, (B, n) bool: False = leave out of the fusion
+        if self.local_encoder is not None:
+            assert local is not None, "the local level is on: pass the uint8 crops (B,3,c,c)"
+            tokens["local"] = self.local_encoder(local)  # (B, (c/32)², 512)
+            valid["local"] = torch.ones(tokens["local"].shape[:2], dtype=torch.bool, device=local.device)
+        if self.neighbour_encoder is not None:
+            assert neighbour is not None and neighbour_mask is not None, \
+                "the neighbour level is on: pass neighbour (B,25,512) and neighbour_mask (B,25)"
+            tokens["neighbour"] = self.neighbour_encoder(neighbour, neighbour_mask)  # (B, 25, D)
+            valid["neighbour"] = neighbour_mask
+        if self.global_encoder is not None:
+            assert section is not None and index is not None and context is not None, \
+                "the global level is on: pass section (B,), index (B,) and context"
+            assert section.ndim == 1 and section.shape == index.shape, "section and index must both be (B,)"
+            tokens["global"] = self.global_tokens(section, index, context).unsqueeze(1)  # (B, 1, D)
+            valid["global"] = torch.ones(len(section), 1, dtype=torch.bool, device=section.device)
+        B = next(iter(tokens.values())).shape[0]
+        assert all(t.shape[0] == B for t in tokens.values()), \
+            f"levels disagree on the batch size: { {k: t.shape[0] for k, t in tokens.items()} }"
+
+        pooled, fused = self.fusion(tokens, valid)  # level -> (B, D), (B, D)
+        out = GeneDMLOutput(
+            embeddings={level: F.normalize(v, dim=-1) for level, v in pooled.items()},
+            image_cluster=F.normalize(self.cluster_head(fused), dim=-1),
+            gene=None, gene_cluster=None,
+            prediction=self.head(fused))  # (B, G)
+        if expression is not None:
+            assert expression.shape == (B, self.cfg.n_genes), \
+                f"expected expression (B={B}, G={self.cfg.n_genes}), got {tuple(expression.shape)}"
+            out.gene = self.gene_encoder(expression)  # (B, D)
+            out.gene_cluster = F.normalize(self.cluster_head(out.gene), dim=-1)
+        return out

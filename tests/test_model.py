@@ -1,0 +1,290 @@
+"""Tests of model.py: shapes, checkpoint loading, masking, permutation, caching, training step."""
+
+import logging
+import urllib.error
+from itertools import combinations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import model as M
+from cache import ArrayCache
+
+G, D = 12, 32  # tiny: 12 genes, width 32
+
+
+def tiny_cfg(**kw):
+    base = dict(n_genes=G, dim=D, neighbour_depth=1, neighbour_heads=2, global_depth=2, global_heads=2,
+                head_hidden=48)
+    return M.GeneDMLConfig(**{**base, **kw})
+
+
+def make_batch(B=4, crop=64, seed=0):
+    """Two sections (7 and 5 spots), B spots drawn from them, 25 neighbour features with a mask."""
+    g = torch.Generator().manual_seed(seed)
+    context = [(torch.randn(7, 512, generator=g), torch.tensor([[i % 3, i // 3] for i in range(7)])),
+               (torch.randn(5, 512, generator=g), torch.tensor([[2 * i, 10 - i] for i in range(5)]))]
+    mask = torch.rand(B, 25, generator=g) > 0.4
+    mask[:, 12] = True  # the centre tile is always on the image
+    return dict(local=torch.randint(0, 256, (B, 3, crop, crop), dtype=torch.uint8, generator=g),
+                neighbour=torch.randn(B, 25, 512, generator=g), neighbour_mask=mask,
+                section=torch.tensor([0, 1, 0, 1][:B]), index=torch.tensor([3, 4, 0, 1][:B]),
+                context=context)
+
+
+def outputs(out):
+    """Every tensor of a GeneDMLOutput, by name."""
+    d = {f"emb_{k}": v for k, v in out.embeddings.items()}
+    d.update(image_cluster=out.image_cluster, prediction=out.prediction)
+    if out.gene is not None:
+        d.update(gene=out.gene, gene_cluster=out.gene_cluster)
+    return d
+
+
+# ----------------------------------------------------------------------------- trunk and weights
+def test_trunk_shape_and_preprocess():
+    trunk = M.build_trunk("none")
+    assert trunk(torch.randn(2, 3, 64, 64)).shape == (2, 512, 2, 2)
+    assert len(trunk.state_dict()) == 120  # torchvision's 122 less fc.weight, fc.bias
+    x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2)
+    y = M.preprocess(x)
+    assert torch.allclose(y[0, 0, 0], torch.tensor([-0.485 / 0.229, (1 - 0.485) / 0.229]))
+    with pytest.raises(AssertionError, match="uint8"):
+        M.preprocess(x.float())
+
+
+def assert_same_weights(trunk, reference):
+    ref = reference.state_dict()
+    for k, v in trunk.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+
+
+def test_trunk_loads_torchvision_state_dict(tmp_path, caplog):
+    ref = torchvision.models.resnet18(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "with_fc.pth")
+    torch.save({k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")}, tmp_path / "no_fc.pth")
+    with caplog.at_level(logging.INFO, logger="model"):
+        trunk = M.build_trunk(str(tmp_path / "with_fc.pth"))
+    assert "loaded 120/120 tensors" in caplog.text and "dropped fc.bias, fc.weight" in caplog.text
+    assert_same_weights(trunk, ref)
+    assert_same_weights(M.build_trunk(str(tmp_path / "no_fc.pth")), ref)
+
+
+def test_trunk_loads_ciga_checkpoint(tmp_path):
+    """tenpercent_resnet18.ckpt: {"state_dict": {"model.resnet.<key>": ...}} with a SimCLR head under fc."""
+    ref = torchvision.models.resnet18(weights=None)
+    state = {f"model.resnet.{k}": v for k, v in ref.state_dict().items() if not k.startswith("fc.")}
+    state["model.resnet.fc.0.weight"] = torch.randn(512, 512)
+    state["model.resnet.fc.2.weight"] = torch.randn(128, 512)
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "tenpercent_resnet18.ckpt")
+    assert_same_weights(M.build_trunk(str(tmp_path / "tenpercent_resnet18.ckpt")), ref)
+
+
+def test_mismatching_checkpoint_is_refused(tmp_path):
+    state = torchvision.models.resnet34(weights=None).state_dict()  # extra blocks: layer1.2, ...
+    torch.save(state, tmp_path / "r34.pth")
+    with pytest.raises(ValueError, match=r"r34\.pth.*unexpected .*layer1\.2"):
+        M.build_trunk(str(tmp_path / "r34.pth"))
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["layer9.weight"] = state.pop("layer4.1.bn2.weight")
+    torch.save(state, tmp_path / "renamed.pth")
+    with pytest.raises(ValueError, match=r"renamed\.pth.*missing 1 \(layer4\.1\.bn2\.weight\)"):
+        M.build_trunk(str(tmp_path / "renamed.pth"))
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        M.build_trunk(str(tmp_path / "nope.pth"))
+
+
+def test_imagenet_offline_is_a_clear_error_and_hub_cache_works(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch hub cache
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(RuntimeError, match="could not download .* ImageNet.*Offline"):
+        M.build_trunk("imagenet")
+    # the same file already in the hub cache is used without the network
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    ref = torchvision.models.resnet18(weights=None)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(ref.state_dict(), tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
+    assert_same_weights(M.build_trunk("imagenet", progress=False), ref)
+
+
+# ----------------------------------------------------------------------------- modules
+def test_module_shapes():
+    cfg = tiny_cfg()
+    bias = M.RelativePositionBias(5, heads=2)()
+    assert bias.shape == (2, 25, 25)
+    # pairs with the same offset share a bias: (0,0)->(1,1) and (2,3)->(3,4) are both (-1,-1)
+    assert torch.equal(bias[:, 0, 6], bias[:, 13, 19]) and not torch.equal(bias[:, 0, 6], bias[:, 0, 1])
+    b = make_batch()
+    assert M.LocalEncoder()(b["local"]).shape == (4, 4, 512)  # 64 px -> 2x2 map -> 4 tokens
+    assert M.NeighbourEncoder(cfg)(b["neighbour"], b["neighbour_mask"]).shape == (4, 25, D)
+    feats, xy = b["context"][0]
+    assert M.PEG(D)(torch.randn(7, D), xy).shape == (7, D)
+    assert M.GlobalEncoder(cfg)(feats, xy).shape == (7, D)
+    g = M.GeneEncoder(cfg)(torch.rand(4, G))
+    assert g.shape == (4, D) and torch.allclose(g.norm(dim=-1), torch.ones(4))
+    fusion = M.Fusion(cfg, {"local": 512, "global": D})
+    ones = torch.ones(4, 5, dtype=torch.bool)
+    pooled, mean = fusion({"local": torch.randn(4, 4, 512), "global": torch.randn(4, 1, D)},
+                          {"local": ones[:, :4], "global": ones[:, :1]})
+    assert set(pooled) == {"local", "global"} and pooled["local"].shape == mean.shape == (4, D)
+    with pytest.raises(AssertionError, match="centre tile"):
+        mask = b["neighbour_mask"].clone()
+        mask[0, 12] = False
+        M.NeighbourEncoder(cfg)(b["neighbour"], mask)
+
+
+@pytest.mark.parametrize("levels", [c for r in (1, 2, 3) for c in combinations(M.LEVELS, r)])
+def test_gene_dml_every_level_subset(levels):
+    torch.manual_seed(0)
+    net = M.GeneDML(tiny_cfg(levels=levels)).eval()
+    b = make_batch()
+    for level, key in (("local", "local"), ("neighbour", "neighbour"), ("global", "context")):
+        if level not in levels:  # a disabled level builds nothing and accepts None
+            assert getattr(net, f"{level}_encoder") is None
+            b[key] = None
+    out = net(**b, expression=torch.rand(4, G))
+    assert list(out.embeddings) == list(levels)
+    for name, t in outputs(out).items():
+        assert t.shape == ((4, G) if name == "prediction" else (4, D)), name
+        assert torch.isfinite(t).all(), name
+    for t in [*out.embeddings.values(), out.image_cluster, out.gene, out.gene_cluster]:
+        assert torch.allclose(t.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert net(**b).gene is None  # no expression at inference: image side only
+
+
+def test_levels_are_checked_and_local_trunk_starts_from_given_weights():
+    with pytest.raises(AssertionError, match="non-empty subset"):
+        M.GeneDML(tiny_cfg(levels=("local", "neighbor")))
+    with pytest.raises(AssertionError, match="non-empty subset"):
+        M.GeneDML(tiny_cfg(levels=()))
+    frozen = M.build_trunk("none")
+    net = M.GeneDML(tiny_cfg(levels=("local",)))
+    net.load_trunk_weights(frozen.state_dict())
+    assert_same_weights(net.local_encoder.trunk, frozen)
+    with torch.no_grad():  # a copy: training the local trunk leaves the frozen one alone
+        next(net.local_encoder.trunk.parameters()).add_(1.0)
+    assert not torch.equal(next(frozen.parameters()), next(net.local_encoder.trunk.parameters()))
+    M.GeneDML(tiny_cfg(levels=("global",))).load_trunk_weights(frozen.state_dict())  # no local trunk: no-op
+
+
+def test_masked_neighbour_tile_cannot_change_the_output():
+    torch.manual_seed(0)
+    net = M.GeneDML(tiny_cfg()).eval()
+    b = make_batch()
+    before = outputs(net(**b))
+    masked = ~b["neighbour_mask"]
+    assert masked.any()
+    b["neighbour"] = b["neighbour"].clone()
+    b["neighbour"][masked] = 100 * torch.randn(int(masked.sum()), 512)
+    for name, t in outputs(net(**b)).items():
+        assert torch.allclose(t, before[name], atol=1e-5), name
+    b["neighbour"][~masked] += 1.0  # control: an on-image tile does matter
+    assert not torch.allclose(net(**b).prediction, before["prediction"], atol=1e-5)
+
+
+def test_spot_order_in_a_section_does_not_change_global_output():
+    torch.manual_seed(0)
+    net = M.GeneDML(tiny_cfg()).eval()
+    b = make_batch()
+    before = net(**b).embeddings["global"]
+    perms = [torch.randperm(7), torch.randperm(5)]
+    b["context"] = [(f[p], xy[p]) for (f, xy), p in zip(b["context"], perms)]
+    # old row r now sits at new row where(p == r)
+    b["index"] = torch.stack([(perms[s] == r).nonzero()[0, 0] for s, r in zip(b["section"], b["index"])])
+    assert torch.allclose(net(**b).embeddings["global"], before, atol=1e-5)
+    # grouping by section equals running each spot's section on its own
+    enc = net.global_encoder
+    alone = torch.stack([enc(*b["context"][s])[r] for s, r in zip(b["section"], b["index"])])
+    assert torch.allclose(net.global_tokens(b["section"], b["index"], b["context"]), alone, atol=1e-5)
+
+
+def test_optimiser_step_changes_trainable_not_frozen():
+    torch.manual_seed(0)
+    frozen = M.build_trunk("none").requires_grad_(False)
+    frozen_before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    feats = M.extract_features(frozen, FakeCrops(n=2), progress=False)  # must not touch BN statistics
+    net = M.GeneDML(tiny_cfg()).train()
+    b = make_batch()
+    b["neighbour"] = torch.from_numpy(np.concatenate([feats["tiles"], feats["tiles"]]))
+    b["neighbour_mask"] = torch.from_numpy(np.concatenate([feats["tiles"].any(-1)] * 2))
+    trainable = {n: p.detach().clone() for n, p in net.named_parameters()}
+    assert all(p.requires_grad for p in net.parameters())  # GeneDML holds no frozen part
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    out = net(**b, expression=torch.rand(4, G))
+    loss = sum((t * torch.randn_like(t)).sum() for t in outputs(out).values())
+    loss.backward()
+    opt.step()
+    for n, p in net.named_parameters():
+        assert not torch.equal(p, trainable[n]), f"{n} did not change"
+    for k, v in frozen.state_dict().items():
+        assert torch.equal(v, frozen_before[k]), f"frozen {k} changed"
+
+
+def test_bf16_autocast_gradients_are_finite():
+    torch.manual_seed(0)
+    net = M.GeneDML(tiny_cfg()).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(**make_batch(), expression=torch.rand(4, G))
+        loss = out.prediction.float().pow(2).mean() - (out.gene * out.embeddings["local"]).sum() \
+            - (out.image_cluster * out.gene_cluster).sum()
+    loss.backward()
+    grads = [p.grad for p in net.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_for_cohort():
+    cfg = M.GeneDMLConfig.for_cohort("her2st", 250)
+    assert (cfg.neighbour_depth, cfg.neighbour_heads, cfg.global_depth, cfg.global_heads) == (4, 4, 5, 8)
+    assert M.GeneDMLConfig.for_cohort("cscc", 50, dim=64).global_heads == 16
+    with pytest.raises(AssertionError, match="unknown cohort"):
+        M.GeneDMLConfig.for_cohort("mouse", 250)
+
+
+# ----------------------------------------------------------------------------- frozen features
+class FakeCrops:
+    """The SectionCrops interface: .local (N,c,c,3) uint8, .tiles(i), .key."""
+
+    def __init__(self, n=3, c=32, seed=0):
+        rng = np.random.default_rng(seed)
+        self.local = rng.integers(0, 256, (n, c, c, 3), dtype=np.uint8)
+        self._tiles = rng.integers(0, 256, (n, 25, c, c, 3), dtype=np.uint8)
+        self._tiles[:, 12] = self.local  # the centre tile is the local crop
+        self._mask = rng.random((n, 25)) > 0.5
+        self._mask[:, 12] = True
+        self.crop_size, self.key = c, {"fake": seed}
+
+    def tiles(self, i):
+        return self._tiles[i], self._mask[i]
+
+
+def test_extract_features_shapes_zeros_and_parity():
+    torch.manual_seed(0)
+    trunk, crops = M.build_trunk("none"), FakeCrops()
+    f = M.extract_features(trunk, crops, batch_size=5, progress=False)  # batches span spots
+    assert f["local"].shape == (3, 512) and f["tiles"].shape == (3, 25, 512)
+    assert f["local"].dtype == f["tiles"].dtype == np.float32
+    assert (f["tiles"][~crops._mask] == 0).all() and (np.abs(f["tiles"][crops._mask]).sum(-1) > 0).all()
+    with torch.no_grad():  # one crop on its own
+        x = torch.from_numpy(crops._tiles[1, 7]).permute(2, 0, 1)[None]
+        alone = trunk.eval()(M.preprocess(x)).mean(dim=(2, 3))[0].numpy()
+    if crops._mask[1, 7]:
+        np.testing.assert_allclose(f["tiles"][1, 7], alone, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(f["tiles"][:, 12], f["local"], rtol=1e-4, atol=1e-5)
+
+
+def test_section_features_builds_once(tmp_path, monkeypatch):
+    calls = []
+    real = M.extract_features
+    monkeypatch.setattr(M, "extract_features", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    trunk, crops, cache = M.build_trunk("none"), FakeCrops(n=2), ArrayCache(tmp_path)
+    first = M.section_features(trunk, "none", crops, cache, "demo-A1-features", progress=False)
+    second = M.section_features(trunk, "none", crops, cache, "demo-A1-features", progress=False)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(first["tiles"], second["tiles"])
+    M.section_features(trunk, "imagenet", crops, cache, "demo-A1-features", progress=False)
+    assert len(calls) == 2  # other weights -> other features
