@@ -1,0 +1,105 @@
+"""A folder of named, keyed numpy arrays that are built once and then memory-mapped.
+
+Decoding a 9k x 10k H&E JPEG takes seconds and extracting frozen ResNet features takes minutes, so
+both are done once and stored. An entry is a folder
+
+    <root>/<name>-<hash of key>/key.json      what the arrays were built from (+ the array names)
+    <root>/<name>-<hash of key>/<array>.npy   one file per array
+
+`ArrayCache.get(name, key, build)` returns the stored arrays when an entry with exactly this key
+exists; otherwise it calls `build()`, writes the arrays into a temporary folder and renames it into
+place (atomic), then deletes the stale entries of the same name. If `build()` raises, nothing is
+left behind. A key holds the fingerprints of the source files (`fingerprint`), so editing or
+touching a source makes the entry stale.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(path) -> dict:
+    """What identifies a source file's content cheaply: resolved path, size, modification time."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _canonical(key: dict) -> str:
+    return json.dumps(key, sort_keys=True)
+
+
+def _short_hash(key: dict) -> str:
+    return hashlib.sha1(_canonical(key).encode()).hexdigest()[:12]
+
+
+class ArrayCache:
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def _entries(self, name: str) -> list[Path]:
+        """Every finished entry folder of this name, whatever its key."""
+        if not self.root.is_dir():
+            return []
+        pattern = re.compile(re.escape(name) + r"-[0-9a-f]{12}")
+        return [p for p in self.root.iterdir() if p.is_dir() and pattern.fullmatch(p.name)]
+
+    def _read(self, entry: Path, key: dict) -> dict[str, np.ndarray] | None:
+        """The arrays of `entry` if it is complete and was built from `key`, else None."""
+        try:
+            meta = json.loads((entry / "key.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if _canonical(meta.get("key")) != _canonical(key):
+            return None
+        try:
+            return {a: np.load(entry / f"{a}.npy", mmap_mode="r") for a in meta["arrays"]}
+        except (OSError, ValueError):
+            return None
+
+    def get(self, name: str, key: dict, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        assert re.fullmatch(r"[A-Za-z0-9_.\-]+", name), f"cache name must be a plain file name, got {name!r}"
+        entry = self.root / f"{name}-{_short_hash(key)}"
+        arrays = self._read(entry, key)
+        if arrays is not None:
+            return arrays
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            built = build()
+            assert isinstance(built, dict) and built, f"build() for {name!r} must return a non-empty dict of arrays"
+            tmp.mkdir()
+            for a, arr in built.items():
+                assert re.fullmatch(r"[A-Za-z0-9_]+", a), f"array name must be a plain identifier, got {a!r}"
+                arr = np.asarray(arr)
+                assert arr.dtype != object, f"array {a!r} of {name!r} has dtype object, which cannot be mapped"
+                np.save(tmp / f"{a}.npy", arr)
+            # key.json is written last: an entry without it is never read as complete
+            (tmp / "key.json").write_text(json.dumps({"key": key, "arrays": list(built)}, sort_keys=True, indent=1))
+            if entry.exists():
+                if self._read(entry, key) is not None:  # another process finished first
+                    shutil.rmtree(tmp)
+                    return self._read(entry, key)
+                shutil.rmtree(entry)  # an incomplete or corrupt leftover under the same hash
+            os.rename(tmp, entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for stale in self._entries(name):
+            if stale != entry:
+                log.info("cache: removing stale entry %s", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        arrays = self._read(entry, key)
+        assert arrays is not None, f"cache entry {entry} unreadable right after writing it"
+        return arrays

@@ -1,0 +1,510 @@
+"""Spatial transcriptomics cohorts: spots, counts, labels and image crops for Gene-DML.
+
+A cohort is a small dict of facts in `COHORTS` (layout on disk, patients and their sections, folds,
+defaults), not a class. Every layout is read into the same `Section` (spot ids, array and pixel
+coordinates, raw counts), and `SpotDataset` serves any cohort and split with fixed keys.
+
+On-disk layouts (`root` = the cohort's folder):
+  her2st (Andersson et al. 2021, github almaan/her2st; also "demo", written by demo.py)
+    ST-cnts/<s>.tsv.gz                  raw counts: rows spot ids "XxY", columns genes
+    ST-spotfiles/<s>_selection.tsv      columns x y new_x new_y pixel_x pixel_y selected
+    ST-imgs/<patient>/<s>/<one>.jpg     the H&E image; its file name does not follow the section's
+  cscc (Ji et al. 2020, GEO GSE144240 raw files, all in root, names prefixed with GSM ids)
+    *<P>_ST_<rep>.jpg, *<P>_ST_<rep>_stdata.tsv[.gz] (rows "XxY", columns genes),
+    *spot*<P>_ST_<rep>.tsv[.gz] (columns x y pixel_x pixel_y)
+  stnet (He et al. 2020, Mendeley 29ntw7sh4r)
+    <subtype>/<patient>/<patient>_<s>.jpg, <patient>_<s>.tsv.gz, <patient>_<s>.spots.txt
+Counts and spot file are joined on the id built from the rounded array x, y ("{x}x{y}"); the crop
+centre is (pixel_x, pixel_y). Spots present in only one of the two files are dropped and logged.
+
+Labels (METHOD.md, Data): counts over the selected genes, library size normalised to 1e4 per spot,
+log10(1 + x), then each spot replaced by the mean over itself and its array-grid neighbours (3x3).
+"""
+
+import argparse
+import gzip
+import hashlib
+import io
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from cache import ArrayCache, fingerprint
+
+log = logging.getLogger(__name__)
+Image.MAX_IMAGE_PIXELS = 400_000_000  # her2st images are ~9k x 10k px, above PIL's bomb guard
+CROP_VERSION = 1  # bump when the way crops are cut changes, so cached crops are rebuilt
+
+# ----------------------------------------------------------------------------- cohorts
+_HER2ST = {p: [f"{p}{i}" for i in range(1, n + 1)] for p, n in zip("ABCDEFGH", [6, 6, 6, 6, 3, 3, 3, 3])}
+_STNET_FOLDS = [["BC23508", "BC23277", "BC23287"], ["BC24220", "BC24105", "BC24223"],
+                ["BC23377", "BC23803", "BC23895"], ["BC23288", "BC23903", "BC23272"],
+                ["BC23268", "BC23270", "BC23567"], ["BC23810", "BC23269", "BC23901"],
+                ["BC23450", "BC23506", "BC23209"], ["BC24044", "BC23944"]]
+COHORTS: dict[str, dict] = {
+    "her2st": dict(layout="her2st", patients=_HER2ST, folds=[[p] for p in _HER2ST],
+                   k=18, crop=224, genes=250, root="data/her2st",
+                   fetch="python data.py download her2st --root {root}",
+                   citation="Andersson et al., Nature Communications 12, 6012 (2021)"),
+    "cscc": dict(layout="cscc", patients={p: [f"{p}_ST_rep{r}" for r in (1, 2, 3)] for p in ("P2", "P5", "P9", "P10")},
+                 folds=[["P2"], ["P5"], ["P9"], ["P10"]], k=25, crop=224, genes=250, root="data/cscc",
+                 fetch="download GSE144240_RAW.tar from GEO (GSE144240) and untar it into {root}",
+                 citation="Ji et al., Cell 182, 497-514 (2020)"),
+    # stnet sections are discovered on disk (sections_of(..., root=...)); the folds are fixed
+    "stnet": dict(layout="stnet", patients={p: None for fold in _STNET_FOLDS for p in fold}, folds=_STNET_FOLDS,
+                  k=90, crop=224, genes=250, root="data/stnet",
+                  fetch="download Mendeley dataset 29ntw7sh4r (He et al.) and unpack it into {root}",
+                  citation="He et al., Nature Biomedical Engineering 4, 827-834 (2020)"),
+    "demo": dict(layout="her2st", patients={p: [f"{p}1", f"{p}2"] for p in "ABCD"}, folds=[[p] for p in "ABCD"],
+                 k=8, crop=64, genes=50, root="data/demo",
+                 fetch="python -c 'import demo; demo.make_demo_cohort(\"{root}\")'",
+                 citation="synthetic (demo.py)"),
+}
+
+
+def fold_split(cohort: str, fold: int) -> dict:
+    """Patients of one fold: test = the fold's held-out patient(s); val = the first patient of the next
+    fold (cyclic), a deterministic draw from the training patients; train = everyone else."""
+    folds = COHORTS[cohort]["folds"]
+    assert 0 <= fold < len(folds), f"{cohort} has folds 0..{len(folds) - 1}, got {fold}"
+    test = list(folds[fold])
+    val = [folds[(fold + 1) % len(folds)][0]]
+    train = [p for p in COHORTS[cohort]["patients"] if p not in test and p not in val]
+    return {"test": test, "val": val, "train": train}
+
+
+def sections_of(cohort: str, patients, root=None) -> list[str]:
+    """Section names of these patients, in table order (stnet: discovered under `root`)."""
+    table = COHORTS[cohort]["patients"]
+    out = []
+    for p in patients:
+        assert p in table, f"{cohort} has no patient {p!r} (patients: {list(table)})"
+        if table[p] is not None:
+            out += table[p]
+        else:
+            assert root is not None, f"{cohort} sections are found on disk: pass root="
+            out += sorted(f.name[: -len(".tsv.gz")] for f in Path(root).glob(f"*/{p}/{p}_*.tsv.gz"))
+    return out
+
+
+def _patient_of(cohort: str, name: str) -> str:
+    for p, secs in COHORTS[cohort]["patients"].items():
+        if (secs is not None and name in secs) or (secs is None and name.startswith(p + "_")):
+            return p
+    raise ValueError(f"{cohort} has no section {name!r}")
+
+
+def _one(root: Path, patterns: list[str], name: str) -> Path | None:
+    """The single file in root matching one of the globs whose name holds `name` as a whole token."""
+    hits = sorted({f for pat in patterns for f in root.glob(pat)
+                   if not f.name.split(name)[0][-1:].isalnum()})  # P2_... must not match P12_...
+    if len(hits) > 1:
+        raise ValueError(f"{root}: several files match section {name}: {[h.name for h in hits]}")
+    return hits[0] if hits else None
+
+
+def _files(cohort: str, root, name: str) -> dict:
+    """Paths of a section's counts, spot file and image (None where absent; the image may be)."""
+    root, layout, patient = Path(root), COHORTS[cohort]["layout"], _patient_of(cohort, name)
+    if layout == "her2st":
+        folder = root / "ST-imgs" / patient / name
+        jpgs = sorted(folder.glob("*.jpg"))
+        if len(jpgs) > 1:
+            raise ValueError(f"{folder}: expected one .jpg, found {[j.name for j in jpgs]}")
+        return {"counts": root / "ST-cnts" / f"{name}.tsv.gz", "spots": root / "ST-spotfiles" / f"{name}_selection.tsv",
+                "image": jpgs[0] if jpgs else None, "image_where": folder / "*.jpg"}
+    if layout == "cscc":  # GEO raw files, all in root, found by their endings
+        counts = _one(root, [f"*{name}_stdata.tsv", f"*{name}_stdata.tsv.gz"], name)
+        spots = _one(root, [f"*spot*{name}.tsv", f"*spot*{name}.tsv.gz"], name)
+        return {"counts": counts or root / f"*{name}_stdata.tsv[.gz]", "spots": spots or root / f"*spot*{name}.tsv[.gz]",
+                "image": _one(root, [f"*{name}.jpg"], name), "image_where": root / f"*{name}.jpg"}
+    assert layout == "stnet", f"unknown layout {layout!r}"
+    folder = next(iter(sorted(root.glob(f"*/{patient}"))), root / "<subtype>" / patient)
+    image = folder / f"{name}.jpg"
+    return {"counts": folder / f"{name}.tsv.gz", "spots": folder / f"{name}.spots.txt",
+            "image": image if image.is_file() else None, "image_where": image}
+
+
+def check_cohort(cohort: str, root, sections=None) -> None:
+    """Raise FileNotFoundError listing every missing counts/spot/image file and how to fetch them.
+    The demo cohort is never missing: it is generated here (demo.make_demo_cohort) when absent."""
+    if cohort == "demo":
+        import demo  # lazily: only the demo needs the generator
+        demo.make_demo_cohort(root)
+        return
+    sections = sections_of(cohort, COHORTS[cohort]["patients"], root) if sections is None else sections
+    missing = [] if sections else [f"{root} (no sections found)"]
+    for name in sections:
+        files = _files(cohort, root, name)
+        missing += [str(files[k]) for k in ("counts", "spots") if not files[k].is_file()]
+        missing += [str(files["image_where"])] if files["image"] is None else []
+    if missing:
+        shown = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise FileNotFoundError(f"{cohort}: {len(missing)} file(s) missing under {root}:\n  {shown}\n"
+                                f"fetch them with: {COHORTS[cohort]['fetch'].format(root=root)}")
+
+
+# ----------------------------------------------------------------------------- reading a section
+@dataclass
+class Section:
+    cohort: str
+    name: str
+    patient: str
+    image_path: Path | None
+    spot_ids: list[str]      # "XxY" (array coordinates)
+    array_xy: np.ndarray     # (N, 2) int64 array x, y
+    pixel_xy: np.ndarray     # (N, 2) float64 pixel_x, pixel_y (crop centre)
+    counts: pd.DataFrame     # (N, all genes) raw counts (float32), index = spot_ids
+    files: dict = field(default_factory=dict, repr=False)  # the source paths, for messages
+
+
+def _read_table(path: Path, what: str, **kw) -> pd.DataFrame:
+    """pandas.read_csv whose errors name the file and the problem."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    try:
+        return pd.read_csv(path, **kw)
+    except Exception as e:  # truncated gzip (EOFError), bad bytes, parser errors: all bad input
+        raise ValueError(f"{path}: cannot read {what} file ({type(e).__name__}: {e})") from e
+
+
+def _read_spots(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Spot ids, array xy (N,2) and pixel xy (N,2) of a spot file. When the file has a `selected`
+    column (her2st), only spots with selected == 1 (under the tissue) are kept."""
+    sep = "\t" if ".tsv" in path.name else None  # stnet .spots.txt: let pandas sniff the separator
+    df = _read_table(path, "spot", sep=sep, engine="c" if sep else "python")
+    df.columns = [str(c).strip().lower() for c in df.columns]
+    need = ["x", "y", "pixel_x", "pixel_y"]
+    if any(c not in df.columns for c in need):
+        raise ValueError(f"{path}: spot file lacks column(s) {[c for c in need if c not in df.columns]}"
+                         f" (has {list(df.columns)})")
+    if "selected" in df.columns:
+        df = df[pd.to_numeric(df["selected"], errors="coerce") == 1]
+    values = df[need].apply(pd.to_numeric, errors="coerce")
+    if values.isna().to_numpy().any():
+        bad = int(values.isna().any(axis=1).to_numpy().argmax())
+        raise ValueError(f"{path}: non-numeric or empty coordinate in data row {bad + 1}")
+    array_xy = np.rint(values[["x", "y"]].to_numpy(np.float64)).astype(np.int64)  # (N, 2)
+    ids = [f"{x}x{y}" for x, y in array_xy]
+    dups = pd.Index(ids)[pd.Index(ids).duplicated()].unique().tolist()
+    if dups:
+        raise ValueError(f"{path}: duplicate spot id(s) {dups[:5]} (rounded x, y)")
+    return ids, array_xy, values[["pixel_x", "pixel_y"]].to_numpy(np.float64)
+
+
+def _read_counts(path: Path) -> pd.DataFrame:
+    """Raw counts (spots x genes) as float32, index normalised to "XxY" with rounded x, y.
+    Parsed with numpy.loadtxt: several times faster than pandas on these 15k-column files."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: counts file not found")
+    try:
+        with (gzip.open(path) if path.name.endswith(".gz") else open(path, "rb")) as f:
+            head, _, body = f.read().partition(b"\n")
+        genes = head.decode().rstrip("\r").split("\t")[1:]
+        index = [line.split(b"\t", 1)[0].decode() for line in body.splitlines() if line.strip()]
+        try:  # integer parsing is 2x faster; counts that are not integers are parsed as floats
+            values = np.loadtxt(io.BytesIO(body), delimiter="\t", dtype=np.int32, ndmin=2,
+                                usecols=range(1, len(genes) + 1)).astype(np.float32)  # (N, genes)
+        except ValueError:
+            values = np.loadtxt(io.BytesIO(body), delimiter="\t", dtype=np.float32, ndmin=2,
+                                usecols=range(1, len(genes) + 1))
+    except Exception as e:  # truncated gzip (EOFError), bad bytes, ragged rows, non-numeric counts
+        raise ValueError(f"{path}: cannot read counts file ({type(e).__name__}: {e})") from e
+    if not genes or values.shape != (len(index), len(genes)):
+        raise ValueError(f"{path}: expected a header of genes and one row per spot, got {values.shape} values")
+    try:
+        xy = np.rint([[float(v) for v in s.split("x")] for s in index]).astype(np.int64)
+        assert xy.ndim == 2 and xy.shape[1] == 2
+    except (ValueError, AssertionError):
+        raise ValueError(f"{path}: spot ids must look like '12x34', got e.g. {index[:3]}") from None
+    if np.isnan(values).any():
+        raise ValueError(f"{path}: NaN count(s)")
+    if (values < 0).any():
+        raise ValueError(f"{path}: negative count(s), e.g. in gene {genes[int((values < 0).any(0).argmax())]!r}")
+    df = pd.DataFrame(values, index=[f"{x}x{y}" for x, y in xy], columns=genes)
+    if df.index.duplicated().any():
+        raise ValueError(f"{path}: duplicate spot id(s) {df.index[df.index.duplicated()].unique().tolist()[:5]}")
+    if df.columns.duplicated().any():
+        log.warning("%s: gene column(s) %s appear more than once; their counts are summed", path,
+                    df.columns[df.columns.duplicated()].unique().tolist()[:5])
+        df = df.T.groupby(level=0, sort=False).sum().T
+    return df
+
+
+def load_section(cohort: str, root, name: str) -> Section:
+    """Read one section: join counts and spot file on the spot id, check the centres lie on the image."""
+    files = _files(cohort, root, name)
+    ids, array_xy, pixel_xy = _read_spots(files["spots"])
+    counts = _read_counts(files["counts"])
+    keep = counts.index.intersection(pd.Index(ids), sort=False)
+    in_spots = pd.Index(ids).isin(keep)
+    if len(keep) < len(counts) or len(keep) < len(ids):
+        log.info("%s/%s: dropped %d spot(s) in the counts but not the spot file, %d in the spot file "
+                 "but not the counts (%s, %s)", cohort, name, len(counts) - len(keep), len(ids) - len(keep),
+                 files["counts"].name, files["spots"].name)
+    if not len(keep):
+        raise ValueError(f"{files['counts']} and {files['spots']}: no spot id in common")
+    ids = [i for i, k in zip(ids, in_spots) if k]  # spot file order
+    array_xy, pixel_xy = array_xy[in_spots], pixel_xy[in_spots]
+    if files["image"] is not None:
+        try:
+            with Image.open(files["image"]) as im:  # reads the header only
+                w, h = im.size
+        except Exception as e:
+            raise ValueError(f"{files['image']}: not a readable image ({type(e).__name__}: {e})") from e
+        off = (pixel_xy[:, 0] < 0) | (pixel_xy[:, 0] >= w) | (pixel_xy[:, 1] < 0) | (pixel_xy[:, 1] >= h)
+        if off.any():
+            i = int(off.argmax())
+            raise ValueError(f"{files['spots']}: {int(off.sum())} spot centre(s) outside the {w}x{h} image "
+                             f"{files['image'].name}, e.g. {ids[i]} at ({pixel_xy[i, 0]:.1f}, {pixel_xy[i, 1]:.1f})")
+    return Section(cohort, name, _patient_of(cohort, name), files["image"], ids, array_xy, pixel_xy,
+                   counts.loc[ids], files)
+
+
+# ----------------------------------------------------------------------------- genes and labels
+def select_genes(sections: list[Section], n: int = 250) -> list[str]:
+    """The n genes with the highest total raw count over these (training) sections; ties by name."""
+    totals = pd.concat([s.counts.sum(axis=0) for s in sections], axis=1).fillna(0).sum(axis=1)
+    assert n <= len(totals), f"asked for {n} genes, the sections have {len(totals)}"
+    return totals.sort_index().sort_values(ascending=False, kind="stable").index[:n].tolist()
+
+
+def read_gene_list(path) -> list[str]:
+    """A gene list: .txt (one gene per line) or .npy (an array of strings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: gene list not found")
+    if path.suffix == ".npy":
+        genes = [str(g) for g in np.load(path, allow_pickle=False).reshape(-1)]
+    elif path.suffix == ".txt":
+        genes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        raise ValueError(f"{path}: gene list must be .txt or .npy")
+    if not genes or len(set(genes)) < len(genes):
+        raise ValueError(f"{path}: gene list is empty or has duplicates")
+    return genes
+
+
+def gene_counts(section: Section, genes: list[str]) -> np.ndarray:
+    """(N, G) float32 raw counts of these genes; a gene absent from the section counts as zero (logged)."""
+    absent = [g for g in genes if g not in section.counts.columns]
+    if absent:
+        log.info("%s/%s: %d of %d genes absent, counted as zero: %s%s", section.cohort, section.name,
+                 len(absent), len(genes), ", ".join(absent[:5]), " ..." if len(absent) > 5 else "")
+    return section.counts.reindex(columns=genes, fill_value=0).to_numpy(np.float32)
+
+
+def expression_labels(counts: np.ndarray, array_xy: np.ndarray, smooth: bool = True) -> np.ndarray:
+    """(N, G) float32 labels: library size -> 1e4 over the given genes, log10(1 + x), then (smooth)
+    the mean over the spot and those of its 8 array-grid neighbours that are spots of the section."""
+    counts = np.asarray(counts, np.float64)
+    lib = counts.sum(axis=1, keepdims=True)  # (N, 1); a spot without counts stays all zero
+    y = np.log10(1 + np.divide(counts * 1e4, lib, out=np.zeros_like(counts), where=lib > 0))
+    if not smooth:
+        return y.astype(np.float32)
+    xy = np.asarray(array_xy, np.int64)
+    xy = xy - xy.min(axis=0) + 1  # 1-based, so the neighbours of the border spots stay inside the grid
+    assert len(np.unique(xy, axis=0)) == len(xy), "expression_labels: duplicate array coordinates"
+    W, H = xy.max(axis=0) + 2
+    grid = np.zeros((W, H, y.shape[1]))  # dense array grid of labels
+    have = np.zeros((W, H))  # 1 where a spot exists
+    grid[xy[:, 0], xy[:, 1]] = y
+    have[xy[:, 0], xy[:, 1]] = 1
+    total, n = np.zeros_like(y), np.zeros(len(y))
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            total += grid[xy[:, 0] + dx, xy[:, 1] + dy]
+            n += have[xy[:, 0] + dx, xy[:, 1] + dy]
+    return (total / n[:, None]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- crops
+def _corner(centre_xy, size: int) -> tuple[int, int]:
+    """Top-left pixel of the size x size crop centred on centre_xy (rounded half up)."""
+    return int(np.floor(centre_xy[0] + 0.5)) - size // 2, int(np.floor(centre_xy[1] + 0.5)) - size // 2
+
+
+def crop_image(image: np.ndarray, centre_xy, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 crop centred on the spot; what falls off the image is white (255), the
+    crop is never shifted to fit."""
+    H, W = image.shape[:2]
+    x0, y0 = _corner(centre_xy, size)
+    out = np.full((size, size, 3), 255, np.uint8)
+    xa, xb, ya, yb = max(x0, 0), min(x0 + size, W), max(y0, 0), min(y0 + size, H)
+    if xa < xb and ya < yb:
+        out[ya - y0:yb - y0, xa - x0:xb - x0] = image[ya:yb, xa:xb]
+    return out
+
+
+def neighbour_mask(image_shape, centre_xy, size: int, grid: int = 5) -> np.ndarray:
+    """(grid*grid,) bool, True where the tile's centre lies on the image (row-major, row = y offset)."""
+    H, W = image_shape[:2]
+    cx, cy = np.floor(np.asarray(centre_xy, np.float64) + 0.5)
+    offsets = (np.arange(grid) - grid // 2) * size
+    tx, ty = cx + offsets[None, :], cy + offsets[:, None]  # (1, g), (g, 1)
+    return ((tx >= 0) & (tx < W) & (ty >= 0) & (ty < H)).reshape(-1)
+
+
+def neighbour_window(image, centre_xy, size: int, grid: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """The grid x grid tiles of `size` px around the spot (a grid*size px window) and their mask."""
+    assert grid % 2 == 1, f"grid must be odd so the spot's tile is the centre, got {grid}"
+    window = crop_image(image, centre_xy, grid * size)  # (g*c, g*c, 3); centre tile == the local crop
+    tiles = window.reshape(grid, size, grid, size, 3).transpose(0, 2, 1, 3, 4).reshape(grid * grid, size, size, 3)
+    return tiles, neighbour_mask(image.shape, centre_xy, size, grid)
+
+
+def _decode(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # (H, W, 3) uint8
+    except Exception as e:  # truncated or corrupt JPEG
+        raise ValueError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+@dataclass
+class SectionCrops:
+    local: np.ndarray    # (N, c, c, 3) uint8, memory-mapped from the cache
+    image: np.ndarray    # (H, W, 3) uint8 decoded image, memory-mapped from the cache
+    crop_size: int
+    key: dict            # what the crops were built from (source fingerprints + sizes), for feature keys
+    centres: np.ndarray  # (N, 2) float64 pixel centres
+    grid: int = 5
+
+    def tiles(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return neighbour_window(self.image, self.centres[i], self.crop_size, self.grid)
+
+    def mask(self, i: int) -> np.ndarray:
+        return neighbour_mask(self.image.shape, self.centres[i], self.crop_size, self.grid)
+
+
+def section_crops(section: Section, cache: ArrayCache, crop_size: int, progress=True) -> SectionCrops:
+    """Decode the section's JPEG once (cached as a uint8 .npy) and cut every spot's local crop (cached)."""
+    if section.image_path is None:
+        raise FileNotFoundError(f"{section.cohort}/{section.name}: no image found; "
+                                f"fetch it with: {COHORTS[section.cohort]['fetch'].format(root='<root>')}")
+    image_key = {"image": fingerprint(section.image_path), "version": CROP_VERSION}
+    tag = re.sub(r"[^A-Za-z0-9_.\-]", "_", f"{section.cohort}-{section.name}")  # a plain file name
+    image = cache.get(f"{tag}-image", image_key, lambda: {"image": _decode(section.image_path)})["image"]
+    centres = np.ascontiguousarray(section.pixel_xy, np.float64)
+    key = dict(image_key, centres=hashlib.sha1(centres.tobytes()).hexdigest(), spots=len(centres), crop=crop_size)
+
+    def build():
+        spots = tqdm(centres, desc=f"crops {tag}", disable=not progress, leave=False)
+        return {"local": np.stack([crop_image(image, c, crop_size) for c in spots])}  # (N, c, c, 3)
+
+    local = cache.get(f"{tag}-crops{crop_size}", key, build)["local"]
+    return SectionCrops(local, image, crop_size, key, centres)
+
+
+def cohort_crops(sections: list[Section], cache: ArrayCache, crop_size: int, progress=True) -> list[SectionCrops]:
+    """section_crops for every section, with a progress bar over the sections."""
+    bar = tqdm(sections, desc=f"caching crops ({crop_size} px)", disable=not progress)
+    return [section_crops(s, cache, crop_size, progress=False) for s in bar]
+
+
+# ----------------------------------------------------------------------------- dataset
+def _dihedral(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """Rotate the first two axes by k * 90 degrees, then mirror left-right if flip."""
+    a = np.rot90(a, k, axes=(0, 1))
+    return a[:, ::-1] if flip else a
+
+
+class SpotDataset(torch.utils.data.Dataset):
+    """Every spot of the given sections: its local crop, its neighbour tiles (or their frozen
+    features), its label and raw counts. With augment=True the local crop gets a random flip / 90-degree
+    rotation; served tiles get the same transform as a whole window (the tile grid is rotated with
+    them); frozen tile features describe the unaugmented tiles and are left as they are."""
+
+    def __init__(self, sections: list[Section], crops: list[SectionCrops], genes: list[str],
+                 smooth: bool = True, augment: bool = False, features: list[dict] | None = None):
+        assert len(crops) == len(sections), f"{len(sections)} sections but {len(crops)} crops"
+        assert features is None or len(features) == len(sections), "one features dict per section"
+        self.sections, self.crops, self.genes = sections, crops, list(genes)
+        self.augment, self.features = augment, features
+        self.counts = [gene_counts(s, self.genes) for s in sections]  # per section (N_s, G)
+        self.labels = [expression_labels(c, s.array_xy, smooth) for c, s in zip(self.counts, sections)]
+        for s, c in zip(sections, crops):
+            assert len(c.local) == len(s.spot_ids), f"{s.name}: {len(c.local)} crops for {len(s.spot_ids)} spots"
+        # (total spots, 2): section index, row within the section
+        self.rows = np.concatenate([np.stack([np.full(len(s.spot_ids), k), np.arange(len(s.spot_ids))], 1)
+                                    for k, s in enumerate(sections)]).astype(np.int64)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i) -> dict:
+        s, j = (int(v) for v in self.rows[i])
+        section, crops = self.sections[s], self.crops[s]
+        local = np.asarray(crops.local[j])  # (c, c, 3)
+        tiles = feats = None
+        if self.features is None:
+            tiles, mask = crops.tiles(j)  # (25, c, c, 3), (25,)
+        else:
+            feats, mask = self.features[s]["tiles"][j], crops.mask(j)  # (25, F), (25,)
+        if self.augment:
+            k, flip = int(torch.randint(4, ())), bool(torch.randint(2, ()))
+            local = _dihedral(local, k, flip)
+            if tiles is not None:
+                g, c = crops.grid, crops.crop_size
+                window = tiles.reshape(g, g, c, c, 3).transpose(0, 2, 1, 3, 4).reshape(g * c, g * c, 3)
+                window = _dihedral(window, k, flip)
+                tiles = window.reshape(g, c, g, c, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, c, c, 3)
+                mask = _dihedral(mask.reshape(g, g), k, flip).reshape(-1)
+        item = {"local": torch.from_numpy(np.ascontiguousarray(local.transpose(2, 0, 1)))}  # (3, c, c)
+        if tiles is not None:
+            tiles = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))  # (25, 3, c, c)
+            item["neighbour_tiles"] = torch.from_numpy(tiles)
+        else:
+            item["neighbour_feats"] = torch.tensor(np.asarray(feats), dtype=torch.float32)  # (25, F)
+        item.update(neighbour_mask=torch.from_numpy(np.ascontiguousarray(mask)),
+                    label=torch.tensor(self.labels[s][j]), counts=torch.tensor(self.counts[s][j]),
+                    array_xy=torch.from_numpy(section.array_xy[j].astype(np.int64)),
+                    pixel_xy=torch.from_numpy(section.pixel_xy[j].astype(np.float32)),
+                    section=s, index=j, spot_id=section.spot_ids[j])
+        return item
+
+
+# ----------------------------------------------------------------------------- command line
+def _info(argv) -> int:
+    p = argparse.ArgumentParser(prog="python data.py info", description="what is on disk for a cohort")
+    p.add_argument("cohort", choices=list(COHORTS))
+    p.add_argument("--root", default=None, help="cohort folder (default: data/<cohort>)")
+    args = p.parse_args(argv)
+    root = Path(args.root or COHORTS[args.cohort]["root"])
+    print(f"{'section':<14}{'patient':<10}{'spots':>6}{'genes':>7}  image")
+    for name in sections_of(args.cohort, COHORTS[args.cohort]["patients"], root):
+        try:
+            s = load_section(args.cohort, root, name)
+            image = "absent"
+            if s.image_path is not None:
+                with Image.open(s.image_path) as im:  # header only
+                    image = "%dx%d" % im.size
+            print(f"{name:<14}{s.patient:<10}{len(s.spot_ids):>6}{s.counts.shape[1]:>7}  {image}")
+        except (FileNotFoundError, ValueError) as e:
+            print(f"{name:<14}error: {e}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "download":
+        import download  # lazily: only the download command needs it
+        return download.main(argv[1:])
+    if argv and argv[0] == "info":
+        logging.basicConfig(level=logging.WARNING)
+        return _info(argv[1:])
+    print("usage: python data.py download <cohort> --root R [...]  |  python data.py info <cohort> --root R")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""cache.py: build once, reuse, rebuild when stale, leave nothing behind on failure; and the crop cache
+of data.py on top of it (a touched or modified source JPEG is decoded again, an unchanged one is not)."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+from cache import ArrayCache, fingerprint
+
+
+def _builder(calls, value=1.0):
+    def build():
+        calls.append(1)
+        return {"a": np.full((3, 2), value, np.float32), "ids": np.array(["x", "yy"])}
+    return build
+
+
+def test_build_once_then_memory_mapped(tmp_path):
+    cache, calls = ArrayCache(tmp_path / "c"), []
+    first = cache.get("thing", {"v": 1}, _builder(calls))
+    again = ArrayCache(tmp_path / "c").get("thing", {"v": 1}, _builder(calls))  # a new process, same folder
+    assert len(calls) == 1
+    assert isinstance(again["a"], np.memmap) and not again["a"].flags.writeable
+    assert np.array_equal(first["a"], again["a"]) and again["ids"].tolist() == ["x", "yy"]
+    assert len(list((tmp_path / "c").iterdir())) == 1
+
+
+def test_new_key_rebuilds_and_removes_stale_entry(tmp_path):
+    cache, calls = ArrayCache(tmp_path), []
+    cache.get("thing", {"v": 1}, _builder(calls))
+    cache.get("thing-else", {"v": 1}, _builder(calls))  # another name sharing the prefix: kept
+    out = cache.get("thing", {"v": 2}, _builder(calls, 2.0))
+    assert len(calls) == 3 and (out["a"] == 2).all()
+    names = sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.iterdir())
+    assert names == ["thing", "thing-else"]
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    def boom():
+        raise RuntimeError("decoder exploded")
+    with pytest.raises(RuntimeError, match="exploded"):
+        ArrayCache(tmp_path / "c").get("thing", {"v": 1}, boom)
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
+    calls = []
+    ArrayCache(tmp_path / "c").get("thing", {"v": 1}, _builder(calls))
+    (next((tmp_path / "c").iterdir()) / "key.json").unlink()  # an entry without key.json is incomplete
+    ArrayCache(tmp_path / "c").get("thing", {"v": 1}, _builder(calls))
+    assert len(calls) == 2
+
+
+def test_fingerprint_changes_on_touch(tmp_path):
+    f = tmp_path / "f.txt"
+    f.write_text("x")
+    a = fingerprint(f)
+    os.utime(f, ns=(a["mtime_ns"] + 10**9, a["mtime_ns"] + 10**9))
+    assert fingerprint(f)["mtime_ns"] != a["mtime_ns"] and fingerprint(f)["size"] == 1
+
+
+def test_section_crops_rebuilt_only_when_source_changes(tmp_path, monkeypatch):
+    root = tmp_path / "her2st"
+    from test_data import write_her2st
+    write_her2st(root)
+    decodes = []
+    real_decode = data._decode
+    monkeypatch.setattr(data, "_decode", lambda p: decodes.append(p) or real_decode(p))
+    cache = ArrayCache(tmp_path / "cache")
+    s = data.load_section("her2st", root, "A1")
+    first = data.section_crops(s, cache, 16, progress=False)
+    second = data.section_crops(s, cache, 16, progress=False)
+    assert len(decodes) == 1 and first.key == second.key
+    data.section_crops(s, cache, 8, progress=False)  # another crop size: new crops, same decoded image
+    assert len(decodes) == 1
+    st = s.image_path.stat()
+    os.utime(s.image_path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touch
+    touched = data.section_crops(s, cache, 16, progress=False)
+    assert len(decodes) == 2 and touched.key != first.key
+    Image.fromarray(np.zeros((80, 100, 3), np.uint8)).save(s.image_path)  # modify
+    modified = data.section_crops(s, cache, 16, progress=False)
+    assert len(decodes) == 3 and (modified.local == 0).all()
+    entries = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir())
+    assert entries == ["her2st-A1-crops16", "her2st-A1-crops8", "her2st-A1-image"]  # stale ones removed
