@@ -61,6 +61,7 @@ def get_args(argv=None):
     # model
     p.add_argument("--weights", default=None, help="trunk weights: none | imagenet | path to a checkpoint (default: imagenet; demo: none)")
     p.add_argument("--levels", default="local,neighbour,global", help="image levels to use (ablation: any non-empty subset)")
+    p.add_argument("--dim", type=int, default=512, help="shared width D of tokens and embeddings (paper: 512; smaller only for quick CPU checks)")
     # losses
     p.add_argument("--tau", type=float, default=0.07, help="temperature of the instance-level InfoNCE")
     p.add_argument("--tau-group", type=float, default=0.07, help="temperature of the instance-group classification")
@@ -131,7 +132,7 @@ def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True,
     feats = [section_features(trunk, wid, c, cache, f"{s.cohort}-{s.name}-features", device=device)
              for s, c in zip(sections, crops)]
     dataset = data.SpotDataset(sections, crops, genes, smooth=smooth, augment=augment, features=feats)
-    context = [(torch.as_tensor(np.asarray(f["local"]), dtype=torch.float32, device=device),
+    context = [(torch.tensor(np.asarray(f["local"]), dtype=torch.float32, device=device),
                 torch.as_tensor(s.array_xy, dtype=torch.long, device=device)) for f, s in zip(feats, sections)]
     return Split(sections, dataset, context)
 
@@ -142,12 +143,12 @@ def split_sections(args, fold):
     keep = lambda names: [n for n in names if only is None or n in only]
     if args.test_sections:
         test = args.test_sections.split(",")
-        pool = [n for n in data.sections_of(args.data, list(data.COHORTS[args.data]["patients"])) if n not in test]
+        pool = [n for n in data.sections_of(args.data, list(data.COHORTS[args.data]["patients"]), root=args.root) if n not in test]
         pool = keep(pool)
         val = args.val_sections.split(",") if args.val_sections else pool[:1]
         return {"train": [n for n in pool if n not in val], "val": val, "test": test}
     split = data.fold_split(args.data, fold)
-    names = {part: keep(data.sections_of(args.data, split[part])) for part in ("train", "val", "test")}
+    names = {part: keep(data.sections_of(args.data, split[part], root=args.root)) for part in ("train", "val", "test")}
     if args.val_sections:
         val = args.val_sections.split(",")
         names = {"train": [n for n in names["train"] + names["val"] if n not in val], "val": val, "test": names["test"]}
@@ -195,10 +196,11 @@ def train_fold(args, fold):
     else:
         genes = data.select_genes([sections[n] for n in names["train"]], args.n_genes)
     cache = ArrayCache(args.cache_dir)
-    # The frozen trunk for the neighbour and global levels. With --weights none it is random but
-    # seeded, and it travels in the checkpoint, so evaluation sees exactly the same features.
+    # The frozen trunk for the neighbour and global levels. With --weights none it is a fixed random
+    # init (seed 0, whatever --seed), so runs of different seeds share one feature cache; it travels
+    # in the checkpoint, so evaluation sees exactly the same features.
     with torch.random.fork_rng():
-        torch.manual_seed(args.seed)
+        torch.manual_seed(0)
         trunk = build_trunk(args.weights).to(device).eval()
     if resume:
         trunk.load_state_dict(resume["frozen_trunk"])
@@ -213,7 +215,7 @@ def train_fold(args, fold):
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
 
     # ---- model
-    cfg = GeneDMLConfig(n_genes=len(genes), levels=args.levels)
+    cfg = GeneDMLConfig.for_cohort(args.data, len(genes), levels=args.levels, dim=args.dim)
     model = GeneDML(cfg).to(device)
     model.load_trunk_weights(trunk.state_dict())    # the trainable local trunk starts where the frozen one is
 
