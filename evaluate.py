@@ -25,6 +25,8 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
+import data  # noqa: F401  (also raises PIL's pixel limit to her2st's image size)
+
 log = logging.getLogger("evaluate")
 
 # Paper Table 1 (MSE / PCC(M) / PCC(H)), for the printed comparison. These are the published
@@ -107,7 +109,8 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refused by weights_only, truncated file, not a torch file...
         raise ValueError(f"{path}: not a loadable Gene-DML checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    missing = [k for k in ("model", "config", "genes", "data") if not isinstance(ckpt, dict) or k not in ckpt]
+    missing = [k for k in ("model", "frozen_trunk", "config", "genes", "data", "selection")
+               if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path}: not a Gene-DML checkpoint (missing {', '.join(missing)})")
     return ckpt
@@ -168,7 +171,6 @@ def expression_map(image_path, pixel_xy, panels, path, title, width=600):
     panels: list of (label, values (N,)). Typically [("measured", y), ("predicted", y_hat)].
     """
     if image_path is not None and Path(image_path).is_file():
-        Image.MAX_IMAGE_PIXELS = None
         with Image.open(image_path) as im:
             scale = width / im.width
             thumb = im.convert("RGB").resize((width, max(1, round(im.height * scale))))
@@ -266,7 +268,11 @@ def evaluate_checkpoint(path, args, device):
     from train import prepare_split
     ckpt = load_checkpoint(path)
     genes, d = ckpt["genes"], ckpt["data"]
-    model, trunk = rebuild(ckpt, device)
+    try:
+        model, trunk = rebuild(ckpt, device)
+    except (TypeError, RuntimeError) as e:  # unknown config field, weights of another shape
+        raise ValueError(f"{path}: the model weights do not fit the checkpoint's config "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     cache = ArrayCache(args.cache_dir)
     if args.predict:
         sections = [spot_file_section(*args.predict, genes)]
@@ -309,6 +315,12 @@ def main(argv=None):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     try:
+        if len(args.ckpt) > 1 and not args.predict:  # refuse a mixed fold table before the long part
+            meta = [(c["data"]["cohort"], tuple(c["genes"])) for c in map(load_checkpoint, args.ckpt)]
+            cohorts, gene_lists = {m[0] for m in meta}, {m[1] for m in meta}
+            if len(cohorts) > 1 or len(gene_lists) > 1:
+                raise ValueError(f"the checkpoints do not belong together (cohorts {sorted(cohorts)}, "
+                                 f"{len(gene_lists)} different gene lists)")
         results = [evaluate_checkpoint(p, args, device) for p in args.ckpt]
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -317,11 +329,6 @@ def main(argv=None):
         print(f"predictions for {args.predict[0]} written to {args.out}")
         return 0
     cohorts = {r[0]["data"]["cohort"] for r in results}
-    gene_lists = {tuple(r[0]["genes"]) for r in results}
-    if len(cohorts) > 1 or len(gene_lists) > 1:
-        print(f"error: the checkpoints do not belong together (cohorts {sorted(cohorts)}, "
-              f"{len(gene_lists)} different gene lists)", file=sys.stderr)
-        return 2
 
     # fold table: PCC(M), MSE, MAE per fold; PCC(H) over the genes ranked best across folds
     folds = [summarise(per_slide) for _, per_slide in results]

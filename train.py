@@ -61,7 +61,7 @@ def get_args(argv=None):
     # model
     p.add_argument("--weights", default=None, help="trunk weights: none | imagenet | path to a checkpoint (default: imagenet; demo: none)")
     p.add_argument("--levels", default="local,neighbour,global", help="image levels to use (ablation: any non-empty subset)")
-    p.add_argument("--dim", type=int, default=512, help="shared width D of tokens and embeddings (paper: 512; smaller only for quick CPU checks)")
+    p.add_argument("--dim", type=int, default=None, help="shared width D of tokens and embeddings (default: 512; demo: 128)")
     # losses
     p.add_argument("--tau", type=float, default=0.07, help="temperature of the instance-level InfoNCE")
     p.add_argument("--tau-group", type=float, default=0.07, help="temperature of the instance-group classification")
@@ -123,6 +123,17 @@ def trunk_id(trunk):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def frozen_trunk(weights, device):
+    """The frozen ResNet18 whose features feed the neighbour and global levels.
+
+    With weights "none" it is a fixed random init (seed 0, whatever --seed), so runs of different
+    seeds share one feature cache; it travels in the checkpoint, so evaluation sees the same features.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build_trunk(weights).to(device).eval()
 
 
 def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True, augment=False):
@@ -196,12 +207,7 @@ def train_fold(args, fold):
     else:
         genes = data.select_genes([sections[n] for n in names["train"]], args.n_genes)
     cache = ArrayCache(args.cache_dir)
-    # The frozen trunk for the neighbour and global levels. With --weights none it is a fixed random
-    # init (seed 0, whatever --seed), so runs of different seeds share one feature cache; it travels
-    # in the checkpoint, so evaluation sees exactly the same features.
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        trunk = build_trunk(args.weights).to(device).eval()
+    trunk = frozen_trunk(args.weights, device)
     if resume:
         trunk.load_state_dict(resume["frozen_trunk"])
     splits = {part: prepare_split([sections[n] for n in ns], genes, args.crop_size, trunk, cache, device,
@@ -215,7 +221,7 @@ def train_fold(args, fold):
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
 
     # ---- model
-    cfg = GeneDMLConfig.for_cohort(args.data, len(genes), levels=args.levels, dim=args.dim)
+    cfg = GeneDMLConfig.for_cohort(args.data, len(genes), levels=args.levels, **({'dim': args.dim} if args.dim else {}))
     model = GeneDML(cfg).to(device)
     model.load_trunk_weights(trunk.state_dict())    # the trainable local trunk starts where the frozen one is
 

@@ -1,0 +1,503 @@
+"""
+What Gene-DML costs: data serving, a training step, evaluation, and how cost grows with slide size.
+
+    python benchmark.py                          # every section, CPU defaults (< 10 min on 2 cores)
+    python benchmark.py --only step,scale --device cuda --json bench.json
+    python benchmark.py --quick                  # every size shrunk: a smoke run under a minute
+
+Everything runs on synthetic inputs of real sizes, so no data is needed. Each comparison is timed
+in the same run and reported as a ratio, which survives a busy machine better than the absolute
+figures (on a shared machine both can move; rerun before quoting them, and pass --threads 1 when
+other jobs hold cores: torch's threads then wait on each other, up to 20x slower). Sections:
+
+  data   one her2st-sized slide (JPEG of --slide-px, --spots spots ~256 px apart): decoding it and
+         building the cache (data.section_crops), then items/s served by data.SpotDataset with
+         neighbour tiles from the cache, against cutting the crops per item from an in-memory
+         decoded image (both read twice: the first pass maps the cache's pages, the second is what
+         later epochs see) and against decoding the JPEG per item. Peak RSS of the section.
+  step   spots/s of a full training step (GeneDML with all three levels, gene_dml_loss with all
+         losses, Adam) against a bare torchvision ResNet18 step on the same crops; the share of the
+         step spent in k-means (losses.kmeans timed by wrapping it) and in the global level (its
+         forward + backward timed alone on the same section); the frozen-feature rate
+         (model.extract_features: the local crop + 25 tiles per spot).
+  eval   evaluate.slide_metrics (vectorised) against a per-gene np.corrcoef loop; they must agree.
+  scale  forward + backward of the global level on one section of 300 ... 16,000 spots: its
+         self-attention is quadratic in the spots per section, so time and memory grow ~N² once N
+         is large; a size whose extrapolated cost is above --scale-max-s / --scale-max-gb is
+         skipped and its estimate shown. Then RSS while caching a 36-section cohort one section at
+         a time (smaller images, --cohort-px): the anonymous (heap) part should stay flat, while
+         the file-backed part grows with the memory-mapped pages the kept crops touched (the
+         kernel can drop those at will).
+
+"Peak RSS" is the process's high-water mark (VmHWM), reset at the start of each measurement where
+Linux allows it, else resource.getrusage's lifetime peak. On CUDA the step and scale sections run
+on the GPU under bf16 autocast (--amp) and report torch.cuda.max_memory_allocated; data and eval
+are CPU work on any device.
+"""
+import argparse
+import ctypes
+import dataclasses
+import gc
+import json
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+import data
+import losses
+from cache import ArrayCache
+from evaluate import slide_metrics
+from model import GeneDML, GeneDMLConfig, GlobalEncoder, build_trunk, extract_features, preprocess
+
+SECTIONS = ("data", "step", "eval", "scale")
+SPOT_PX = 256  # her2st: spots ~ 200-260 px apart on the full-resolution image
+QUICK = dict(slide_px="2000x2000", spots=64, items=32, decode_items=1, batch=8, crop=64, context=64,
+             feat_spots=4, warmup=1, reps=2, eval_spots=500, eval_genes=50, scale_spots="100,300",
+             cohort_sections=4, cohort_px="800x800", cohort_spots=36)
+
+
+def _px(text):
+    """"10000x9000" -> (10000, 9000): width x height in pixels."""
+    w, h = (int(v) for v in text.lower().split("x"))
+    return w, h
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Measure what Gene-DML costs (see the module docstring).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections to run")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
+    p.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    p.add_argument("--tmp", default=None, help="folder for the synthetic slides and caches (default: system temp); a few GB")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 is far faster when other jobs share the cores")
+    p.add_argument("--quick", action="store_true", help="shrink every size (a smoke run under a minute)")
+    # data
+    p.add_argument("--slide-px", type=_px, default="10000x9000", help="data: slide width x height (her2st: ~10k x 9k)")
+    p.add_argument("--spots", type=int, default=400, help="data: spots on the slide (her2st: ~300-700)")
+    p.add_argument("--items", type=int, default=200, help="data: items read per served variant")
+    p.add_argument("--decode-items", type=int, default=3, help="data: items read when decoding the JPEG per item (seconds each)")
+    # step
+    p.add_argument("--batch", type=int, default=32, help="step: spots per training step")
+    p.add_argument("--crop", type=int, default=224, help="crop / tile size in pixels (data and step)")
+    p.add_argument("--genes", type=int, default=250, help="step: genes predicted")
+    p.add_argument("--k", type=int, default=18, help="step: k-means groups (her2st 18)")
+    p.add_argument("--context", type=int, default=300, help="step: spots of the section the global level attends over")
+    p.add_argument("--feat-spots", type=int, default=16, help="step: spots for the frozen-feature rate (26 images each)")
+    p.add_argument("--warmup", type=int, default=2, help="step: untimed steps first")
+    p.add_argument("--reps", type=int, default=5, help="step: timed steps")
+    # eval
+    p.add_argument("--eval-spots", type=int, default=4000, help="eval: spots of the slide")
+    p.add_argument("--eval-genes", type=int, default=250, help="eval: genes")
+    # scale
+    p.add_argument("--scale-spots", type=lambda t: [int(n) for n in t.split(",")], default="300,1000,4000,16000", help="scale: spots per section (Visium: ~4,000)")
+    p.add_argument("--scale-max-s", type=float, default=60.0, help="scale: skip a size whose estimated time is above this")
+    p.add_argument("--scale-max-gb", type=float, default=8.0, help="scale: skip a size whose estimated memory is above this")
+    p.add_argument("--cohort-sections", type=int, default=36, help="scale: sections cached (her2st: 36)")
+    p.add_argument("--cohort-px", type=_px, default="3000x3000", help="scale: image size per cohort section (real: ~10k x 9k, slower)")
+    p.add_argument("--cohort-spots", type=int, default=400, help="scale: spots per cohort section")
+    args = p.parse_args(argv)
+    if args.quick:  # quick sizes become the defaults; flags given explicitly still win
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(args.only) - set(SECTIONS)
+    if unknown:
+        p.error(f"--only: unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    return args
+
+
+# ----------------------------------------------------------------------------- measuring
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, reps=1) -> float:
+    """Seconds per call of fn, averaged over reps calls (the device is synchronised around them)."""
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / reps
+
+
+def _status_mb(field):
+    """A memory line of /proc/self/status in MB (None off Linux)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss():
+    """Free what Python and malloc hold, then reset the high-water mark, so a peak is this step's."""
+    gc.collect()
+    try:  # glibc keeps freed heap pages mapped; without this a peak hides under earlier ones
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0, own process)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def counting_kmeans(device, spent):
+    """Wrap losses.kmeans (called by instance_group_loss) so its seconds add up in spent["kmeans"]."""
+    original = losses.kmeans
+
+    def kmeans(*a, **kw):
+        sync(device)
+        t = time.perf_counter()
+        out = original(*a, **kw)
+        sync(device)
+        spent["kmeans"] += time.perf_counter() - t
+        return out
+
+    losses.kmeans = kmeans
+    try:
+        yield
+    finally:
+        losses.kmeans = original
+
+
+def extrapolate(points, n):
+    """y(n) from y = a·N + b·N² (a, b >= 0) through the last two measured (N, y); with one point, N²."""
+    if len(points) == 1:
+        (n1, y1), = points
+        return y1 * (n / n1) ** 2
+    (n1, y1), (n2, y2) = points[-2:]
+    b = (y2 / n2 - y1 / n1) / (n2 - n1)
+    a = y1 / n1 - b * n1
+    if b < 0:
+        a, b = y2 / n2, 0.0
+    elif a < 0:
+        a, b = 0.0, y2 / n2 ** 2
+    return a * n + b * n * n
+
+
+# ----------------------------------------------------------------------------- synthetic inputs
+def grid_xy(n):
+    """(n, 2) array x, y of n spots filling a square grid row by row."""
+    side = math.ceil(math.sqrt(n))
+    i = np.arange(n)
+    return np.stack([i % side, i // side], 1).astype(np.int64)
+
+
+def write_slide(path, width, height, rng):
+    """A pink H&E-like JPEG: low-resolution noise blown up 16x (writes fast, decodes like a real slide)."""
+    small = rng.integers(0, 60, (height // 16 + 1, width // 16 + 1, 3)) + np.array([190, 130, 170])
+    img = Image.fromarray(small.clip(0, 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, quality=90)
+
+
+def synthetic_section(name, image_path, n, width, height, rng, genes=20):
+    """A data.Section of n spots on a square grid centred on the image, at most SPOT_PX apart."""
+    array_xy = grid_xy(n)
+    side = array_xy.max() + 1
+    step = min(SPOT_PX, min(width, height) / (side + 1))
+    pixel_xy = (array_xy - (side - 1) / 2) * step + np.array([width, height]) / 2  # (n, 2)
+    ids = [f"{x}x{y}" for x, y in array_xy]
+    counts = pd.DataFrame(rng.poisson(5, (n, genes)).astype(np.float32), index=ids, columns=[f"G{j}" for j in range(genes)])
+    return data.Section("her2st", name, name[0], Path(image_path), ids, array_xy, pixel_xy.astype(np.float64), counts)
+
+
+class CropPerItem:
+    """Stands in for SectionCrops.local: cuts spot j's crop from the image each time it is asked."""
+
+    def __init__(self, image, centres, size):
+        self.image, self.centres, self.size = image, centres, size
+
+    def __len__(self):
+        return len(self.centres)
+
+    def __getitem__(self, j):
+        return data.crop_image(self.image, self.centres[j], self.size)
+
+
+class FakeCrops:
+    """What model.extract_features reads: n local crops and, per spot, 25 on-image random tiles."""
+
+    def __init__(self, n, size):
+        self.window = np.random.default_rng(0).integers(0, 256, (25, size, size, 3), dtype=np.uint8)
+        self.local = self.window[np.arange(n) % 25]  # (n, c, c, 3)
+
+    def tiles(self, i):
+        return self.window, np.ones(25, bool)
+
+
+# ----------------------------------------------------------------------------- sections
+def bench_data(args, device, tmp):
+    rng = np.random.default_rng(0)
+    width, height = args.slide_px
+    jpg = tmp / "ST-imgs" / "A" / "A1" / "slide.jpg"
+    write_slide(jpg, width, height, rng)
+    section = synthetic_section("A1", jpg, args.spots, width, height, rng)
+    cache = ArrayCache(tmp / "cache")
+    reset_peak_rss()
+    base = _status_mb("VmRSS") or 0.0
+    build = timed(lambda: data.section_crops(section, cache, args.crop, progress=False), device)
+    crops = data.section_crops(section, cache, args.crop, progress=False)  # a cache hit now
+    image = np.array(crops.image)  # (H, W, 3) decoded, in memory
+    in_memory = dataclasses.replace(crops, image=image, local=CropPerItem(image, crops.centres, args.crop))
+    genes = list(section.counts.columns)
+    order = np.resize(rng.permutation(args.spots), args.items)
+    rates = {}
+    for label, c in (("cached", crops), ("in_memory", in_memory)):
+        ds = data.SpotDataset([section], [c], genes)  # no features: 25 neighbour tiles per item
+        read = lambda: [ds[int(i)] for i in order]
+        rates[label + "_first_pass"] = args.items / timed(read, device)  # cached: maps the pages it reads
+        rates[label] = args.items / timed(read, device)
+
+    def decode_item(i):
+        img = data._decode(jpg)
+        data.crop_image(img, section.pixel_xy[i], args.crop)
+        data.neighbour_window(img, section.pixel_xy[i], args.crop)
+
+    rates["decode"] = args.decode_items / timed(lambda: [decode_item(int(i)) for i in order[:args.decode_items]], device)
+    fig = dict(slide_px=f"{width}x{height}", jpeg_mb=jpg.stat().st_size / 1e6, spots=args.spots,
+               decode_and_cache_s=build, items_per_s=rates, cached_over_in_memory=rates["cached"] / rates["in_memory"],
+               cached_over_decode=rates["cached"] / rates["decode"], peak_rss_mb=peak_rss_mb(), start_rss_mb=base)
+    rows = [(f"decode + cache build, {width}x{height} JPEG ({fig['jpeg_mb']:.0f} MB), {args.spots} spots", f"{build:.1f} s"),
+            ("items/s from the cache (local + 25 tiles): first / second pass", f"{rates['cached_first_pass']:.1f} / {rates['cached']:.1f}"),
+            ("items/s cut per item from in-memory image: first / second", f"{rates['in_memory_first_pass']:.1f} / {rates['in_memory']:.1f}"),
+            (f"items/s decoding the JPEG per item ({args.decode_items} items)", f"{rates['decode']:.2f}"),
+            ("cache / in-memory (second passes)", f"{fig['cached_over_in_memory']:.2f}x"),
+            ("cache / decode per item", f"{fig['cached_over_decode']:.0f}x"),
+            ("peak RSS (above the section's start)", f"{fig['peak_rss_mb']:.0f} MB (+{fig['peak_rss_mb'] - base:.0f} MB)")]
+    return fig, rows
+
+
+def bench_step(args, device, amp):
+    B, c, G, N = args.batch, args.crop, args.genes, args.context
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
+    local = torch.randint(0, 256, (B, 3, c, c), dtype=torch.uint8, device=device)
+    neighbour = torch.randn(B, 25, 512, device=device)  # frozen tile features
+    mask = torch.ones(B, 25, dtype=torch.bool, device=device)
+    section = torch.zeros(B, dtype=torch.long, device=device)
+    index = torch.randperm(N)[:B].to(device)
+    context = [(torch.randn(N, 512, device=device), torch.as_tensor(grid_xy(N), device=device))]
+    label = 3 * torch.rand(B, G, device=device)
+
+    model = GeneDML(GeneDMLConfig.for_cohort("her2st", G)).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def gene_dml_step():
+        with autocast():
+            out = model(local, neighbour, mask, section, index, context, expression=label)
+        loss, _ = losses.gene_dml_loss(out, label, k=args.k)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    resnet = torchvision.models.resnet18(num_classes=G).to(device).train()
+    resnet_opt = torch.optim.Adam(resnet.parameters(), lr=1e-4)
+
+    def resnet_step():
+        with autocast():
+            pred = resnet(preprocess(local))
+        loss = F.mse_loss(pred.float(), label)
+        resnet_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        resnet_opt.step()
+
+    def global_level():  # forward + backward of the global encoder on the batch's one section
+        with autocast():
+            out = model.global_encoder(*context[0])
+        out.float().sum().backward()
+
+    seconds, kmeans_s, memory, spent = {}, {}, {}, {"kmeans": 0.0}
+    for name, step in (("gene_dml", gene_dml_step), ("resnet18", resnet_step), ("global", global_level)):
+        for _ in range(args.warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        spent["kmeans"] = 0.0
+        with counting_kmeans(device, spent):
+            seconds[name] = timed(step, device, args.reps)
+        kmeans_s[name] = spent["kmeans"] / args.reps
+        if device.type == "cuda":
+            memory[name] = torch.cuda.max_memory_allocated(device) / 2**20
+    del model, opt, resnet, resnet_opt
+
+    trunk = build_trunk("none")
+    extract_features(trunk, FakeCrops(2, c), device=device, progress=False)  # warm-up
+    t = timed(lambda: extract_features(trunk, FakeCrops(args.feat_spots, c), device=device, progress=False), device)
+    fig = dict(batch=B, crop=c, context=N, amp=amp, seconds_per_step=seconds,
+               spots_per_s={k: B / seconds[k] for k in ("gene_dml", "resnet18")},
+               gene_dml_over_resnet18=seconds["gene_dml"] / seconds["resnet18"],
+               kmeans_share=kmeans_s["gene_dml"] / seconds["gene_dml"], global_share=seconds["global"] / seconds["gene_dml"],
+               feature_images_per_s=args.feat_spots * 26 / t, cuda_peak_mb=memory or None)
+    rows = [(f"GeneDML step, batch {B} at {c} px, context {N} spots", f"{fig['spots_per_s']['gene_dml']:.1f} spots/s"),
+            ("bare ResNet18 step, same crops", f"{fig['spots_per_s']['resnet18']:.1f} spots/s"),
+            ("GeneDML step time / ResNet18 step time", f"{fig['gene_dml_over_resnet18']:.2f}x"),
+            ("share of the step in k-means (2 calls)", f"{100 * fig['kmeans_share']:.2g} %"),
+            ("share in the global level (fwd+bwd, timed alone)", f"{100 * fig['global_share']:.2g} %"),
+            ("frozen features (local + 25 tiles per spot)", f"{fig['feature_images_per_s']:.1f} images/s")]
+    rows += [(f"CUDA peak allocated, {k}", f"{v:.0f} MB") for k, v in memory.items()]
+    return fig, rows
+
+
+def bench_eval(args, device):
+    rng = np.random.default_rng(0)
+    true = np.log10(1 + rng.gamma(0.5, 20, (args.eval_spots, args.eval_genes)))
+    pred = 0.5 * true + rng.normal(0, 0.3, true.shape)
+
+    def per_gene_loop():
+        return {"pcc": np.array([np.corrcoef(pred[:, j], true[:, j])[0, 1] for j in range(true.shape[1])]),
+                "mse": np.array([((pred[:, j] - true[:, j]) ** 2).mean() for j in range(true.shape[1])]),
+                "mae": np.array([np.abs(pred[:, j] - true[:, j]).mean() for j in range(true.shape[1])])}
+
+    vec = min(timed(lambda: slide_metrics(pred, true), device) for _ in range(3))
+    loop = min(timed(per_gene_loop, device) for _ in range(3))
+    a, b = slide_metrics(pred, true), per_gene_loop()
+    diff = max(float(np.abs(a[m] - b[m]).max()) for m in ("pcc", "mse", "mae"))
+    fig = dict(spots=args.eval_spots, genes=args.eval_genes, vectorised_s=vec, loop_s=loop, speedup=loop / vec, max_abs_diff=diff)
+    rows = [(f"slide_metrics, {args.eval_spots} spots x {args.eval_genes} genes", f"{1e3 * vec:.1f} ms"),
+            ("per-gene np.corrcoef loop", f"{1e3 * loop:.1f} ms"),
+            ("loop / vectorised", f"{fig['speedup']:.1f}x"),
+            ("max |difference| (PCC, MSE, MAE)", f"{diff:.1e}")]
+    return fig, rows
+
+
+def bench_scale(args, device, amp, tmp):
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
+    encoder = GlobalEncoder(GeneDMLConfig.for_cohort("her2st", args.genes)).to(device).train()  # dropout on, as in training
+
+    def fwd_bwd(n):
+        feats, xy = torch.randn(n, 512, device=device), torch.as_tensor(grid_xy(n), device=device)
+        encoder.zero_grad(set_to_none=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        else:
+            reset_peak_rss()
+            base = _status_mb("VmRSS") or 0.0
+
+        def run():
+            with autocast():
+                out = encoder(feats, xy)
+            out.float().sum().backward()
+
+        t = timed(run, device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else peak_rss_mb() - base
+        return t, peak
+
+    fwd_bwd(min(args.scale_spots))  # warm-up
+    times, mems, fig, rows = [], [], {"global_level": []}, []
+    for n in args.scale_spots:
+        est_t, est_mb = (extrapolate(times, n), extrapolate(mems, n)) if times else (0.0, 0.0)
+        if est_t > args.scale_max_s or est_mb > 1024 * args.scale_max_gb:
+            fig["global_level"].append(dict(spots=n, skipped=True, est_s=est_t, est_mb=est_mb))
+            rows.append((f"global level fwd+bwd, {n} spots", f"skipped (est. {est_t:.0f} s, {est_mb / 1024:.1f} GB)"))
+            continue
+        t, mb = fwd_bwd(n)
+        times.append((n, t))
+        mems.append((n, mb))
+        fig["global_level"].append(dict(spots=n, seconds=t, peak_mb=mb))
+        rows.append((f"global level fwd+bwd, {n} spots", f"{t:.2f} s, {mb:.0f} MB"))
+    if len(times) > 1:
+        (n1, t1), (n2, t2) = times[-2:]
+        fig["time_exponent"] = math.log(t2 / t1) / math.log(n2 / n1)
+        rows.append((f"time grows as N^{fig['time_exponent']:.2f} from {n1} to {n2}", "attention: O(N²) per section"))
+    del encoder
+
+    # caching a cohort: one section after another, as data.cohort_crops does
+    rng = np.random.default_rng(1)
+    width, height = args.cohort_px
+    names = data.sections_of("her2st", data.COHORTS["her2st"]["patients"])
+    names = [names[i % len(names)] + ("" if i < len(names) else f"_{i}") for i in range(args.cohort_sections)]
+    write_slide(tmp / "cohort" / "slide.jpg", width, height, rng)
+    sections = []
+    for name in names:  # a copy per section: each has its own cache entry, as on disk
+        jpg = tmp / "cohort" / name / "slide.jpg"
+        jpg.parent.mkdir(parents=True)
+        shutil.copy(tmp / "cohort" / "slide.jpg", jpg)
+        sections.append(synthetic_section(name, jpg, args.cohort_spots, width, height, rng))
+    cache, kept, peaks, rss, anon = ArrayCache(tmp / "cohort-cache"), [], [], [], []
+    t = time.perf_counter()
+    for s in sections:
+        reset_peak_rss()
+        before = _status_mb("VmRSS") or 0.0
+        kept.append(data.section_crops(s, cache, args.crop, progress=False))  # kept, as prepare_split does
+        peaks.append(peak_rss_mb() - before)  # this section's own peak
+        rss.append(_status_mb("VmRSS") or 0.0)
+        anon.append(_status_mb("RssAnon") or 0.0)
+    per_section = (time.perf_counter() - t) / len(sections)
+    fig["cohort"] = dict(sections=len(sections), px=f"{width}x{height}", spots=args.cohort_spots,
+                         seconds_per_section=per_section, section_peak_above_start_mb=peaks,
+                         rss_after_each_mb=rss, rss_growth_mb=rss[-1] - rss[0], anon_growth_mb=anon[-1] - anon[0])
+    rows += [(f"cache {len(sections)} sections of {width}x{height} px, {args.cohort_spots} spots", f"{per_section:.2f} s/section"),
+             ("one section's peak above its start: max / first / last", f"{max(peaks):.0f} / {peaks[0]:.0f} / {peaks[-1]:.0f} MB"),
+             (f"RSS after section 1: {rss[0]:.0f} MB; growth to section {len(sections)} (anonymous)",
+              f"{rss[-1] - rss[0]:+.0f} MB ({anon[-1] - anon[0]:+.0f} MB)")]
+    return fig, rows
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    amp = device.type == "cuda" if args.amp is None else args.amp
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    print(f"benchmark on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+          f" ({torch.get_num_threads()} threads), amp {'bf16' if amp else 'off'}, torch {torch.__version__}")
+    figures = {"device": str(device), "amp": amp, "args": {k: v for k, v in vars(args).items()}}
+    with tempfile.TemporaryDirectory(prefix="gene-dml-bench-", dir=args.tmp) as tmp:
+        for name in args.only:
+            t = time.perf_counter()
+            sub = Path(tmp) / name
+            sub.mkdir()
+            fig, rows = {"data": lambda: bench_data(args, device, sub), "step": lambda: bench_step(args, device, amp),
+                         "eval": lambda: bench_eval(args, device), "scale": lambda: bench_scale(args, device, amp, sub)}[name]()
+            fig["wall_s"] = time.perf_counter() - t
+            figures[name] = fig
+            print(f"\n== {name} ({fig['wall_s']:.0f} s)")
+            for label, value in rows:
+                print(f"  {label:<64} {value}")
+            shutil.rmtree(sub)  # the next section starts without this one's GBs on disk
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    figures["wall_s"] = time.perf_counter() - start
+    print(f"\ntotal {figures['wall_s']:.0f} s")
+    if args.json:
+        path = Path(args.json)
+        tmp_path = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp_path.write_text(json.dumps(figures, indent=1, default=str))
+        os.replace(tmp_path, path)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
