@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
-import data  # noqa: F401  (also raises PIL's pixel limit to her2st's image size)
+import data
 
 log = logging.getLogger("evaluate")
 
@@ -204,8 +204,9 @@ def _spot_spacing(pixel_xy):
 # -----------------------------------------------------------------------------
 
 def get_args(argv=None):
+    from train import HelpFormatter
     p = argparse.ArgumentParser(description="Evaluate Gene-DML checkpoints (see README).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--ckpt", nargs="+", required=True, help="one best.pt, or several (one per fold; globs allowed) for the cohort table")
     p.add_argument("--out", default=None, help="output folder (default: <folder of the first checkpoint>/eval)")
     p.add_argument("--root", default=None, help="cohort folder, if it moved since training")
@@ -236,7 +237,6 @@ def rebuild(ckpt, device):
 
 def spot_file_section(image, spots, genes):
     """A data.Section for a slide that has an image and a spot file but no counts."""
-    import data
     spots = Path(spots)
     try:
         df = pd.read_csv(spots, sep=None, engine="python")
@@ -263,7 +263,6 @@ def predictions_frame(section, genes, pred):
 
 def evaluate_checkpoint(path, args, device):
     """Evaluate one checkpoint on its held-out sections; writes CSVs and maps into args.out/<name>."""
-    import data
     from cache import ArrayCache
     from train import prepare_split
     ckpt = load_checkpoint(path)

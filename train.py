@@ -43,9 +43,15 @@ RECIPES = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default; a default of None is explained in the flag's own help instead."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train Gene-DML (see README).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     # data
     p.add_argument("--data", default="demo", choices=sorted(data.COHORTS), help="cohort")
     p.add_argument("--root", default=None, help="cohort folder (default: the cohort table's, e.g. data/her2st)")
