@@ -261,7 +261,7 @@ def predictions_frame(section, genes, pred):
     return pd.concat([df, pd.DataFrame(pred, columns=genes)], axis=1)
 
 
-def evaluate_checkpoint(path, args, device):
+def evaluate_checkpoint(path, args, device, sub=""):
     """Evaluate one checkpoint on its held-out sections; writes CSVs and maps into args.out/<name>."""
     from cache import ArrayCache
     from train import prepare_split
@@ -284,7 +284,7 @@ def evaluate_checkpoint(path, args, device):
                                     split.context, device)) if args.predict else \
         evaluate_split(model, split, device, args.batch_size)
 
-    out = args.out / (Path(path).parent.name if len(args.ckpt) > 1 else "")
+    out = args.out / sub
     (out / "maps").mkdir(parents=True, exist_ok=True)
     write_csv(pd.concat([predictions_frame(s, genes, preds[i][0]) for i, s in enumerate(sections)]),
               out / "predictions.csv")
@@ -320,7 +320,10 @@ def main(argv=None):
             if len(cohorts) > 1 or len(gene_lists) > 1:
                 raise ValueError(f"the checkpoints do not belong together (cohorts {sorted(cohorts)}, "
                                  f"{len(gene_lists)} different gene lists)")
-        results = [evaluate_checkpoint(p, args, device) for p in args.ckpt]
+        # One output folder per checkpoint, named after its folder (fold0, fold1...) when unique.
+        names = [Path(p).parent.name for p in args.ckpt]
+        subs = [""] if len(names) == 1 else names if len(set(names)) == len(names) else [f"ckpt{i}" for i in range(len(names))]
+        results = [evaluate_checkpoint(p, args, device, sub) for p, sub in zip(args.ckpt, subs)]
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -92,17 +92,16 @@ def get_args(argv=None):
     args = p.parse_args(argv)
 
     spec, recipe = data.COHORTS[args.data], RECIPES.get(args.data, RECIPES["default"])
-    args.root = args.root or spec["root"]
-    args.crop_size = args.crop_size or spec["crop"]
-    args.k = args.k or spec["k"]
-    args.n_genes = args.n_genes or spec["genes"]
-    args.epochs = args.epochs or recipe["epochs"]
-    args.batch_size = args.batch_size or recipe["batch_size"]
-    args.weights = args.weights or recipe["weights"]
-    args.out = args.out or f"runs/{args.data}"
+    defaults = dict(root=spec["root"], crop_size=spec["crop"], k=spec["k"], n_genes=spec["genes"],
+                    out=f"runs/{args.data}", **recipe)
+    for name, value in defaults.items():       # an explicit flag wins, even an explicit 0
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     args.levels = tuple(l.strip() for l in args.levels.split(",") if l.strip())
     if args.fold != "all" and not args.fold.isdigit():
         p.error(f"--fold must be a number or 'all', got {args.fold!r}")
+    if args.fold == "all" and args.resume:
+        p.error("--resume continues one fold: give that fold's number with --fold")
     return args
 
 

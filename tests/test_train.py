@@ -1,0 +1,348 @@
+"""train.py and evaluate.py end to end on a tiny demo cohort (open_clip's smoke test, nanoGPT's resume).
+
+The demo cohort is generated once per session and trimmed to a 6x6 block of spots per section (36
+spots), so that the frozen features (the slow part on a CPU) are extracted once, for a few hundred
+crops. Fold 0 with --sections A1,B1,C1 trains on C1, selects the epoch on B1 and holds out A1; at
+--batch-size 32 an epoch is one step. One two-epoch run is shared by every test that only reads a
+checkpoint; every run shares one feature cache.
+"""
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import data
+import demo
+import evaluate
+import train
+from cache import ArrayCache
+from model import GeneDML, GeneDMLConfig, build_trunk
+
+SECTIONS = "A1,B1,C1"  # demo fold 0: test patient A, validation patient B, training patient C
+TIMING = ("seconds", "spots_per_s")  # the only log fields allowed to differ between identical runs
+
+
+def train_argv(root, cache, out, *extra, epochs=2):
+    return ["--data", "demo", "--root", str(root), "--sections", SECTIONS, "--crop-size", "32", "--dim", "32",
+            "--batch-size", "32", "--epochs", str(epochs), "--cache-dir", str(cache), "--out", str(out),
+            "--workers", "0", "--device", "cpu", *extra]
+
+
+def eval_argv(ckpts, cache, out, *extra):
+    return ["--ckpt", *map(str, ckpts), "--out", str(out), "--cache-dir", str(cache), "--device", "cpu",
+            "--batch-size", "32", "--maps", "2", *extra]
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b, where=""):
+    """Recursively: the same keys, torch.equal tensors, equal everything else."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys differ"
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where}: tensors differ"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    root = demo.make_demo_cohort(tmp_path_factory.mktemp("demo"))
+    for f in (root / "ST-spotfiles").glob("*_selection.tsv"):
+        spots = pd.read_csv(f, sep="\t")
+        block = spots["x"].between(9, 14) & spots["y"].between(7, 12)
+        spots = spots[block | (spots["selected"] == 0)]  # keep the off-tissue rows: they have no counts
+        assert (spots["selected"] == 1).sum() >= 30, f"{f.name}: the block missed the tissue"
+        spots.to_csv(f, sep="\t", index=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def run(demo_root, cache_dir, tmp_path_factory):
+    """Two epochs straight; its folder holds best.pt, last.pt and log.jsonl."""
+    out = tmp_path_factory.mktemp("run")
+    best = train.main(train_argv(demo_root, cache_dir, out))
+    assert best == out / "best.pt"
+    return out
+
+
+@pytest.fixture(scope="session")
+def evaluated(run, cache_dir):
+    out = run / "eval"
+    return evaluate.main(eval_argv([run / "best.pt"], cache_dir, out)), out
+
+
+@pytest.fixture(scope="session")
+def stopped(demo_root, cache_dir, tmp_path_factory):
+    """The same run as `run`, with a loss that turns NaN at the second step (= epoch 1).
+    Returns (its folder, the SystemExit raised or None, last.pt's epoch and the log right after the stop)."""
+    out = tmp_path_factory.mktemp("stopped")
+    real, calls = train.gene_dml_loss, []
+
+    def loss(*a, **kw):
+        calls.append(1)
+        total, parts = real(*a, **kw)
+        return (total * float("nan"), {**parts, "total": float("nan")}) if len(calls) >= 2 else (total, parts)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "gene_dml_loss", loss)
+        try:
+            train.main(train_argv(demo_root, cache_dir, out))
+            error = None
+        except SystemExit as e:
+            error = e
+    return out, error, load(out / "last.pt")["epoch"], read_log(out / "log.jsonl")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def test_get_args_defaults_come_from_the_cohort_table_and_flags_override():
+    demo_args = train.get_args(["--data", "demo"])
+    spec = data.COHORTS["demo"]
+    assert (demo_args.root, demo_args.crop_size, demo_args.k, demo_args.n_genes) == \
+        (spec["root"], spec["crop"], spec["k"], spec["genes"])
+    assert (demo_args.epochs, demo_args.batch_size, demo_args.weights) == (10, 64, "none")
+    assert demo_args.out == "runs/demo" and demo_args.levels == ("local", "neighbour", "global")
+    real = train.get_args(["--data", "her2st"])
+    assert (real.root, real.crop_size, real.k, real.n_genes) == ("data/her2st", 224, 18, 250)
+    assert (real.epochs, real.batch_size, real.weights) == (200, 256, "imagenet")
+    over = train.get_args(["--data", "her2st", "--root", "x", "--crop-size", "112", "--k", "5", "--n-genes", "20",
+                           "--epochs", "3", "--batch-size", "8", "--weights", "none", "--out", "o",
+                           "--levels", "local, global"])
+    assert (over.root, over.crop_size, over.k, over.n_genes, over.epochs, over.batch_size, over.weights, over.out) == \
+        ("x", 112, 5, 20, 3, 8, "none", "o")
+    assert over.levels == ("local", "global")
+    with pytest.raises(SystemExit):
+        train.get_args(["--fold", "first"])
+
+
+# ----------------------------------------------------------------------------- training and evaluation
+
+def test_smoke_train_writes_checkpoints_and_one_log_line_per_epoch(run):
+    assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+    assert not [f for f in os.listdir(run) if ".tmp" in f], "a temporary checkpoint file was left behind"
+    lines = read_log(run / "log.jsonl")
+    assert [line["epoch"] for line in lines] == [0, 1]
+    for line in lines:
+        for key in ("train_inst", "train_group", "train_mse", "train_total", "val_pcc_m", "val_mse", "lr", *TIMING):
+            assert key in line and math.isfinite(line[key]), f"log field {key}: {line.get(key)}"
+        # the parts add up to the total with the default weights (w_inst 1, lam 0.8, w_mse 1)
+        parts = line["train_inst"] + 0.8 * line["train_group"] + line["train_mse"]
+        assert line["train_total"] == pytest.approx(parts, rel=1e-5)
+    assert load(run / "last.pt")["epoch"] == 1
+
+
+def test_evaluate_writes_tables_and_maps(run, evaluated, demo_root):
+    rc, out = evaluated
+    assert rc == 0
+    ckpt = load(run / "best.pt")
+    genes = ckpt["genes"]
+    assert ckpt["data"]["sections"] == {"train": ["C1"], "val": ["B1"], "test": ["A1"]}
+
+    pred = pd.read_csv(out / "predictions.csv")
+    assert list(pred.columns) == ["section", "spot_id", "array_x", "array_y", "pixel_x", "pixel_y", *genes]
+    a1 = data.load_section("demo", demo_root, "A1")
+    assert len(pred) == len(a1.spot_ids) and set(pred["spot_id"]) == set(a1.spot_ids)
+    assert (pred["section"] == "A1").all() and np.isfinite(pred[genes].to_numpy()).all()
+
+    per_gene = pd.read_csv(out / "per_gene.csv")
+    assert {"slide", "gene", "pcc", "mse", "mae"} <= set(per_gene.columns)
+    assert len(per_gene) == len(genes) and (per_gene["slide"] == "A1").all()
+
+    folds = pd.read_csv(out / "folds.csv")
+    assert len(folds) == 1 and folds.loc[0, "test"] == "A1" and folds.loc[0, "selection"] == "validation"
+    # PCC(M) recomputed here from predictions.csv and labels made by data.py
+    pred = pred.set_index("spot_id").loc[a1.spot_ids, genes].to_numpy()
+    label = data.expression_labels(data.gene_counts(a1, genes), a1.array_xy)
+    r = [np.corrcoef(pred[:, g], label[:, g])[0, 1] for g in range(len(genes))
+         if pred[:, g].std() > 1e-6 and label[:, g].std() > 1e-6]
+    assert folds.loc[0, "pcc_m"] == pytest.approx(np.mean(r), abs=2e-3)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cohort"] == "demo" and summary["folds"] == 1 and summary["selection"] == "validation"
+    assert summary["pcc_m_mean"] == pytest.approx(folds.loc[0, "pcc_m"], abs=1e-4)
+
+    maps = sorted((out / "maps").glob("*.png"))
+    assert len(maps) == 2 and all(m.name.startswith("A1_") and m.stem[3:] in genes for m in maps)
+    for m in maps:
+        with Image.open(m) as im:
+            im.verify()
+        with Image.open(m) as im:
+            assert im.width > 100 and im.height > 100
+
+
+def test_checkpoint_round_trip(run, evaluated, demo_root, cache_dir):
+    ckpt = load(run / "best.pt")  # weights_only=True: plain tensors and primitives only
+    for key in ("model", "frozen_trunk", "genes", "config", "data", "selection", "optimizer", "scheduler",
+                "scaler", "epoch", "best", "args"):
+        assert key in ckpt, f"checkpoint lacks {key}"
+    assert ckpt["data"]["cohort"] == "demo" and ckpt["data"]["crop_size"] == 32
+    assert ckpt["best"]["epoch"] == ckpt["epoch"], "best.pt is written at its best epoch"
+    # the frozen trunk is the fixed seed-0 init, whatever --seed (so runs share one feature cache)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        assert_same_tensors(build_trunk("none").state_dict(), ckpt["frozen_trunk"], "frozen_trunk")
+
+    model, trunk = evaluate.rebuild(evaluate.load_checkpoint(run / "best.pt"), "cpu")
+    fresh = GeneDML(GeneDMLConfig.for_cohort("demo", len(ckpt["genes"]), dim=32)).eval()
+    fresh.load_state_dict(ckpt["model"])
+    a1 = data.load_section("demo", demo_root, "A1")
+    split = train.prepare_split([a1], ckpt["genes"], 32, trunk, ArrayCache(cache_dir), "cpu")
+    loader = torch.utils.data.DataLoader(split.dataset, batch_size=64)
+    ours = evaluate.predict(model, loader, split.context, "cpu")[0][0]
+    theirs = evaluate.predict(fresh, loader, split.context, "cpu")[0][0]
+    assert ours.shape == (len(a1.spot_ids), len(ckpt["genes"]))
+    assert np.array_equal(ours, theirs)
+    # and they are what evaluate.main wrote (CSV keeps 5 significant digits)
+    written = pd.read_csv(evaluated[1] / "predictions.csv").set_index("spot_id").loc[a1.spot_ids, ckpt["genes"]]
+    assert np.allclose(written.to_numpy(), ours, rtol=1e-4, atol=1e-5)
+
+
+def test_select_on_test_is_labelled_everywhere(demo_root, cache_dir, tmp_path):
+    train.main(train_argv(demo_root, cache_dir, tmp_path / "run", "--select-on-test", epochs=1))
+    ckpt = load(tmp_path / "run" / "best.pt")
+    assert ckpt["selection"].startswith("test") and "published" in ckpt["selection"]
+    assert "test_pcc_m" in read_log(tmp_path / "run" / "log.jsonl")[0]
+    assert evaluate.main(eval_argv([tmp_path / "run" / "best.pt"], cache_dir, tmp_path / "eval")) == 0
+    assert pd.read_csv(tmp_path / "eval" / "folds.csv")["selection"].str.startswith("test").all()
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["selection"].startswith("test")
+
+
+def test_predict_a_slide_without_counts(run, demo_root, cache_dir, tmp_path):
+    # a copy of D1's image and spot file alone, away from the cohort and its count files
+    slide = tmp_path / "slide"
+    slide.mkdir()
+    (image,) = (demo_root / "ST-imgs" / "D" / "D1").glob("*.jpg")
+    (slide / "he.jpg").write_bytes(image.read_bytes())
+    (slide / "spots.tsv").write_bytes((demo_root / "ST-spotfiles" / "D1_selection.tsv").read_bytes())
+    out = tmp_path / "pred"
+    assert evaluate.main(eval_argv([run / "best.pt"], cache_dir, out, "--predict",
+                                   str(slide / "he.jpg"), str(slide / "spots.tsv"))) == 0
+    spots = pd.read_csv(slide / "spots.tsv", sep="\t")
+    spots = spots[spots["selected"] == 1]
+    genes = load(run / "best.pt")["genes"]
+    pred = pd.read_csv(out / "predictions.csv")
+    assert list(pred.columns) == ["section", "spot_id", "array_x", "array_y", "pixel_x", "pixel_y", *genes]
+    assert len(pred) == len(spots) and list(pred["spot_id"]) == [f"{x}x{y}" for x, y in zip(spots["x"], spots["y"])]
+    assert np.isfinite(pred[genes].to_numpy()).all()
+    assert not (out / "per_gene.csv").exists(), "no counts, so no metrics"
+    maps = sorted((out / "maps").glob("*.png"))
+    assert len(maps) == 2
+    with Image.open(maps[0]) as im:
+        im.verify()
+
+
+def test_resume_continues_exactly(run, stopped, demo_root, cache_dir, capsys):
+    out, _, stopped_epoch, _ = stopped
+    assert stopped_epoch == 0, "the stopped run should hold one finished epoch"
+    with open(out / "log.jsonl", "a") as f:  # as if killed after logging epoch 1, before its checkpoint
+        f.write(json.dumps({"epoch": 1, "train_total": 123.0}) + "\n")
+    train.main(train_argv(demo_root, cache_dir, out, "--resume", str(out / "last.pt")))
+    assert "=> loaded checkpoint" in capsys.readouterr().out
+    straight, resumed = load(run / "last.pt"), load(out / "last.pt")
+    for key in ("model", "frozen_trunk", "optimizer", "scheduler", "scaler", "genes", "epoch", "best"):
+        assert_same_tensors(straight[key], resumed[key], key)
+    drop = lambda lines: [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
+    assert drop(read_log(out / "log.jsonl")) == drop(read_log(run / "log.jsonl"))
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(stopped):
+    _, error, last_epoch, log = stopped
+    assert error is not None, "a NaN loss must stop training"
+    assert "non-finite loss" in str(error.code) and "last.pt" in str(error.code)
+    assert last_epoch == 0, "last.pt must still be the checkpoint of the last finished epoch"
+    assert [line["epoch"] for line in log] == [0], "no log line for the epoch that failed"
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+
+class NotAState:  # a pickle that weights_only=True refuses
+    pass
+
+
+@pytest.mark.parametrize("case", ["missing", "random bytes", "custom class", "namespace", "missing keys",
+                                  "no frozen trunk", "a tensor"])
+def test_bad_checkpoint_is_a_clear_error(case, tmp_path, capsys):
+    path = tmp_path / "bad.pt"
+    if case == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif case == "custom class":
+        torch.save({"model": NotAState()}, path)
+    elif case == "namespace":
+        torch.save({"model": {}, "args": argparse.Namespace(lr=1e-4)}, path)
+    elif case == "missing keys":
+        torch.save({"model": {}, "genes": ["G1"]}, path)
+    elif case == "no frozen trunk":
+        torch.save({"model": {}, "config": {"n_genes": 1}, "genes": ["G1"], "data": {}, "selection": "validation"}, path)
+    elif case == "a tensor":
+        torch.save(torch.zeros(3), path)
+    rc = evaluate.main(["--ckpt", str(path), "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "bad.pt" in err and err.startswith("error:") and "Traceback" not in err
+    if case == "missing keys":
+        assert "config" in err and "data" in err
+    if case == "no frozen trunk":
+        assert "frozen_trunk" in err
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_config(run, tmp_path, capsys):
+    ckpt = load(run / "best.pt")
+    ckpt["config"]["dim"] = 64
+    torch.save({k: v for k, v in ckpt.items() if k != "optimizer"}, tmp_path / "wrong.pt")
+    assert evaluate.main(["--ckpt", str(tmp_path / "wrong.pt"), "--out", str(tmp_path / "eval")]) != 0
+    assert "wrong.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change", ["genes", "cohort"])
+def test_checkpoints_that_do_not_belong_together(change, run, cache_dir, tmp_path, capsys):
+    ckpt = {k: v for k, v in load(run / "best.pt").items() if k != "optimizer"}
+    other = {**ckpt, "genes": ckpt["genes"][::-1]} if change == "genes" else \
+        {**ckpt, "data": {**ckpt["data"], "cohort": "her2st"}}
+    for name, c in (("a", ckpt), ("b", other)):
+        (tmp_path / name).mkdir()
+        torch.save(c, tmp_path / name / "best.pt")
+    rc = evaluate.main(eval_argv([tmp_path / "a" / "best.pt", tmp_path / "b" / "best.pt"], cache_dir, tmp_path / "eval"))
+    assert rc != 0
+    assert "do not belong together" in capsys.readouterr().err
+    assert not (tmp_path / "eval" / "folds.csv").exists()
+
+
+# ----------------------------------------------------------------------------- every fold
+
+def test_fold_all_trains_each_fold_and_tables_them(demo_root, cache_dir, tmp_path, monkeypatch):
+    # two folds instead of four (test A / val B, test B / val A; C1 trains both), to stay cheap
+    monkeypatch.setitem(data.COHORTS["demo"], "folds", [["A"], ["B"]])
+    best = train.main(train_argv(demo_root, cache_dir, tmp_path, "--fold", "all", epochs=1))
+    assert best == [tmp_path / "fold0" / "best.pt", tmp_path / "fold1" / "best.pt"]
+    tests = [load(b)["data"]["sections"]["test"] for b in best]
+    assert tests == [["A1"], ["B1"]]
+    folds = pd.read_csv(tmp_path / "eval" / "folds.csv")
+    assert list(folds["fold"]) == [0, 1] and list(folds["test"]) == ["A1", "B1"]
+    assert np.isfinite(folds["pcc_m"]).all() and np.isfinite(folds["pcc_h"]).all()
+    for fold in ("fold0", "fold1"):
+        assert (tmp_path / "eval" / fold / "predictions.csv").is_file()
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["folds"] == 2
