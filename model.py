@@ -432,6 +432,23 @@ class GeneDML(nn.Module):
                                   nn.Linear(cfg.head_hidden, D), nn.ReLU(), nn.Dropout(cfg.head_dropout),
                                   nn.Linear(D, cfg.n_genes))
         self.cluster_head = nn.Linear(D, D)  # shared by images and genes; L2-normalised after
+        # Training-set statistics (set_statistics), saved with the weights. Every gene's log expression
+        # and every frozen ReLU feature is positive, so un-centred inputs give all spots nearly the same
+        # embedding at initialisation (cosine ~0.97); the soft InfoNCE targets are then uniform, which
+        # makes collapse a fixed point. Standardised inputs start the embeddings apart instead, and the
+        # regression head starts at the training mean instead of at zero.
+        self.register_buffer("expr_mean", torch.zeros(cfg.n_genes))
+        self.register_buffer("expr_std", torch.ones(cfg.n_genes))
+        self.register_buffer("feat_mean", torch.zeros(FEAT_DIM))
+        self.register_buffer("feat_std", torch.ones(FEAT_DIM))
+
+    @torch.no_grad()
+    def set_statistics(self, expression, features) -> None:
+        """Per-gene mean/std of the training labels (N, G) and per-channel mean/std of the frozen features (M, 512)."""
+        for name, x in (("expr", expression), ("feat", features)):
+            x = torch.as_tensor(x, dtype=torch.float32)
+            getattr(self, f"{name}_mean").copy_(x.mean(0))
+            getattr(self, f"{name}_std").copy_(x.std(0).clamp(min=1e-3))  # a constant gene stays finite
 
     def load_trunk_weights(self, state: dict) -> None:
         """Start the trainable local trunk from a trunk's weights (copied), e.g. the frozen trunk's."""
@@ -449,7 +466,8 @@ class GeneDML(nn.Module):
                 f"context[{s}] must be a pair of tensors (feats (N,512), array_xy (N,2))"
             assert 0 <= int(index[at].min()) and int(index[at].max()) < len(feats), \
                 f"index outside the {len(feats)} spots of section {s}"
-            out = self.global_encoder(feats.to(section.device, torch.float32), xy.to(section.device))  # (N_s, D)
+            feats = (feats.to(section.device, torch.float32) - self.feat_mean) / self.feat_std
+            out = self.global_encoder(feats, xy.to(section.device))  # (N_s, D)
             rows.append(out[index[at]])
             order.append(at)
         return torch.cat(rows)[torch.cat(order).argsort()]  # (B, D), back in batch order
@@ -463,6 +481,7 @@ class GeneDML(nn.Module):
         if self.neighbour_encoder is not None:
             assert neighbour is not None and neighbour_mask is not None, \
                 "the neighbour level is on: pass neighbour (B,25,512) and neighbour_mask (B,25)"
+            neighbour = (neighbour.float() - self.feat_mean) / self.feat_std  # masked tiles stay masked
             tokens["neighbour"] = self.neighbour_encoder(neighbour, neighbour_mask)  # (B, 25, D)
             valid["neighbour"] = neighbour_mask
         if self.global_encoder is not None:
@@ -480,10 +499,10 @@ class GeneDML(nn.Module):
             embeddings={level: F.normalize(v, dim=-1) for level, v in pooled.items()},
             image_cluster=F.normalize(self.cluster_head(fused), dim=-1),
             gene=None, gene_cluster=None,
-            prediction=self.head(fused))  # (B, G)
+            prediction=self.expr_mean + self.expr_std * self.head(fused))  # (B, G), in label units
         if expression is not None:
             assert expression.shape == (B, self.cfg.n_genes), \
                 f"expected expression (B={B}, G={self.cfg.n_genes}), got {tuple(expression.shape)}"
-            out.gene = self.gene_encoder(expression)  # (B, D)
+            out.gene = self.gene_encoder((expression - self.expr_mean) / self.expr_std)  # (B, D)
             out.gene_cluster = F.normalize(self.cluster_head(out.gene), dim=-1)
         return out

@@ -229,6 +229,8 @@ def train_fold(args, fold):
     cfg = GeneDMLConfig.for_cohort(args.data, len(genes), levels=args.levels, **({'dim': args.dim} if args.dim else {}))
     model = GeneDML(cfg).to(device)
     model.load_trunk_weights(trunk.state_dict())    # the trainable local trunk starts where the frozen one is
+    model.set_statistics(np.concatenate(splits["train"].dataset.labels),
+                         torch.cat([feats for feats, _ in splits["train"].context]).cpu())
 
     # ---- optimiser: Adam, StepLR(20, 0.95), gradient scaling only for float16
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
