@@ -288,3 +288,25 @@ def test_section_features_builds_once(tmp_path, monkeypatch):
     np.testing.assert_array_equal(first["tiles"], second["tiles"])
     M.section_features(trunk, "imagenet", crops, cache, "demo-A1-features", progress=False)
     assert len(calls) == 2  # other weights -> other features
+
+
+def test_statistics_start_spots_apart_and_predictions_at_the_mean():
+    # Positive, un-centred expression (every gene's log expression is > 0): without statistics the gene
+    # embeddings of different spots are nearly parallel; with them they start apart, and an untrained
+    # model's prediction is close to the training mean rather than to zero.
+    torch.manual_seed(0)
+    b = make_batch()
+    expr = 3 + 0.2 * torch.randn(4, G)
+    mean_cos = lambda g: (g @ g.T)[~torch.eye(len(g), dtype=torch.bool)].mean().item()
+    m = M.GeneDML(tiny_cfg()).eval()
+    with torch.no_grad():
+        before = m(b["local"], b["neighbour"], b["neighbour_mask"], b["section"], b["index"], b["context"], expr)
+        m.set_statistics(expr, torch.cat([f for f, _ in b["context"]]))
+        after = m(b["local"], b["neighbour"], b["neighbour_mask"], b["section"], b["index"], b["context"], expr)
+    assert mean_cos(before.gene) > 0.9
+    assert mean_cos(after.gene) < 0.5
+    assert torch.allclose(m.expr_mean, expr.mean(0)) and torch.allclose(m.expr_std, expr.std(0))
+    err_before = (before.prediction - expr.mean(0)).abs().mean()
+    err_after = (after.prediction - expr.mean(0)).abs().mean()
+    assert err_after < 0.5 * err_before
+    assert "expr_mean" in m.state_dict() and "feat_std" in m.state_dict()  # saved with the weights
