@@ -280,30 +280,6 @@ def make_demo_cohort(root, seed: int = 0) -> Path:
     return root
 
 
-def labels(counts, array_xy, smooth=True):
-    """(N, G) labels as in data.expression_labels: library size -> 1e4 over the given genes,
-    log10(1 + x), then (smooth) the mean over each spot and its <= 8 array-grid neighbours."""
-    total = counts.sum(1, keepdims=True)
-    y = np.log10(1 + counts / np.where(total > 0, total, 1) * 1e4)
-    if not smooth:
-        return y
-    xy = array_xy - array_xy.min(0) + 1  # room for the -1 shifts
-    sums = np.zeros((xy[:, 1].max() + 2, xy[:, 0].max() + 2, y.shape[1]))
-    n = np.zeros(sums.shape[:2])
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            np.add.at(sums, (xy[:, 1] + dy, xy[:, 0] + dx), y)
-            np.add.at(n, (xy[:, 1] + dy, xy[:, 0] + dx), 1)
-    return sums[xy[:, 1], xy[:, 0]] / n[xy[:, 1], xy[:, 0], None]
-
-
-def pearson(a, b):
-    """(G,) Pearson r per column of two (N, G) arrays; 0 where a column is constant."""
-    a, b = a - a.mean(0), b - b.mean(0)
-    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    return np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1), 0.0)
-
-
 def ceiling(root, genes=None, n_genes: int = 50, smooth: bool = True) -> dict[str, float]:
     """PCC(M) per section between labels from the noise-free rates and labels from the counts: what
     a perfect predictor of the expected expression reaches. genes: default the n_genes with the
@@ -317,12 +293,14 @@ def ceiling(root, genes=None, n_genes: int = 50, smooth: bool = True) -> dict[st
     counts = {s: read("ST-cnts", s) for s in sections}
     if genes is None:
         genes = pd.concat(counts.values()).sum().sort_values(ascending=False, kind="stable").index[:n_genes]
+    from data import expression_labels  # the labels exactly as training sees them
+    from evaluate import pearson_per_gene
     out = {}
     for s in sections:
         xy = np.array([i.split("x") for i in counts[s].index], dtype=np.int64)
-        noisy = labels(counts[s][list(genes)].to_numpy(float), xy, smooth)
-        clean = labels(read("rates", s).loc[counts[s].index, list(genes)].to_numpy(float), xy, smooth)
-        out[s] = float(pearson(clean, noisy).mean())
+        noisy = expression_labels(counts[s][list(genes)].to_numpy(float), xy, smooth)
+        clean = expression_labels(read("rates", s).loc[counts[s].index, list(genes)].to_numpy(float), xy, smooth)
+        out[s] = float(np.nanmean(pearson_per_gene(clean, noisy)))
     return out
 
 

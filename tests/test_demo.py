@@ -179,18 +179,6 @@ def test_noise_free_ceiling(cohort):
     assert np.mean(list(demo.ceiling(cohort, smooth=False).values())) < np.mean(list(c.values()))
 
 
-def test_labels_match_data():
-    data = pytest.importorskip("data")
-    if not hasattr(data, "expression_labels"):
-        pytest.skip("data.expression_labels not written yet")
-    rng = np.random.default_rng(0)
-    xy = np.array([(x, y) for x in range(3, 9) for y in range(5, 10) if (x + y) % 4])  # holes in the grid
-    counts = rng.poisson(5, (len(xy), 7)).astype(float)
-    for smooth in (False, True):
-        np.testing.assert_allclose(demo.labels(counts, xy, smooth), data.expression_labels(counts, xy, smooth),
-                                   rtol=1e-5, atol=1e-6)
-
-
 def test_her2st_reader_loads_demo(cohort):
     data = pytest.importorskip("data")
     if not hasattr(data, "load_section") or "demo" not in getattr(data, "COHORTS", {}):
