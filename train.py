@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import data
 from cache import ArrayCache
-from evaluate import evaluate_split, summarise
+from evaluate import evaluate_split, load_checkpoint, summarise
 from losses import gene_dml_loss
 from model import GeneDML, GeneDMLConfig, build_trunk, section_features
 
@@ -154,23 +154,27 @@ def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True,
 
 
 def split_sections(args, fold):
-    """Which sections train, select the epoch, and are held out, by patient (never by spot)."""
+    """Which sections train, select the epoch, and are held out: by patient (the fold), never by spot,
+    unless --test-sections / --val-sections name sections explicitly."""
     only = set(args.sections.split(",")) if args.sections else None
     keep = lambda names: [n for n in names if only is None or n in only]
     if args.test_sections:
         test = args.test_sections.split(",")
-        pool = [n for n in data.sections_of(args.data, list(data.COHORTS[args.data]["patients"]), root=args.root) if n not in test]
-        pool = keep(pool)
+        pool = keep(n for n in data.sections_of(args.data, list(data.COHORTS[args.data]["patients"]), root=args.root)
+                    if n not in test)
         val = args.val_sections.split(",") if args.val_sections else pool[:1]
-        return {"train": [n for n in pool if n not in val], "val": val, "test": test}
-    split = data.fold_split(args.data, fold)
-    names = {part: keep(data.sections_of(args.data, split[part], root=args.root)) for part in ("train", "val", "test")}
-    if args.val_sections:
-        val = args.val_sections.split(",")
-        names = {"train": [n for n in names["train"] + names["val"] if n not in val], "val": val, "test": names["test"]}
+        names = {"train": [n for n in pool if n not in val], "val": val, "test": test}
+    else:
+        split = data.fold_split(args.data, fold)
+        names = {part: keep(data.sections_of(args.data, split[part], root=args.root)) for part in ("train", "val", "test")}
+        if args.val_sections:
+            val = args.val_sections.split(",")
+            names = {"train": [n for n in names["train"] + names["val"] if n not in val], "val": val, "test": names["test"]}
     for part, ns in names.items():
         if not ns:
             raise SystemExit(f"fold {fold}: no {part} sections left (check --sections / --test-sections / --val-sections)")
+    if len(set(sum(names.values(), []))) < sum(map(len, names.values())):
+        raise SystemExit(f"a section is in two of train / val / test: {names}")
     return names
 
 
@@ -194,7 +198,7 @@ def train_fold(args, fold):
                           "cpu" if args.device == "auto" else args.device)
     amp = (device.type == "cuda") if args.amp is None else args.amp
     amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
-    resume = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
+    resume = load_checkpoint(args.resume) if args.resume else None
     seed_everything(args.seed)
 
     # ---- data
@@ -202,6 +206,8 @@ def train_fold(args, fold):
         import demo
         demo.make_demo_cohort(args.root)
     names = split_sections(args, fold)
+    if resume and resume["data"]["sections"] != names:
+        raise SystemExit(f"--resume {args.resume} was trained on {resume['data']['sections']}, not {names}")
     everything = names["train"] + names["val"] + names["test"]
     data.check_cohort(args.data, args.root, everything)
     sections = {n: data.load_section(args.data, args.root, n) for n in everything}
@@ -256,7 +262,7 @@ def train_fold(args, fold):
         return {"model": model.state_dict(), "frozen_trunk": trunk.state_dict(),
                 "config": dataclasses.asdict(cfg), "genes": list(genes),
                 "data": {"cohort": args.data, "root": str(args.root), "crop_size": args.crop_size,
-                         "smooth": not args.no_smooth, "fold": fold, "sections": names,
+                         "smooth": not args.no_smooth, "fold": None if args.test_sections else fold, "sections": names,
                          "normalisation": "counts of the selected genes scaled to 1e4 per spot, log10(1+x)"
                                           + (", 3x3 array-grid mean" if not args.no_smooth else "")},
                 "selection": "test (published protocol: best epoch chosen on the held-out fold; optimistic)"
@@ -343,4 +349,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # bad input: what and where, without a traceback
+        sys.exit(f"error: {e}")

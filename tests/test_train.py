@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -346,3 +347,18 @@ def test_fold_all_trains_each_fold_and_tables_them(demo_root, cache_dir, tmp_pat
     for fold in ("fold0", "fold1"):
         assert (tmp_path / "eval" / fold / "predictions.csv").is_file()
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["folds"] == 2
+
+
+def test_missing_cohort_names_the_files_and_the_fetch_command(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "her2st" / "ST-cnts").mkdir(parents=True)   # a partial cohort: counts folder only
+    run = subprocess.run([sys.executable, "train.py", "--data", "her2st", "--root", str(tmp_path / "her2st"),
+                          "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr
+    assert "108 file(s) missing" in run.stderr                   # 36 sections x (counts, spots, image)
+    assert "C1.tsv.gz" in run.stderr and "C1_selection.tsv" in run.stderr
+    assert "python data.py download her2st --root" in run.stderr
+    assert not (tmp_path / "out" / "last.pt").exists()
