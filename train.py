@@ -144,7 +144,7 @@ def frozen_trunk(weights, device):
 def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True, augment=False):
     """Crop every section (cached), extract its frozen features once (cached), build the dataset."""
     wid = trunk_id(trunk)
-    crops = [data.section_crops(s, cache, crop_size) for s in sections]
+    crops = data.cohort_crops(sections, cache, crop_size)  # decodes each JPEG once, ever
     feats = [section_features(trunk, wid, c, cache, f"{s.cohort}-{s.name}-features", device=device)
              for s, c in zip(sections, crops)]
     dataset = data.SpotDataset(sections, crops, genes, smooth=smooth, augment=augment, features=feats)
