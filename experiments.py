@@ -59,7 +59,8 @@ def ablation(args):
     root = Path(args.root)
     demo.make_demo_cohort(root)
     rows = []
-    for name, flags in VARIANTS.items():
+    for name in args.variants:
+        flags = VARIANTS[name]
         for seed in args.seeds:
             slug = name.split(" (")[0].replace(" ", "-")
             summary = run(["--data", "demo", "--root", str(root), "--fold", str(args.fold), "--seed", str(seed),
@@ -71,7 +72,8 @@ def ablation(args):
     # The ceiling: PCC(M) of the noise-free rates against the labels, on the same held-out sections
     # and genes (demo.py) -- what a model that knew the expected expression exactly would reach.
     test = data.sections_of("demo", data.fold_split("demo", args.fold)["test"])
-    genes = evaluate.load_checkpoint(Path(args.out) / f"Gene-DML-seed{args.seeds[0]}" / "best.pt")["genes"]
+    first = args.variants[0].split(" (")[0].replace(" ", "-")
+    genes = evaluate.load_checkpoint(Path(args.out) / f"{first}-seed{args.seeds[0]}" / "best.pt")["genes"]
     ceiling = demo.ceiling(root, genes=genes)
     table = runs.groupby("variant", sort=False).agg(pcc_m=("pcc_m", "mean"), pcc_m_std=("pcc_m", "std"),
                                                     mse=("mse", "mean"), mse_std=("mse", "std")).reset_index()
@@ -151,6 +153,8 @@ def main(argv=None):
     a.add_argument("--fold", type=int, default=0, help="demo fold (0 holds out patient A)")
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a.add_argument("--epochs", type=int, default=10)
+    a.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
+                   help=f"which variants to run (default: all: {', '.join(VARIANTS)})")
     a.add_argument("--out", default="runs/ablation")
     h = sub.add_parser("her2st", help="real her2st sections with images: leave one section out, vs baselines")
     h.add_argument("--root", default="data/her2st")

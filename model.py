@@ -436,7 +436,8 @@ class GeneDML(nn.Module):
         # and every frozen ReLU feature is positive, so un-centred inputs give all spots nearly the same
         # embedding at initialisation (cosine ~0.97); the soft InfoNCE targets are then uniform, which
         # makes collapse a fixed point. Standardised inputs start the embeddings apart instead, and the
-        # regression head starts at the training mean instead of at zero.
+        # regression head starts at the training mean instead of at zero. (The head's output is not
+        # scaled by the std: that would shrink the MSE gradient against the contrastive ones.)
         self.register_buffer("expr_mean", torch.zeros(cfg.n_genes))
         self.register_buffer("expr_std", torch.ones(cfg.n_genes))
         self.register_buffer("feat_mean", torch.zeros(FEAT_DIM))
@@ -499,7 +500,7 @@ class GeneDML(nn.Module):
             embeddings={level: F.normalize(v, dim=-1) for level, v in pooled.items()},
             image_cluster=F.normalize(self.cluster_head(fused), dim=-1),
             gene=None, gene_cluster=None,
-            prediction=self.expr_mean + self.expr_std * self.head(fused))  # (B, G), in label units
+            prediction=self.expr_mean + self.head(fused))  # (B, G) labels: the head learns the deviation
         if expression is not None:
             assert expression.shape == (B, self.cfg.n_genes), \
                 f"expected expression (B={B}, G={self.cfg.n_genes}), got {tuple(expression.shape)}"
