@@ -38,7 +38,11 @@ VARIANTS = {
 
 
 def run(train_flags, out, cache_dir):
-    """Train with these flags, evaluate best.pt on the held-out sections; the fold summary dict."""
+    """Train with these flags, evaluate best.pt on the held-out sections; the fold summary dict.
+    A run whose evaluation is already on disk is reused, so an interrupted experiment continues."""
+    if (out / "eval" / "summary.json").is_file():
+        print(f"== reusing {out}")
+        return json.loads((out / "eval" / "summary.json").read_text())
     best = train.main([*train_flags, "--out", str(out), "--cache-dir", cache_dir])
     assert evaluate.main(["--ckpt", str(best), "--out", str(out / "eval"), "--cache-dir", cache_dir,
                           "--maps", "1"]) == 0, f"evaluation of {best} failed"
@@ -54,19 +58,32 @@ def write_table(df, path):
 # -----------------------------------------------------------------------------
 # the ablation on the demo cohort
 
+# The demo's genes by the image level that carries their signal (demo.py's docstring).
+DEMO_GROUPS = {"local": ["tumour", "stroma", "immune", "fat"], "neighbour": ["interface", "near_tumour", "near_fat"],
+               "slide": ["slide"], "none": ["housekeeping"]}
+
+
+def group_pcc(per_gene_csv, groups):
+    """Mean PCC of the selected genes of each group (over slides and genes): which level's signal was learnt."""
+    df = pd.read_csv(per_gene_csv)
+    return {f"pcc_{level}": df[df.gene.isin(genes)].pcc.mean() for level, genes in groups.items()}
+
+
 def ablation(args):
     import demo
     root = Path(args.root)
     demo.make_demo_cohort(root)
     rows = []
+    genes_of = json.loads((root / "DEMO.json").read_text())["genes"]
+    groups = {level: sum((genes_of[g] for g in names), []) for level, names in DEMO_GROUPS.items()}
     for name in args.variants:
         flags = VARIANTS[name]
         for seed in args.seeds:
-            slug = name.split(" (")[0].replace(" ", "-")
+            out = Path(args.out) / f"{name.split(' (')[0].replace(' ', '-')}-seed{seed}"
             summary = run(["--data", "demo", "--root", str(root), "--fold", str(args.fold), "--seed", str(seed),
-                           "--epochs", str(args.epochs), *flags, *args.extra],
-                          Path(args.out) / f"{slug}-seed{seed}", args.cache_dir)
-            rows.append({"variant": name, "seed": seed, "pcc_m": summary["pcc_m_mean"], "mse": summary["mse_mean"]})
+                           "--epochs", str(args.epochs), *flags, *args.extra], out, args.cache_dir)
+            rows.append({"variant": name, "seed": seed, "pcc_m": summary["pcc_m_mean"], "mse": summary["mse_mean"],
+                         **group_pcc(out / "eval" / "per_gene.csv", groups)})
             print(f"== {name}, seed {seed}: PCC(M) {rows[-1]['pcc_m']:.4f}  MSE {rows[-1]['mse']:.4f}")
     runs = pd.DataFrame(rows)
     # The ceiling: PCC(M) of the noise-free rates against the labels, on the same held-out sections
@@ -76,7 +93,8 @@ def ablation(args):
     genes = evaluate.load_checkpoint(Path(args.out) / f"{first}-seed{args.seeds[0]}" / "best.pt")["genes"]
     ceiling = demo.ceiling(root, genes=genes)
     table = runs.groupby("variant", sort=False).agg(pcc_m=("pcc_m", "mean"), pcc_m_std=("pcc_m", "std"),
-                                                    mse=("mse", "mean"), mse_std=("mse", "std")).reset_index()
+                                                    mse=("mse", "mean"), mse_std=("mse", "std"),
+                                                    **{f"pcc_{g}": (f"pcc_{g}", "mean") for g in DEMO_GROUPS}).reset_index()
     table["seeds"] = len(args.seeds)
     table.loc[len(table)] = {"variant": "noise-free ceiling", "pcc_m": float(np.mean([ceiling[s] for s in test])),
                              "pcc_m_std": 0.0, "mse": float("nan"), "mse_std": float("nan"), "seeds": 0}
