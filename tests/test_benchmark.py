@@ -1,0 +1,14 @@
+"""benchmark.py runs end to end at --quick sizes and its figures are sane (no timing is asserted)."""
+import json
+
+import benchmark
+
+
+def test_quick_benchmark_runs_and_reports(tmp_path):
+    figures = benchmark.main(["--quick", "--only", "step,eval", "--json", str(tmp_path / "bench.json")])
+    step, ev = figures["step"], figures["eval"]
+    assert step["spots_per_s"]["gene_dml"] > 0 and step["spots_per_s"]["resnet18"] > 0
+    assert 0 <= step["kmeans_share"] < 1 and 0 <= step["global_share"] < 1
+    assert step["feature_images_per_s"] > 0
+    assert ev["max_abs_diff"] < 1e-9          # the vectorised metrics equal the per-gene loop
+    assert json.loads((tmp_path / "bench.json").read_text())["eval"]["max_abs_diff"] == ev["max_abs_diff"]
