@@ -14,7 +14,6 @@ import argparse
 import glob
 import json
 import logging
-import math
 import os
 import sys
 import warnings
