@@ -87,6 +87,8 @@ def get_args(argv=None):
     # data
     p.add_argument("--slide-px", type=_px, default="10000x9000", help="data: slide width x height (her2st: ~10k x 9k)")
     p.add_argument("--spots", type=int, default=400, help="data: spots on the slide (her2st: ~300-700)")
+    p.add_argument("--her2st-root", default=None, help="data: measure a real her2st section from this folder instead")
+    p.add_argument("--her2st-section", default="C2", help="data: which real section (one with an image)")
     p.add_argument("--items", type=int, default=200, help="data: items read per served variant")
     p.add_argument("--decode-items", type=int, default=3, help="data: items read when decoding the JPEG per item (seconds each)")
     # step
@@ -254,10 +256,17 @@ class FakeCrops:
 # ----------------------------------------------------------------------------- sections
 def bench_data(args, device, tmp):
     rng = np.random.default_rng(0)
-    width, height = args.slide_px
-    jpg = tmp / "ST-imgs" / "A" / "A1" / "slide.jpg"
-    write_slide(jpg, width, height, rng)
-    section = synthetic_section("A1", jpg, args.spots, width, height, rng)
+    if args.her2st_root:  # a real section: its JPEG and spots instead of a synthetic slide
+        section = data.load_section("her2st", args.her2st_root, args.her2st_section)
+        jpg = section.image_path
+        with Image.open(jpg) as im:
+            width, height = im.size
+    else:
+        width, height = args.slide_px
+        jpg = tmp / "ST-imgs" / "A" / "A1" / "slide.jpg"
+        write_slide(jpg, width, height, rng)
+        section = synthetic_section("A1", jpg, args.spots, width, height, rng)
+    spots = len(section.spot_ids)
     cache = ArrayCache(tmp / "cache")
     reset_peak_rss()
     base = _status_mb("VmRSS") or 0.0
@@ -266,7 +275,7 @@ def bench_data(args, device, tmp):
     image = np.array(crops.image)  # (H, W, 3) decoded, in memory
     in_memory = dataclasses.replace(crops, image=image, local=CropPerItem(image, crops.centres, args.crop))
     genes = list(section.counts.columns)
-    order = np.resize(rng.permutation(args.spots), args.items)
+    order = np.resize(rng.permutation(spots), args.items)
     rates = {}
     for label, c in (("cached", crops), ("in_memory", in_memory)):
         ds = data.SpotDataset([section], [c], genes)  # no features: 25 neighbour tiles per item
@@ -280,10 +289,10 @@ def bench_data(args, device, tmp):
         data.neighbour_window(img, section.pixel_xy[i], args.crop)
 
     rates["decode"] = args.decode_items / timed(lambda: [decode_item(int(i)) for i in order[:args.decode_items]], device)
-    fig = dict(slide_px=f"{width}x{height}", jpeg_mb=jpg.stat().st_size / 1e6, spots=args.spots,
+    fig = dict(slide_px=f"{width}x{height}", jpeg_mb=jpg.stat().st_size / 1e6, spots=spots,
                decode_and_cache_s=build, items_per_s=rates, cached_over_in_memory=rates["cached"] / rates["in_memory"],
                cached_over_decode=rates["cached"] / rates["decode"], peak_rss_mb=peak_rss_mb(), start_rss_mb=base)
-    rows = [(f"decode + cache build, {width}x{height} JPEG ({fig['jpeg_mb']:.0f} MB), {args.spots} spots", f"{build:.1f} s"),
+    rows = [(f"decode + cache build, {width}x{height} JPEG ({fig['jpeg_mb']:.0f} MB), {spots} spots", f"{build:.1f} s"),
             ("items/s from the cache (local + 25 tiles): first / second pass", f"{rates['cached_first_pass']:.1f} / {rates['cached']:.1f}"),
             ("items/s cut per item from in-memory image: first / second", f"{rates['in_memory_first_pass']:.1f} / {rates['in_memory']:.1f}"),
             (f"items/s decoding the JPEG per item ({args.decode_items} items)", f"{rates['decode']:.2f}"),
