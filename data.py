@@ -176,7 +176,7 @@ def _read_table(path: Path, what: str, **kw) -> pd.DataFrame:
         raise ValueError(f"{path}: cannot read {what} file ({type(e).__name__}: {e})") from e
 
 
-def _read_spots(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+def read_spots(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Spot ids, array xy (N,2) and pixel xy (N,2) of a spot file. When the file has a `selected`
     column (her2st), only spots with selected == 1 (under the tissue) are kept."""
     sep = "\t" if ".tsv" in path.name else None  # stnet .spots.txt: let pandas sniff the separator
@@ -242,7 +242,7 @@ def _read_counts(path: Path) -> pd.DataFrame:
 def load_section(cohort: str, root, name: str) -> Section:
     """Read one section: join counts and spot file on the spot id, check the centres lie on the image."""
     files = _files(cohort, root, name)
-    ids, array_xy, pixel_xy = _read_spots(files["spots"])
+    ids, array_xy, pixel_xy = read_spots(files["spots"])
     counts = _read_counts(files["counts"])
     keep = counts.index.intersection(pd.Index(ids), sort=False)
     in_spots = pd.Index(ids).isin(keep)

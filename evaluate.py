@@ -195,7 +195,8 @@ def _spot_spacing(pixel_xy):
     """Median distance from a spot to its nearest neighbour, in pixels."""
     if len(pixel_xy) < 2:
         return 20.0
-    d = torch.cdist(torch.as_tensor(pixel_xy, dtype=torch.float64), torch.as_tensor(pixel_xy, dtype=torch.float64))
+    xy = torch.tensor(np.asarray(pixel_xy), dtype=torch.float64)  # a copy: the array may be read-only
+    d = torch.cdist(xy, xy)
     d.fill_diagonal_(float("inf"))
     return float(d.min(1).values.median())
 
@@ -236,20 +237,9 @@ def rebuild(ckpt, device):
 
 def spot_file_section(image, spots, genes):
     """A data.Section for a slide that has an image and a spot file but no counts."""
-    spots = Path(spots)
-    try:
-        df = pd.read_csv(spots, sep=None, engine="python")
-    except Exception as e:
-        raise ValueError(f"{spots}: cannot read the spot file ({e})") from None
-    missing = {"x", "y", "pixel_x", "pixel_y"} - set(df.columns)
-    if missing:
-        raise ValueError(f"{spots}: spot file lacks the column(s) {sorted(missing)}")
-    if "selected" in df.columns:
-        df = df[df["selected"] == 1]
-    xy = df[["x", "y"]].round().astype(np.int64).to_numpy()
-    ids = [f"{x}x{y}" for x, y in xy]
+    ids, array_xy, pixel_xy = data.read_spots(Path(spots))  # same checks as the cohort readers
     return data.Section(cohort="predict", name=Path(image).stem, patient="new", image_path=Path(image),
-                        spot_ids=ids, array_xy=xy, pixel_xy=df[["pixel_x", "pixel_y"]].to_numpy(np.float64),
+                        spot_ids=ids, array_xy=array_xy, pixel_xy=pixel_xy,
                         counts=pd.DataFrame(0.0, index=ids, columns=genes))
 
 
