@@ -19,7 +19,7 @@ other jobs hold cores: torch's threads then wait on each other, up to 20x slower
          losses, Adam) against a bare torchvision ResNet18 step on the same crops; the share of the
          step spent in k-means (losses.kmeans timed by wrapping it) and in the global level (its
          forward + backward timed alone on the same section); the frozen-feature rate
-         (model.extract_features: the local crop + 25 tiles per spot).
+         (features.extract_features: the local crop + 25 tiles per spot).
   eval   evaluate.slide_metrics (vectorised) against a per-gene np.corrcoef loop; they must agree.
   scale  forward + backward of the global level on one section of 300 ... 16,000 spots: its
          self-attention is quadratic in the spots per section, so time and memory grow ~N² once N
@@ -59,7 +59,8 @@ import data
 import losses
 from cache import ArrayCache
 from evaluate import slide_metrics
-from model import GeneDML, GeneDMLConfig, GlobalEncoder, build_trunk, extract_features, preprocess
+from features import extract_features
+from model import GeneDML, GeneDMLConfig, GlobalEncoder, build_trunk, preprocess
 
 SECTIONS = ("data", "step", "eval", "scale")
 SPOT_PX = 256  # her2st: spots ~ 200-260 px apart on the full-resolution image
@@ -243,7 +244,7 @@ class CropPerItem:
 
 
 class FakeCrops:
-    """What model.extract_features reads: n local crops and, per spot, 25 on-image random tiles."""
+    """What features.extract_features reads: n local crops and, per spot, 25 on-image random tiles."""
 
     def __init__(self, n, size):
         self.window = np.random.default_rng(0).integers(0, 256, (25, size, size, 3), dtype=np.uint8)

@@ -65,7 +65,7 @@ COHORTS: dict[str, dict] = {
                   citation="He et al., Nature Biomedical Engineering 4, 827-834 (2020)"),
     "demo": dict(layout="her2st", patients={p: [f"{p}1", f"{p}2"] for p in "ABCD"}, folds=[[p] for p in "ABCD"],
                  k=8, crop=64, genes=50, root="data/demo",
-                 fetch="python -c 'import demo; demo.make_demo_cohort(\"{root}\")'",
+                 fetch="python demo.py --root {root}",
                  citation="synthetic (demo.py)"),
 }
 
@@ -135,11 +135,7 @@ def _files(cohort: str, root, name: str) -> dict:
 
 def check_cohort(cohort: str, root, sections=None) -> None:
     """Raise FileNotFoundError listing every missing counts/spot/image file and how to fetch them.
-    The demo cohort is never missing: it is generated here (demo.make_demo_cohort) when absent."""
-    if cohort == "demo":
-        import demo  # lazily: only the demo needs the generator
-        demo.make_demo_cohort(root)
-        return
+    (train.py writes the demo cohort before it checks; elsewhere a missing demo is missing files.)"""
     sections = sections_of(cohort, COHORTS[cohort]["patients"], root) if sections is None else sections
     missing = [] if sections else [f"{root} (no sections found)"]
     for name in sections:

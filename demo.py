@@ -49,6 +49,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from data import expression_labels  # the labels exactly as training sees them
+from evaluate import pearson_per_gene
+
 log = logging.getLogger(__name__)
 
 PATIENTS = {"A": ["A1", "A2"], "B": ["B1", "B2"], "C": ["C1", "C2"], "D": ["D1", "D2"]}
@@ -293,8 +296,6 @@ def ceiling(root, genes=None, n_genes: int = 50, smooth: bool = True) -> dict[st
     counts = {s: read("ST-cnts", s) for s in sections}
     if genes is None:
         genes = pd.concat(counts.values()).sum().sort_values(ascending=False, kind="stable").index[:n_genes]
-    from data import expression_labels  # the labels exactly as training sees them
-    from evaluate import pearson_per_gene
     out = {}
     for s in sections:
         xy = np.array([i.split("x") for i in counts[s].index], dtype=np.int64)

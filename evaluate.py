@@ -25,6 +25,9 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
+from cache import ArrayCache
+from features import prepare_split
+from model import GeneDML, GeneDMLConfig, build_trunk
 
 log = logging.getLogger("evaluate")
 
@@ -132,7 +135,7 @@ def predict(model, loader, context, device):
 
 
 def evaluate_split(model, split, device, batch_size=64):
-    """Per-slide metrics of a model on one prepared split (see train.prepare_split)."""
+    """Per-slide metrics of a model on one prepared split (see features.prepare_split)."""
     loader = torch.utils.data.DataLoader(split.dataset, batch_size=batch_size, shuffle=False)
     preds = predict(model, loader, split.context, device)
     per_slide = {}
@@ -203,8 +206,13 @@ def _spot_spacing(pixel_xy):
 
 # -----------------------------------------------------------------------------
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default; a default of None is explained in the flag's own help instead."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_args(argv=None):
-    from train import HelpFormatter
     p = argparse.ArgumentParser(description="Evaluate Gene-DML checkpoints (see README).",
                                 formatter_class=HelpFormatter)
     p.add_argument("--ckpt", nargs="+", required=True, help="one best.pt, or several (one per fold; globs allowed) for the cohort table")
@@ -226,7 +234,6 @@ def get_args(argv=None):
 
 def rebuild(ckpt, device):
     """The model and the frozen trunk, from the checkpoint alone (no download, no training flags)."""
-    from model import GeneDML, GeneDMLConfig, build_trunk
     cfg = GeneDMLConfig(**{**ckpt["config"], "levels": tuple(ckpt["config"]["levels"])})
     model = GeneDML(cfg)
     model.load_state_dict(ckpt["model"])
@@ -252,8 +259,6 @@ def predictions_frame(section, genes, pred):
 
 def evaluate_checkpoint(path, args, device, sub=""):
     """Evaluate one checkpoint on its held-out sections; writes CSVs and maps into args.out/<name>."""
-    from cache import ArrayCache
-    from train import prepare_split
     ckpt = load_checkpoint(path)
     genes, d = ckpt["genes"], ckpt["data"]
     try:

@@ -24,6 +24,7 @@ import torch
 import data
 import evaluate
 import train
+from features import frozen_trunk, prepare_split
 from cache import ArrayCache
 
 # name -> extra train.py flags. Each switches off one part; the full model switches off nothing.
@@ -120,11 +121,11 @@ def ridge_predict(x, w):
 def baselines(args, test, val, trainset):
     """Training-mean and ridge predictions for one held-out section; metrics per method."""
     device = torch.device("cpu")
-    trunk = train.frozen_trunk(args.weights, device)
+    trunk = frozen_trunk(args.weights, device)
     cache = ArrayCache(args.cache_dir)
     sections = {n: data.load_section("her2st", args.root, n) for n in [*trainset, val, test]}
     genes = data.select_genes([sections[n] for n in trainset], 250)
-    split = {n: train.prepare_split([sections[n]], genes, 224, trunk, cache, device) for n in sections}
+    split = {n: prepare_split([sections[n]], genes, 224, trunk, cache, device) for n in sections}
     feats = {n: split[n].context[0][0].double() for n in sections}          # (N, 512) frozen features
     labels = {n: torch.as_tensor(split[n].dataset.labels[0], dtype=torch.float64) for n in sections}
     x_tr, y_tr = torch.cat([feats[n] for n in trainset]), torch.cat([labels[n] for n in trainset])

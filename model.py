@@ -12,16 +12,13 @@ see losses.py.
 
 import logging
 from collections import OrderedDict
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -152,55 +149,6 @@ def preprocess(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x.float() / 255 - mean) / std
-
-
-# ----------------------------------------------------------------------------- frozen features
-@torch.no_grad()
-def extract_features(trunk, crops, batch_size=64, device="cpu", progress=True) -> dict[str, np.ndarray]:
-    """Run the frozen trunk, global-average-pooled, once over every crop and on-image tile of a section.
-
-    crops has .local (N,c,c,3) uint8 and .tiles(i) -> (tiles (g²,c,c,3) uint8, mask (g²,) bool).
-    Returns {"local": (N, 512), "tiles": (N, g², 512)} float32, zeros where a tile is off the image.
-    """
-    device = torch.device(device)
-    trunk = trunk.to(device).eval()  # eval: BatchNorm uses (and keeps) its running statistics
-    cuda = device.type == "cuda"
-    half = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-    amp = (lambda: torch.autocast("cuda", dtype=half)) if cuda else nullcontext  # stored as float32 anyway
-    n = len(crops.local)
-    assert n > 0, "a section without spots has no features"
-    g2 = len(crops.tiles(0)[1])  # tiles per window (25)
-    out = {"local": np.zeros((n, FEAT_DIM), np.float32), "tiles": np.zeros((n, g2, FEAT_DIM), np.float32)}
-    todo, where = [], []  # images waiting for the trunk, and (spot, tile) each one belongs to; tile -1 = local
-
-    def run(k):
-        x = torch.from_numpy(np.stack(todo[:k])).to(device).permute(0, 3, 1, 2)  # (k, 3, c, c) uint8
-        with amp():
-            f = trunk(preprocess(x)).mean(dim=(2, 3)).float().cpu().numpy()  # (k, 512)
-        for (i, j), fi in zip(where[:k], f):
-            if j < 0:
-                out["local"][i] = fi
-            else:
-                out["tiles"][i, j] = fi
-        del todo[:k], where[:k]
-
-    for i in tqdm(range(n), desc="frozen features", unit="spot", disable=not progress):
-        tiles, mask = crops.tiles(i)
-        assert len(tiles) == len(mask) == g2, f"spot {i}: {len(tiles)} tiles, {len(mask)} mask entries, not {g2}"
-        todo.append(crops.local[i]); where.append((i, -1))
-        for j in np.flatnonzero(mask):
-            todo.append(tiles[j]); where.append((i, int(j)))
-        while len(todo) >= batch_size:
-            run(batch_size)
-    if todo:
-        run(len(todo))
-    return out
-
-
-def section_features(trunk, weights_id: str, crops, cache, name: str, **kw) -> dict[str, np.ndarray]:
-    """extract_features, built once and then read from the cache (keyed by the crops and the weights)."""
-    return cache.get(name, {"crops": crops.key, "weights": weights_id},
-                     lambda: extract_features(trunk, crops, **kw))
 
 
 # ----------------------------------------------------------------------------- transformer parts

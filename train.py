@@ -13,7 +13,6 @@ made that way says so.
 """
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -29,9 +28,11 @@ from tqdm import tqdm
 
 import data
 from cache import ArrayCache
-from evaluate import evaluate_split, load_checkpoint, summarise
+import demo
+from evaluate import HelpFormatter, evaluate_split, load_checkpoint, summarise
+from features import frozen_trunk, prepare_split
 from losses import gene_dml_loss
-from model import GeneDML, GeneDMLConfig, build_trunk, section_features
+from model import GeneDML, GeneDMLConfig
 
 log = logging.getLogger("train")
 
@@ -41,12 +42,6 @@ RECIPES = {
     "demo": dict(epochs=10, batch_size=64, weights="none"),
     "default": dict(epochs=200, batch_size=256, weights="imagenet"),
 }
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every default; a default of None is explained in the flag's own help instead."""
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def get_args(argv=None):
@@ -111,48 +106,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-# -----------------------------------------------------------------------------
-# data: sections -> crops -> frozen features -> dataset + the global level's context
-
-@dataclasses.dataclass
-class Split:
-    sections: list       # data.Section, one per slide
-    dataset: object      # data.SpotDataset over those sections
-    context: list        # per section: (frozen features (N, 512), array coords (N, 2)) on the device
-
-
-def trunk_id(trunk):
-    """A short hash of the frozen trunk's weights: it keys the feature cache."""
-    h = hashlib.sha1()
-    for k, v in sorted(trunk.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def frozen_trunk(weights, device):
-    """The frozen ResNet18 whose features feed the neighbour and global levels.
-
-    With weights "none" it is a fixed random init (seed 0, whatever --seed), so runs of different
-    seeds share one feature cache; it travels in the checkpoint, so evaluation sees the same features.
-    """
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return build_trunk(weights).to(device).eval()
-
-
-def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True, augment=False):
-    """Crop every section (cached), extract its frozen features once (cached), build the dataset."""
-    wid = trunk_id(trunk)
-    crops = data.cohort_crops(sections, cache, crop_size)  # decodes each JPEG once, ever
-    feats = [section_features(trunk, wid, c, cache, f"{s.cohort}-{s.name}-features", device=device)
-             for s, c in zip(sections, crops)]
-    dataset = data.SpotDataset(sections, crops, genes, smooth=smooth, augment=augment, features=feats)
-    context = [(torch.tensor(np.asarray(f["local"]), dtype=torch.float32, device=device),
-                torch.as_tensor(s.array_xy, dtype=torch.long, device=device)) for f, s in zip(feats, sections)]
-    return Split(sections, dataset, context)
-
-
 def split_sections(args, fold):
     """Which sections train, select the epoch, and are held out: by patient (the fold), never by spot,
     unless --test-sections / --val-sections name sections explicitly."""
@@ -203,7 +156,6 @@ def train_fold(args, fold):
 
     # ---- data
     if args.data == "demo":
-        import demo
         demo.make_demo_cohort(args.root)
     names = split_sections(args, fold)
     if resume and resume["data"]["sections"] != names:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 
+import features as F_
 import model as M
 from cache import ArrayCache
 
@@ -207,7 +208,7 @@ def test_optimiser_step_changes_trainable_not_frozen():
     torch.manual_seed(0)
     frozen = M.build_trunk("none").requires_grad_(False)
     frozen_before = {k: v.clone() for k, v in frozen.state_dict().items()}
-    feats = M.extract_features(frozen, FakeCrops(n=2), progress=False)  # must not touch BN statistics
+    feats = F_.extract_features(frozen, FakeCrops(n=2), progress=False)  # must not touch BN statistics
     net = M.GeneDML(tiny_cfg()).train()
     b = make_batch()
     b["neighbour"] = torch.from_numpy(np.concatenate([feats["tiles"], feats["tiles"]]))
@@ -265,7 +266,7 @@ class FakeCrops:
 def test_extract_features_shapes_zeros_and_parity():
     torch.manual_seed(0)
     trunk, crops = M.build_trunk("none"), FakeCrops()
-    f = M.extract_features(trunk, crops, batch_size=5, progress=False)  # batches span spots
+    f = F_.extract_features(trunk, crops, batch_size=5, progress=False)  # batches span spots
     assert f["local"].shape == (3, 512) and f["tiles"].shape == (3, 25, 512)
     assert f["local"].dtype == f["tiles"].dtype == np.float32
     assert (f["tiles"][~crops._mask] == 0).all() and (np.abs(f["tiles"][crops._mask]).sum(-1) > 0).all()
@@ -279,14 +280,14 @@ def test_extract_features_shapes_zeros_and_parity():
 
 def test_section_features_builds_once(tmp_path, monkeypatch):
     calls = []
-    real = M.extract_features
-    monkeypatch.setattr(M, "extract_features", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = F_.extract_features
+    monkeypatch.setattr(F_, "extract_features", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     trunk, crops, cache = M.build_trunk("none"), FakeCrops(n=2), ArrayCache(tmp_path)
-    first = M.section_features(trunk, "none", crops, cache, "demo-A1-features", progress=False)
-    second = M.section_features(trunk, "none", crops, cache, "demo-A1-features", progress=False)
+    first = F_.section_features(trunk, "none", crops, cache, "demo-A1-features", progress=False)
+    second = F_.section_features(trunk, "none", crops, cache, "demo-A1-features", progress=False)
     assert len(calls) == 1
     np.testing.assert_array_equal(first["tiles"], second["tiles"])
-    M.section_features(trunk, "imagenet", crops, cache, "demo-A1-features", progress=False)
+    F_.section_features(trunk, "imagenet", crops, cache, "demo-A1-features", progress=False)
     assert len(calls) == 2  # other weights -> other features
 
 

@@ -23,6 +23,7 @@ import demo
 import evaluate
 import train
 from cache import ArrayCache
+from features import prepare_split
 from model import GeneDML, GeneDMLConfig, build_trunk
 
 SECTIONS = "A1,B1,C1"  # demo fold 0: test patient A, validation patient B, training patient C
@@ -211,7 +212,7 @@ def test_checkpoint_round_trip(run, evaluated, demo_root, cache_dir):
     fresh = GeneDML(GeneDMLConfig.for_cohort("demo", len(ckpt["genes"]), dim=32)).eval()
     fresh.load_state_dict(ckpt["model"])
     a1 = data.load_section("demo", demo_root, "A1")
-    split = train.prepare_split([a1], ckpt["genes"], 32, trunk, ArrayCache(cache_dir), "cpu")
+    split = prepare_split([a1], ckpt["genes"], 32, trunk, ArrayCache(cache_dir), "cpu")
     loader = torch.utils.data.DataLoader(split.dataset, batch_size=64)
     ours = evaluate.predict(model, loader, split.context, "cpu")[0][0]
     theirs = evaluate.predict(fresh, loader, split.context, "cpu")[0][0]

@@ -1,0 +1,109 @@
+"""Frozen features: what the neighbour and global levels see, extracted once per slide and trunk.
+
+The neighbour level reads the frozen ResNet18 feature of each of the 5x5 tiles around a spot, and
+the global level the frozen feature of every spot of the slide (model.py). Neither changes during
+training, so they are computed once, cached on disk next to the crops (cache.py) and keyed by the
+crops and a hash of the trunk's weights. `prepare_split` turns a list of sections into what the
+model reads: crops -> frozen features -> a `data.SpotDataset` plus the global level's context.
+
+Imports run one way: cache -> data -> model -> features -> evaluate -> train.
+"""
+import hashlib
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+from model import FEAT_DIM, build_trunk, preprocess
+
+
+def frozen_trunk(weights, device):
+    """The frozen ResNet18 whose features feed the neighbour and global levels.
+
+    With weights "none" it is a fixed random init (seed 0, whatever --seed), so runs of different
+    seeds share one feature cache; it travels in the checkpoint, so evaluation sees the same features.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build_trunk(weights).to(device).eval()
+
+
+def trunk_id(trunk):
+    """A short hash of the frozen trunk's weights: it keys the feature cache."""
+    h = hashlib.sha1()
+    for k, v in sorted(trunk.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def extract_features(trunk, crops, batch_size=64, device="cpu", progress=True) -> dict[str, np.ndarray]:
+    """Run the frozen trunk, global-average-pooled, once over every crop and on-image tile of a section.
+
+    crops has .local (N,c,c,3) uint8 and .tiles(i) -> (tiles (g²,c,c,3) uint8, mask (g²,) bool).
+    Returns {"local": (N, 512), "tiles": (N, g², 512)} float32, zeros where a tile is off the image.
+    """
+    device = torch.device(device)
+    trunk = trunk.to(device).eval()  # eval: BatchNorm uses (and keeps) its running statistics
+    cuda = device.type == "cuda"
+    half = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    amp = (lambda: torch.autocast("cuda", dtype=half)) if cuda else nullcontext  # stored as float32 anyway
+    n = len(crops.local)
+    assert n > 0, "a section without spots has no features"
+    g2 = len(crops.tiles(0)[1])  # tiles per window (25)
+    out = {"local": np.zeros((n, FEAT_DIM), np.float32), "tiles": np.zeros((n, g2, FEAT_DIM), np.float32)}
+    todo, where = [], []  # images waiting for the trunk, and (spot, tile) each one belongs to; tile -1 = local
+
+    def run(k):
+        x = torch.from_numpy(np.stack(todo[:k])).to(device).permute(0, 3, 1, 2)  # (k, 3, c, c) uint8
+        with amp():
+            f = trunk(preprocess(x)).mean(dim=(2, 3)).float().cpu().numpy()  # (k, 512)
+        for (i, j), fi in zip(where[:k], f):
+            if j < 0:
+                out["local"][i] = fi
+            else:
+                out["tiles"][i, j] = fi
+        del todo[:k], where[:k]
+
+    for i in tqdm(range(n), desc="frozen features", unit="spot", disable=not progress):
+        tiles, mask = crops.tiles(i)
+        assert len(tiles) == len(mask) == g2, f"spot {i}: {len(tiles)} tiles, {len(mask)} mask entries, not {g2}"
+        todo.append(crops.local[i]); where.append((i, -1))
+        for j in np.flatnonzero(mask):
+            todo.append(tiles[j]); where.append((i, int(j)))
+        while len(todo) >= batch_size:
+            run(batch_size)
+    if todo:
+        run(len(todo))
+    return out
+
+
+def section_features(trunk, weights_id: str, crops, cache, name: str, **kw) -> dict[str, np.ndarray]:
+    """extract_features, built once and then read from the cache (keyed by the crops and the weights)."""
+    return cache.get(name, {"crops": crops.key, "weights": weights_id},
+                     lambda: extract_features(trunk, crops, **kw))
+
+
+# ----------------------------------------------------------------------------- a split, ready to train or score
+
+@dataclass
+class Split:
+    sections: list       # data.Section, one per slide
+    dataset: object      # data.SpotDataset over those sections
+    context: list        # per section: (frozen features (N, 512), array coords (N, 2)) on the device
+
+
+def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True, augment=False):
+    """Crop every section (cached), extract its frozen features once (cached), build the dataset."""
+    wid = trunk_id(trunk)
+    crops = data.cohort_crops(sections, cache, crop_size)  # decodes each JPEG once, ever
+    feats = [section_features(trunk, wid, c, cache, f"{s.cohort}-{s.name}-features", device=device)
+             for s, c in zip(sections, crops)]
+    dataset = data.SpotDataset(sections, crops, genes, smooth=smooth, augment=augment, features=feats)
+    context = [(torch.tensor(np.asarray(f["local"]), dtype=torch.float32, device=device),
+                torch.as_tensor(s.array_xy, dtype=torch.long, device=device)) for f, s in zip(feats, sections)]
+    return Split(sections, dataset, context)
