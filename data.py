@@ -415,21 +415,28 @@ def _dihedral(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
 
 
 class SpotDataset(torch.utils.data.Dataset):
-    """Every spot of the given sections: its local crop, its neighbour tiles (or their frozen
-    features), its label and raw counts. With augment=True the local crop gets a random flip / 90-degree
-    rotation; served tiles get the same transform as a whole window (the tile grid is rotated with
-    them); frozen tile features describe the unaugmented tiles and are left as they are."""
+    """Every spot of the given sections: its local crop (or, given tokens, the frozen trunk's token map
+    of it), its neighbour tiles (or their frozen features), its label and raw counts. With augment=True
+    the local crop gets a random flip / 90-degree rotation; a token map gets the same flip / rotation of
+    its h x w grid (each token's 512 channels are kept: not exactly the tokens of the rotated crop, as a
+    convolution's features are not rotation-equivariant, but the same spatial layout); served tiles get
+    the same transform as a whole window (the tile grid is rotated with them); frozen tile features
+    describe the unaugmented tiles and are left as they are."""
 
     def __init__(self, sections: list[Section], crops: list[SectionCrops], genes: list[str],
-                 smooth: bool = True, augment: bool = False, features: list[dict] | None = None):
+                 smooth: bool = True, augment: bool = False, features: list[dict] | None = None,
+                 tokens: list[np.ndarray] | None = None):
         assert len(crops) == len(sections), f"{len(sections)} sections but {len(crops)} crops"
         assert features is None or len(features) == len(sections), "one features dict per section"
+        assert tokens is None or len(tokens) == len(sections), "one token array (N, h, w, 512) per section"
         self.sections, self.crops, self.genes = sections, crops, list(genes)
-        self.augment, self.features = augment, features
+        self.augment, self.features, self.tokens = augment, features, tokens
         self.counts = [gene_counts(s, self.genes) for s in sections]  # per section (N_s, G)
         self.labels = [expression_labels(c, s.array_xy, smooth) for c, s in zip(self.counts, sections)]
         for s, c in zip(sections, crops):
             assert len(c.local) == len(s.spot_ids), f"{s.name}: {len(c.local)} crops for {len(s.spot_ids)} spots"
+        for s, t in zip(sections, tokens or []):
+            assert t.ndim == 4 and len(t) == len(s.spot_ids), f"{s.name}: tokens {t.shape} for {len(s.spot_ids)} spots"
         # (total spots, 2): section index, row within the section
         self.rows = np.concatenate([np.stack([np.full(len(s.spot_ids), k), np.arange(len(s.spot_ids))], 1)
                                     for k, s in enumerate(sections)]).astype(np.int64)
@@ -440,7 +447,7 @@ class SpotDataset(torch.utils.data.Dataset):
     def __getitem__(self, i) -> dict:
         s, j = (int(v) for v in self.rows[i])
         section, crops = self.sections[s], self.crops[s]
-        local = np.asarray(crops.local[j])  # (c, c, 3)
+        local = np.asarray(crops.local[j] if self.tokens is None else self.tokens[s][j])  # (c, c, 3) or (h, w, 512)
         tiles = feats = None
         if self.features is None:
             tiles, mask = crops.tiles(j)  # (25, c, c, 3), (25,)
@@ -455,7 +462,10 @@ class SpotDataset(torch.utils.data.Dataset):
                 window = _dihedral(window, k, flip)
                 tiles = window.reshape(g, c, g, c, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, c, c, 3)
                 mask = _dihedral(mask.reshape(g, g), k, flip).reshape(-1)
-        item = {"local": torch.from_numpy(np.ascontiguousarray(local.transpose(2, 0, 1)))}  # (3, c, c)
+        if self.tokens is None:
+            item = {"local": torch.from_numpy(np.ascontiguousarray(local.transpose(2, 0, 1)))}  # (3, c, c) uint8
+        else:
+            item = {"local": torch.from_numpy(np.ascontiguousarray(local).reshape(-1, local.shape[-1]))}  # (h*w, 512) float16
         if tiles is not None:
             tiles = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))  # (25, 3, c, c)
             item["neighbour_tiles"] = torch.from_numpy(tiles)

@@ -273,7 +273,8 @@ def evaluate_checkpoint(path, args, device, sub=""):
         root = args.root or d["root"]
         data.check_cohort(d["cohort"], root, d["sections"]["test"])
         sections = [data.load_section(d["cohort"], root, n) for n in d["sections"]["test"]]
-    split = prepare_split(sections, genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"])
+    split = prepare_split(sections, genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"],
+                          local_tokens=model.cfg.local_encoder == "frozen")
     per_slide, preds = ({}, predict(model, torch.utils.data.DataLoader(split.dataset, batch_size=args.batch_size),
                                     split.context, device)) if args.predict else \
         evaluate_split(model, split, device, args.batch_size)

@@ -1,9 +1,11 @@
 """Frozen features: what the neighbour and global levels see, extracted once per slide and trunk.
 
 The neighbour level reads the frozen ResNet18 feature of each of the 5x5 tiles around a spot, and
-the global level the frozen feature of every spot of the slide (model.py). Neither changes during
-training, so they are computed once, cached on disk next to the crops (cache.py) and keyed by the
-crops and a hash of the trunk's weights. `prepare_split` turns a list of sections into what the
+the global level the frozen feature of every spot of the slide (model.py). With the local encoder
+frozen (train.py --local-encoder frozen), the local level reads the frozen trunk's whole token map of
+the spot's crop (7x7x512 at 224 px, kept in float16). None of these change during training, so they
+are computed once, cached on disk next to the crops (cache.py) and keyed by the crops and a hash of
+the trunk's weights. `prepare_split` turns a list of sections into what the
 model reads: crops -> frozen features -> a `data.SpotDataset` plus the global level's context.
 
 Imports run one way: cache -> data -> model -> features -> evaluate -> train.
@@ -88,6 +90,44 @@ def section_features(trunk, weights_id: str, crops, cache, name: str, **kw) -> d
                      lambda: extract_features(trunk, crops, **kw))
 
 
+@torch.no_grad()
+def extract_tokens(trunk, crops, batch_size=64, device="cpu", progress=True) -> dict[str, np.ndarray]:
+    """The frozen trunk's last feature map of every local crop, not pooled: the frozen local level's input.
+
+    Returns {"tokens": (N, h, w, 512) float16} (h = w = 7 at 224 px), rows and columns as in the crop,
+    so a flip or rotation of the crop can be mirrored on the token grid (data.SpotDataset). float16
+    halves the disk: ReLU features of a few units lose nothing a trained projection can use.
+    """
+    device = torch.device(device)
+    trunk = trunk.to(device).eval()
+    n = len(crops.local)
+    assert n > 0, "a section without spots has no tokens"
+    out = None
+    for a in tqdm(range(0, n, batch_size), desc="frozen tokens", unit="batch", disable=not progress):
+        x = torch.from_numpy(np.array(crops.local[a:a + batch_size])).to(device).permute(0, 3, 1, 2)
+        fmap = trunk(preprocess(x)).permute(0, 2, 3, 1).half().cpu().numpy()  # (b, h, w, 512)
+        if out is None:
+            out = np.zeros((n, *fmap.shape[1:]), np.float16)
+        out[a:a + len(fmap)] = fmap
+    return {"tokens": out}
+
+
+def section_tokens(trunk, weights_id: str, crops, cache, name: str, **kw) -> dict[str, np.ndarray]:
+    """extract_tokens, built once and then read from the cache (keyed by the crops and the weights)."""
+    return cache.get(name, {"crops": crops.key, "weights": weights_id, "dtype": "float16"},
+                     lambda: extract_tokens(trunk, crops, **kw))
+
+
+def token_statistics(tokens: list) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (512,) over every token of every spot, one section at a time (float64 sums)."""
+    total, square, count = 0.0, 0.0, 0
+    for t in tokens:  # (N, h, w, 512) float16, memory-mapped
+        x = np.asarray(t, np.float64).reshape(-1, t.shape[-1])
+        total, square, count = total + x.sum(0), square + (x * x).sum(0), count + len(x)
+    mean = total / count
+    return mean.astype(np.float32), np.sqrt(np.maximum(square / count - mean ** 2, 0)).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- a split, ready to train or score
 
 @dataclass
@@ -95,15 +135,19 @@ class Split:
     sections: list       # data.Section, one per slide
     dataset: object      # data.SpotDataset over those sections
     context: list        # per section: (frozen features (N, 512), array coords (N, 2)) on the device
+    tokens: list | None = None  # per section: frozen local tokens (N, h, w, 512) float16, if asked for
 
 
-def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True, augment=False):
-    """Crop every section (cached), extract its frozen features once (cached), build the dataset."""
+def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True, augment=False, local_tokens=False):
+    """Crop every section (cached), extract its frozen features once (cached), build the dataset.
+    local_tokens: the dataset serves the frozen trunk's token map of each crop (cached) instead of the crop."""
     wid = trunk_id(trunk)
     crops = data.cohort_crops(sections, cache, crop_size)  # decodes each JPEG once, ever
     feats = [section_features(trunk, wid, c, cache, f"{s.cohort}-{s.name}-features", device=device)
              for s, c in zip(sections, crops)]
-    dataset = data.SpotDataset(sections, crops, genes, smooth=smooth, augment=augment, features=feats)
+    tokens = [section_tokens(trunk, wid, c, cache, f"{s.cohort}-{s.name}-tokens", device=device)["tokens"]
+              for s, c in zip(sections, crops)] if local_tokens else None
+    dataset = data.SpotDataset(sections, crops, genes, smooth=smooth, augment=augment, features=feats, tokens=tokens)
     context = [(torch.tensor(np.asarray(f["local"]), dtype=torch.float32, device=device),
                 torch.as_tensor(s.array_xy, dtype=torch.long, device=device)) for f, s in zip(feats, sections)]
-    return Split(sections, dataset, context)
+    return Split(sections, dataset, context, tokens)

@@ -3,7 +3,8 @@
 Gene-DML (Song, Fan, Chang, Cai, "Gene-DML: Dual-Pathway Multi-Level Discrimination for Gene
 Expression Prediction from Histopathology Images", WACV 2026, https://arxiv.org/abs/2507.14670),
 built on the ResNet18 three-level design of TRIPLEX (Chung et al., CVPR 2024).
-In: for a batch of spots, the crop centred on each spot (local), the frozen ResNet18 features of the
+In: for a batch of spots, the crop centred on each spot (local; or, with the local encoder frozen,
+the frozen ResNet18's token map of that crop, extracted once), the frozen ResNet18 features of the
 5x5 tiles around it (neighbour) and of every spot of its section (global), plus, in training, the
 measured expression. Out: a `GeneDMLOutput` with one L2-normalised embedding per image level, a
 clustering-space image and gene embedding, and the predicted expression of G genes. No loss here:
@@ -23,6 +24,7 @@ import torchvision
 log = logging.getLogger(__name__)
 
 LEVELS = ("local", "neighbour", "global")
+LOCAL_ENCODERS = ("trainable", "frozen")  # TRIPLEX trains the local ResNet18; the Gene-DML reference freezes it
 FEAT_DIM = 512  # channels of ResNet18's last stage = width of every frozen feature
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,6 +52,7 @@ class GeneDMLConfig:
     head_hidden: int = 1536           # regression head D -> 1536 -> D -> G (3·D in the reference)
     head_dropout: float = 0.1
     weights: str = "none"             # local trunk init: "none", "imagenet" or a checkpoint path
+    local_encoder: str = "trainable"  # "trainable" reads crops; "frozen" reads the frozen trunk's cached tokens
 
     @classmethod
     def for_cohort(cls, cohort: str, n_genes: int, **overrides) -> "GeneDMLConfig":
@@ -193,10 +196,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
 
-    def forward(self, x, bias=None, key_mask=None):
+    def forward(self, x, bias=None, key_mask=None, rows=None):
+        """rows: compute the output at these query positions only (keys and values: every token)."""
         B, n, C = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B,h,n,C/h)
-        mask = None  # additive logits mask, broadcast to (B, h, n, n)
+        if rows is not None:
+            assert bias is None, "query rows with a position bias are not needed anywhere"
+            q = q[:, :, rows]  # (B, h, r, C/h)
+        mask = None  # additive logits mask, broadcast to (B, h, n_q, n)
         if bias is not None:
             mask = bias.unsqueeze(0)  # (1, h, n, n)
         if key_mask is not None:
@@ -205,8 +212,8 @@ class Attention(nn.Module):
             mask = pad if mask is None else mask + pad
         if mask is not None:
             mask = mask.to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, n, C/h)
-        return self.proj(y.transpose(1, 2).reshape(B, n, C))  # (B, n, C)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, n_q, C/h)
+        return self.proj(y.transpose(1, 2).reshape(B, q.shape[2], C))  # (B, n_q, C)
 
 
 class Block(nn.Module):
@@ -219,22 +226,40 @@ class Block(nn.Module):
         self.mlp = feed_forward(dim, int(dim * mlp_ratio), dropout)
         self.bias = RelativePositionBias(grid, heads) if grid else None
 
-    def forward(self, x, key_mask=None):
+    def forward(self, x, key_mask=None, rows=None):
+        """rows: return only these tokens' outputs (B, r, D); they still attend to every token."""
         bias = self.bias() if self.bias is not None else None
-        x = x + self.attn(self.norm1(x), bias, key_mask)
+        x = (x if rows is None else x[:, rows]) + self.attn(self.norm1(x), bias, key_mask, rows)
         return x + self.mlp(self.norm2(x))
 
 
 # ----------------------------------------------------------------------------- the three levels
 class LocalEncoder(nn.Module):
-    """Target spot: a trainable ResNet18 trunk; each cell of its last feature map is a token."""
+    """Target spot: each cell of a ResNet18's last feature map is a token (7x7 = 49 at 224 px).
 
-    def __init__(self, weights: str = "none"):
+    trainable (TRIPLEX): the trunk is trained and reads the uint8 crop (B,3,c,c); it runs channels-last,
+      which oneDNN and cuDNN convolve faster (same function, another memory layout).
+    frozen (the Gene-DML reference, whose local encoder is a frozen UNI): the frozen trunk's token map
+      of every crop is extracted once (features.extract_tokens) and read as (B, n, 512); like the other
+      levels' frozen features it is standardised with per-channel training statistics.
+    """
+
+    def __init__(self, mode: str = "trainable", weights: str = "none"):
         super().__init__()
-        self.trunk = build_trunk(weights)
+        assert mode in LOCAL_ENCODERS, f"local encoder must be one of {LOCAL_ENCODERS}, got {mode!r}"
+        self.mode = mode
+        if mode == "trainable":
+            self.trunk = build_trunk(weights).to(memory_format=torch.channels_last)
+        else:  # set by GeneDML.set_statistics
+            self.register_buffer("token_mean", torch.zeros(FEAT_DIM))
+            self.register_buffer("token_std", torch.ones(FEAT_DIM))
 
-    def forward(self, crops):  # (B, 3, c, c) uint8
-        fmap = self.trunk(preprocess(crops))  # (B, 512, c/32, c/32)
+    def forward(self, local):  # (B, 3, c, c) uint8 crops, or (B, n, 512) frozen tokens
+        if self.mode == "frozen":
+            assert local.ndim == 3 and local.shape[-1] == FEAT_DIM and local.is_floating_point(), \
+                f"frozen local encoder: expected tokens (B,n,{FEAT_DIM}), got {local.dtype} {tuple(local.shape)}"
+            return (local.float() - self.token_mean) / self.token_std  # (B, n, 512)
+        fmap = self.trunk(preprocess(local).contiguous(memory_format=torch.channels_last))  # (B, 512, c/32, c/32)
         return fmap.flatten(2).transpose(1, 2)  # (B, (c/32)², 512): 49 tokens at 224 px
 
 
@@ -298,14 +323,18 @@ class GlobalEncoder(nn.Module):
         self.peg = PEG(cfg.dim)
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, feats, xy):  # (N, 512) float, (N, 2) long
+    def forward(self, feats, xy, rows=None):  # (N, 512) float, (N, 2) long, (r,) long or None
+        """Every spot's output (N, D), or only those of `rows` (r, D). Only the last layer can skip the
+        other spots (they are still its keys and values), so asking for rows gives the same numbers cheaper."""
         assert feats.ndim == 2 and feats.shape[1] == FEAT_DIM and xy.shape == (len(feats), 2), \
             f"expected features (N,{FEAT_DIM}) and array_xy (N,2), got {tuple(feats.shape)}, {tuple(xy.shape)}"
         x = self.blocks[0](self.proj(feats)[None])  # (1, N, D): the section is one sequence
         x = self.peg(x[0], xy)[None]  # (1, N, D)
-        for block in self.blocks[1:]:
+        if len(self.blocks) == 1:
+            return self.norm(x[0] if rows is None else x[0, rows])
+        for block in self.blocks[1:-1]:
             x = block(x)
-        return self.norm(x[0])  # (N, D)
+        return self.norm(self.blocks[-1](x, rows=rows)[0])  # (N, D) or (r, D)
 
 
 # ----------------------------------------------------------------------------- genes, fusion, model
@@ -361,7 +390,7 @@ class GeneDML(nn.Module):
     """Image side: three levels -> fusion -> one embedding per level, and the mean fused token ->
     regression head and clustering head. Gene side (training): gene encoder -> g -> the same clustering head.
 
-        local crop (B,3,c,c)              LocalEncoder     (B, (c/32)², 512) --+
+        local crop (B,3,c,c) or tokens    LocalEncoder     (B, (c/32)², 512) --+
         neighbour (B,25,512), mask (B,25) NeighbourEncoder (B, 25, D)       ---+-- Fusion -> v_local, v_neighbour,
         context[section] (N_s,512), xy    GlobalEncoder    (N_s, D)[index]  ---+           v_global, mean token
     Each level can be switched off (cfg.levels); its module is then not built and its inputs may be None.
@@ -373,7 +402,8 @@ class GeneDML(nn.Module):
         self.cfg = cfg
         self.levels = tuple(level for level in LEVELS if level in cfg.levels)  # fixed token order
         on = self.levels.__contains__
-        self.local_encoder = LocalEncoder(cfg.weights) if on("local") else None
+        assert cfg.local_encoder in LOCAL_ENCODERS, f"local_encoder must be one of {LOCAL_ENCODERS}"
+        self.local_encoder = LocalEncoder(cfg.local_encoder, cfg.weights) if on("local") else None
         self.neighbour_encoder = NeighbourEncoder(cfg) if on("neighbour") else None
         self.global_encoder = GlobalEncoder(cfg) if on("global") else None
         in_dims = {"local": FEAT_DIM, "neighbour": cfg.dim, "global": cfg.dim}
@@ -396,16 +426,21 @@ class GeneDML(nn.Module):
         self.register_buffer("feat_std", torch.ones(FEAT_DIM))
 
     @torch.no_grad()
-    def set_statistics(self, expression, features) -> None:
-        """Per-gene mean/std of the training labels (N, G) and per-channel mean/std of the frozen features (M, 512)."""
+    def set_statistics(self, expression, features, tokens=None) -> None:
+        """Per-gene mean/std of the training labels (N, G) and per-channel mean/std of the frozen features
+        (M, 512); with a frozen local encoder also those of its tokens, as a (mean, std) pair of (512,)."""
         for name, x in (("expr", expression), ("feat", features)):
             x = torch.as_tensor(x, dtype=torch.float32)
             getattr(self, f"{name}_mean").copy_(x.mean(0))
             getattr(self, f"{name}_std").copy_(x.std(0).clamp(min=1e-3))  # a constant gene stays finite
+        if self.local_encoder is not None and self.local_encoder.mode == "frozen":
+            assert tokens is not None, "a frozen local encoder needs the (mean, std) of its training tokens"
+            self.local_encoder.token_mean.copy_(torch.as_tensor(tokens[0], dtype=torch.float32))
+            self.local_encoder.token_std.copy_(torch.as_tensor(tokens[1], dtype=torch.float32).clamp(min=1e-3))
 
     def load_trunk_weights(self, state: dict) -> None:
         """Start the trainable local trunk from a trunk's weights (copied), e.g. the frozen trunk's."""
-        if self.local_encoder is not None:
+        if self.local_encoder is not None and self.local_encoder.mode == "trainable":
             self.local_encoder.trunk.load_state_dict(state)
 
     def global_tokens(self, section, index, context):
@@ -420,15 +455,14 @@ class GeneDML(nn.Module):
             assert 0 <= int(index[at].min()) and int(index[at].max()) < len(feats), \
                 f"index outside the {len(feats)} spots of section {s}"
             feats = (feats.to(section.device, torch.float32) - self.feat_mean) / self.feat_std
-            out = self.global_encoder(feats, xy.to(section.device))  # (N_s, D)
-            rows.append(out[index[at]])
+            rows.append(self.global_encoder(feats, xy.to(section.device), rows=index[at]))  # (b_s, D)
             order.append(at)
         return torch.cat(rows)[torch.cat(order).argsort()]  # (B, D), back in batch order
 
     def forward(self, local, neighbour, neighbour_mask, section, index, context, expression=None) -> GeneDMLOutput:
         tokens, valid = {}, {}  # level -> (B, n, d) tokens, (B, n) bool: False = leave out of the fusion
         if self.local_encoder is not None:
-            assert local is not None, "the local level is on: pass the uint8 crops (B,3,c,c)"
+            assert local is not None, "the local level is on: pass the uint8 crops (B,3,c,c) or frozen tokens (B,n,512)"
             tokens["local"] = self.local_encoder(local)  # (B, (c/32)², 512)
             valid["local"] = torch.ones(tokens["local"].shape[:2], dtype=torch.bool, device=local.device)
         if self.neighbour_encoder is not None:

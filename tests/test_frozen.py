@@ -1,0 +1,137 @@
+"""The frozen local encoder (train.py --local-encoder frozen): its token cache, the token-grid
+augmentation, and train / evaluate / resume / predict end to end at tiny size (test_train.py's cohort)."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import data
+import evaluate
+import features
+import train
+from cache import ArrayCache
+from model import GeneDML, GeneDMLConfig, LocalEncoder, build_trunk, preprocess
+from test_train import assert_same_tensors, cache_dir, demo_root, eval_argv, load, read_log, train_argv  # noqa: F401
+
+FROZEN = ("--local-encoder", "frozen")
+TIMING = ("seconds", "spots_per_s")
+
+
+@pytest.fixture(scope="module")
+def frozen_run(demo_root, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("frozen")
+    assert train.main(train_argv(demo_root, cache_dir, out, *FROZEN)) == out / "best.pt"
+    return out
+
+
+def test_tokens_are_the_unpooled_map_and_are_cached_by_trunk(demo_root, tmp_path):
+    section = data.load_section("demo", demo_root, "A1")
+    crops = data.section_crops(section, ArrayCache(tmp_path), 64, progress=False)
+    trunk = build_trunk("none").eval()
+    cache, wid = ArrayCache(tmp_path), features.trunk_id(trunk)
+    tokens = features.section_tokens(trunk, wid, crops, cache, "demo-A1-tokens", progress=False)["tokens"]
+    assert tokens.shape == (len(section.spot_ids), 2, 2, 512) and tokens.dtype == np.float16  # 64 px -> 2x2
+    with torch.no_grad():
+        fmap = trunk(preprocess(torch.from_numpy(np.asarray(crops.local[:3])).permute(0, 3, 1, 2)))
+    assert np.allclose(tokens[:3], fmap.permute(0, 2, 3, 1).numpy(), rtol=1e-2, atol=1e-2)
+    # their mean over the grid is the pooled frozen feature the other levels read
+    pooled = features.extract_features(trunk, crops, progress=False)["local"]
+    assert np.allclose(np.asarray(tokens, np.float32).mean((1, 2)), pooled, rtol=1e-2, atol=1e-2)
+    # a second call is a cache hit; another trunk is another key, and the stale entry goes
+    again = features.section_tokens(None, wid, crops, cache, "demo-A1-tokens", progress=False)["tokens"]
+    assert np.array_equal(again, tokens)
+    other = build_trunk("none").eval()
+    features.section_tokens(other, features.trunk_id(other), crops, cache, "demo-A1-tokens", progress=False)
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("demo-A1-tokens-")]) == 1
+
+
+def test_token_statistics_match_numpy():
+    rng = np.random.default_rng(0)
+    parts = [rng.gamma(1.0, 1.0, (n, 2, 2, 512)).astype(np.float16) for n in (3, 5)]
+    mean, std = features.token_statistics(parts)
+    flat = np.concatenate([p.reshape(-1, 512) for p in parts]).astype(np.float64)
+    assert np.allclose(mean, flat.mean(0), atol=1e-5) and np.allclose(std, flat.std(0), atol=1e-4)
+
+
+def test_augmentation_turns_the_token_grid_like_the_crop(demo_root, tmp_path):
+    section = data.load_section("demo", demo_root, "A1")
+    crops = data.section_crops(section, ArrayCache(tmp_path), 32, progress=False)
+    n = len(section.spot_ids)
+    grid = np.random.default_rng(0).random((n, 3, 3, 512)).astype(np.float16)  # distinct per cell
+    feats = [{"tiles": np.zeros((n, 25, 512), np.float32)}]
+    plain = data.SpotDataset([section], [crops], ["TUM01"], features=feats, tokens=[grid])
+    assert plain[0]["local"].shape == (9, 512) and plain[0]["local"].dtype == torch.float16
+    assert np.array_equal(plain[0]["local"].numpy(), grid[0].reshape(9, 512))
+    augmented = data.SpotDataset([section], [crops], ["TUM01"], features=feats, tokens=[grid], augment=True)
+    seen = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        k, flip = int(torch.randint(4, ())), bool(torch.randint(2, ()))  # what __getitem__ draws
+        torch.manual_seed(seed)
+        got = augmented[0]["local"].numpy().reshape(3, 3, 512)
+        want = np.rot90(grid[0], k, axes=(0, 1))
+        want = want[:, ::-1] if flip else want
+        assert np.array_equal(got, want), (k, flip)
+        seen.add((k, flip))
+    assert len(seen) == 8, "all eight flips / rotations should occur"
+
+
+def test_frozen_local_encoder_reads_tokens_only():
+    enc = LocalEncoder("frozen")
+    assert not list(enc.parameters()), "nothing of a frozen local encoder trains"
+    with pytest.raises(AssertionError, match="expected tokens"):
+        enc(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(AssertionError, match="local encoder must be one of"):
+        LocalEncoder("half-frozen")
+
+
+def test_frozen_run_trains_evaluates_and_records_its_mode(frozen_run, cache_dir):
+    ckpt = load(frozen_run / "best.pt")
+    assert ckpt["config"]["local_encoder"] == "frozen" and ckpt["args"]["local_encoder"] == "frozen"
+    assert not any(k.startswith("local_encoder.trunk") for k in ckpt["model"]), "no local trunk in frozen mode"
+    assert ckpt["model"]["local_encoder.token_std"].min() > 0
+    assert [line["epoch"] for line in read_log(frozen_run / "log.jsonl")] == [0, 1]
+    out = frozen_run / "eval"
+    assert evaluate.main(eval_argv([frozen_run / "best.pt"], cache_dir, out)) == 0
+    folds = pd.read_csv(out / "folds.csv")
+    assert folds.loc[0, "test"] == "A1" and np.isfinite(folds.loc[0, "pcc_m"])
+    # evaluate.rebuild makes the same model from the checkpoint alone
+    model, _ = evaluate.rebuild(evaluate.load_checkpoint(frozen_run / "best.pt"), "cpu")
+    assert model.local_encoder.mode == "frozen"
+    fresh = GeneDML(GeneDMLConfig.for_cohort("demo", len(ckpt["genes"]), dim=32, local_encoder="frozen"))
+    fresh.load_state_dict(ckpt["model"])
+
+
+def test_frozen_run_predicts_a_slide_without_counts(frozen_run, demo_root, cache_dir, tmp_path):
+    (image,) = (demo_root / "ST-imgs" / "D" / "D1").glob("*.jpg")
+    spots = demo_root / "ST-spotfiles" / "D1_selection.tsv"
+    assert evaluate.main(eval_argv([frozen_run / "best.pt"], cache_dir, tmp_path, "--predict", str(image), str(spots))) == 0
+    pred = pd.read_csv(tmp_path / "predictions.csv")
+    genes = load(frozen_run / "best.pt")["genes"]
+    assert len(pred) == (pd.read_csv(spots, sep="\t")["selected"] == 1).sum()
+    assert np.isfinite(pred[genes].to_numpy()).all()
+
+
+def test_frozen_resume_continues_exactly(frozen_run, demo_root, cache_dir, tmp_path, capsys):
+    train.main(train_argv(demo_root, cache_dir, tmp_path, *FROZEN, epochs=1))
+    train.main(train_argv(demo_root, cache_dir, tmp_path, *FROZEN, "--resume", str(tmp_path / "last.pt")))
+    assert "=> loaded checkpoint" in capsys.readouterr().out
+    straight, resumed = load(frozen_run / "last.pt"), load(tmp_path / "last.pt")
+    for key in ("model", "frozen_trunk", "optimizer", "scheduler", "genes", "epoch", "best", "config"):
+        assert_same_tensors(straight[key], resumed[key], key)
+    drop = lambda lines: [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
+    assert drop(read_log(tmp_path / "log.jsonl")) == drop(read_log(frozen_run / "log.jsonl"))
+
+
+def test_resume_refuses_the_other_mode(frozen_run, demo_root, cache_dir, tmp_path):
+    with pytest.raises(SystemExit, match="local encoder"):
+        train.main(train_argv(demo_root, cache_dir, tmp_path, "--local-encoder", "trainable",
+                              "--resume", str(frozen_run / "last.pt")))
+
+
+def test_no_augment_switch_is_recorded(demo_root, cache_dir, tmp_path):
+    train.main(train_argv(demo_root, cache_dir, tmp_path, *FROZEN, "--no-augment", epochs=1))
+    assert load(tmp_path / "last.pt")["args"]["no_augment"] is True
+    assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])["epoch"] == 0
