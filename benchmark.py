@@ -16,10 +16,13 @@ other jobs hold cores: torch's threads then wait on each other, up to 20x slower
          decoded image (both read twice: the first pass maps the cache's pages, the second is what
          later epochs see) and against decoding the JPEG per item. Peak RSS of the section.
   step   spots/s of a full training step (GeneDML with all three levels, gene_dml_loss with all
-         losses, Adam) against a bare torchvision ResNet18 step on the same crops; the share of the
-         step spent in k-means (losses.kmeans timed by wrapping it) and in the global level (its
-         forward + backward timed alone on the same section); the frozen-feature rate
-         (features.extract_features: the local crop + 25 tiles per spot).
+         losses, fused Adam as train.py) with the trainable local encoder (crops) and with the frozen
+         one (cached tokens), against a bare torchvision ResNet18 step on the same crops (default
+         and channels-last layouts), all timed interleaved, round after round (median); where the
+         trainable step's time goes: its local trunk, neighbour and global levels (forward + backward
+         timed alone), the Adam step, k-means (losses.kmeans timed by wrapping it) and the rest;
+         the frozen-feature rate (features.extract_features: the local crop + 25 tiles per spot)
+         and the token rate (features.extract_tokens: one crop per spot).
   eval   evaluate.slide_metrics (vectorised) against a per-gene np.corrcoef loop; they must agree.
   scale  forward + backward of the global level on one section of 300 ... 16,000 spots: its
          self-attention is quadratic in the spots per section, so time and memory grow ~N² once N
@@ -59,7 +62,7 @@ import data
 import losses
 from cache import ArrayCache
 from evaluate import slide_metrics
-from features import extract_features
+from features import extract_features, extract_tokens
 from model import GeneDML, GeneDMLConfig, GlobalEncoder, build_trunk, preprocess
 
 SECTIONS = ("data", "step", "eval", "scale")
@@ -307,69 +310,105 @@ def bench_step(args, device, amp):
     B, c, G, N = args.batch, args.crop, args.genes, args.context
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
     local = torch.randint(0, 256, (B, 3, c, c), dtype=torch.uint8, device=device)
+    tokens = torch.randn(B, (c // 32) ** 2, 512, device=device).abs().half()  # what the frozen mode reads
     neighbour = torch.randn(B, 25, 512, device=device)  # frozen tile features
     mask = torch.ones(B, 25, dtype=torch.bool, device=device)
     section = torch.zeros(B, dtype=torch.long, device=device)
     index = torch.randperm(N)[:B].to(device)
     context = [(torch.randn(N, 512, device=device), torch.as_tensor(grid_xy(N), device=device))]
     label = 3 * torch.rand(B, G, device=device)
+    fused = dict(fused=device.type in ("cpu", "cuda"))  # as train.py builds its Adam
 
-    model = GeneDML(GeneDMLConfig.for_cohort("her2st", G)).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    def gene_dml(mode):
+        model = GeneDML(GeneDMLConfig.for_cohort("her2st", G, local_encoder=mode)).to(device).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4, **fused)
+        inputs = local if mode == "trainable" else tokens
 
-    def gene_dml_step():
-        with autocast():
-            out = model(local, neighbour, mask, section, index, context, expression=label)
-        loss, _ = losses.gene_dml_loss(out, label, k=args.k)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        def step():
+            with autocast():
+                out = model(inputs, neighbour, mask, section, index, context, expression=label)
+            loss, _ = losses.gene_dml_loss(out, label, k=args.k)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return model, opt, step
 
-    resnet = torchvision.models.resnet18(num_classes=G).to(device).train()
-    resnet_opt = torch.optim.Adam(resnet.parameters(), lr=1e-4)
+    def bare_resnet18(channels_last):
+        resnet = torchvision.models.resnet18(num_classes=G).to(device).train()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        resnet = resnet.to(memory_format=fmt)
+        opt = torch.optim.Adam(resnet.parameters(), lr=1e-4, **fused)
 
-    def resnet_step():
-        with autocast():
-            pred = resnet(preprocess(local))
-        loss = F.mse_loss(pred.float(), label)
-        resnet_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        resnet_opt.step()
+        def step():
+            with autocast():
+                pred = resnet(preprocess(local).contiguous(memory_format=fmt))
+            loss = F.mse_loss(pred.float(), label)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
 
-    def global_level():  # forward + backward of the global encoder on the batch's one section
-        with autocast():
-            out = model.global_encoder(*context[0])
-        out.float().sum().backward()
+    model, opt, trainable_step = gene_dml("trainable")
+    steps = {"trainable": trainable_step, "frozen": gene_dml("frozen")[2],
+             "resnet18": bare_resnet18(False), "resnet18_channels_last": bare_resnet18(True)}
 
-    seconds, kmeans_s, memory, spent = {}, {}, {}, {"kmeans": 0.0}
-    for name, step in (("gene_dml", gene_dml_step), ("resnet18", resnet_step), ("global", global_level)):
+    def fwd_bwd(fn):  # forward + backward of one part of the trainable model, timed alone
+        def run():
+            with autocast():
+                out = fn()
+            out.float().sum().backward()
+        return run
+
+    parts = {  # where the trainable step's time goes
+        "local trunk": fwd_bwd(lambda: model.local_encoder(local)),
+        "neighbour level": fwd_bwd(lambda: model.neighbour_encoder(neighbour, mask)),
+        "global level": fwd_bwd(lambda: model.global_encoder(*context[0], rows=index)),
+        "Adam step": opt.step,  # on the gradients the parts above left behind
+    }
+    # Interleaved: every round times each step once, so a neighbour's load on a shared machine hits
+    # all of them alike; the median over rounds is reported.
+    for step in [*steps.values(), *parts.values()]:
         for _ in range(args.warmup):
             step()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        spent["kmeans"] = 0.0
-        with counting_kmeans(device, spent):
-            seconds[name] = timed(step, device, args.reps)
-        kmeans_s[name] = spent["kmeans"] / args.reps
-        if device.type == "cuda":
-            memory[name] = torch.cuda.max_memory_allocated(device) / 2**20
-    del model, opt, resnet, resnet_opt
+    times = {name: [] for name in [*steps, *parts]}
+    spent = {"kmeans": 0.0}
+    for _ in range(args.reps):
+        for name, step in [*steps.items(), *parts.items()]:
+            with counting_kmeans(device, spent) if name == "trainable" else nullcontext():
+                times[name].append(timed(step, device))
+    seconds = {name: float(np.median(t)) for name, t in times.items()}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    part_names = list(parts)
+    del model, opt, steps, parts
 
     trunk = build_trunk("none")
     extract_features(trunk, FakeCrops(2, c), device=device, progress=False)  # warm-up
     t = timed(lambda: extract_features(trunk, FakeCrops(args.feat_spots, c), device=device, progress=False), device)
-    fig = dict(batch=B, crop=c, context=N, amp=amp, seconds_per_step=seconds,
-               spots_per_s={k: B / seconds[k] for k in ("gene_dml", "resnet18")},
-               gene_dml_over_resnet18=seconds["gene_dml"] / seconds["resnet18"],
-               kmeans_share=kmeans_s["gene_dml"] / seconds["gene_dml"], global_share=seconds["global"] / seconds["gene_dml"],
-               feature_images_per_s=args.feat_spots * 26 / t, cuda_peak_mb=memory or None)
-    rows = [(f"GeneDML step, batch {B} at {c} px, context {N} spots", f"{fig['spots_per_s']['gene_dml']:.1f} spots/s"),
-            ("bare ResNet18 step, same crops", f"{fig['spots_per_s']['resnet18']:.1f} spots/s"),
-            ("GeneDML step time / ResNet18 step time", f"{fig['gene_dml_over_resnet18']:.2f}x"),
-            ("share of the step in k-means (2 calls)", f"{100 * fig['kmeans_share']:.2g} %"),
-            ("share in the global level (fwd+bwd, timed alone)", f"{100 * fig['global_share']:.2g} %"),
-            ("frozen features (local + 25 tiles per spot)", f"{fig['feature_images_per_s']:.1f} images/s")]
-    rows += [(f"CUDA peak allocated, {k}", f"{v:.0f} MB") for k, v in memory.items()]
+    t_tok = timed(lambda: extract_tokens(trunk, FakeCrops(4 * args.feat_spots, c), device=device, progress=False), device)
+    rate = {k: B / seconds[k] for k in ("trainable", "frozen", "resnet18", "resnet18_channels_last")}
+    share = {k: seconds[k] / seconds["trainable"] for k in part_names}
+    fig = dict(batch=B, crop=c, context=N, amp=amp, reps=args.reps, seconds_per_step=seconds, spots_per_s=rate,
+               trainable_over_resnet18=rate["trainable"] / rate["resnet18"],
+               frozen_over_resnet18=rate["frozen"] / rate["resnet18"],
+               trainable_over_resnet18_channels_last=rate["trainable"] / rate["resnet18_channels_last"],
+               frozen_over_trainable=rate["frozen"] / rate["trainable"],
+               kmeans_share=spent["kmeans"] / args.reps / seconds["trainable"], shares=share,
+               rest_share=1 - sum(share.values()), feature_images_per_s=args.feat_spots * 26 / t,
+               token_spots_per_s=4 * args.feat_spots / t_tok)
+    rows = [(f"trainable local encoder: GeneDML step, batch {B} at {c} px, context {N}", f"{rate['trainable']:.1f} spots/s"),
+            ("frozen local encoder: GeneDML step on cached tokens", f"{rate['frozen']:.1f} spots/s"),
+            ("bare ResNet18 step, same crops (torchvision, fused Adam)", f"{rate['resnet18']:.1f} spots/s"),
+            ("bare ResNet18 step, channels-last", f"{rate['resnet18_channels_last']:.1f} spots/s"),
+            ("trainable / bare ResNet18 (spots/s)", f"{fig['trainable_over_resnet18']:.2f}x"),
+            ("frozen / bare ResNet18 (spots/s)", f"{fig['frozen_over_resnet18']:.1f}x"),
+            ("trainable / channels-last bare ResNet18", f"{fig['trainable_over_resnet18_channels_last']:.2f}x"),
+            ("frozen / trainable", f"{fig['frozen_over_trainable']:.1f}x")]
+    rows += [(f"share of the trainable step: {k} (timed alone)", f"{100 * v:.1f} %") for k, v in share.items()]
+    rows += [("share of the trainable step: k-means (2 calls)", f"{100 * fig['kmeans_share']:.2g} %"),
+             ("rest: fusion, heads, gene encoder, losses, dropout masks", f"{100 * fig['rest_share']:.1f} %"),
+             ("frozen features (local + 25 tiles per spot)", f"{fig['feature_images_per_s']:.1f} images/s"),
+             ("frozen tokens (the local crop's 7x7x512 map, float16)", f"{fig['token_spots_per_s']:.1f} spots/s")]
     return fig, rows
 
 

@@ -1,11 +1,13 @@
 """The demo cohort: a small synthetic spatial-transcriptomics cohort in the exact her2st layout.
 
-`make_demo_cohort(root, seed)` writes, in a few seconds and with no download, 4 patients (A-D) x 2
-sections (A1, A2, ..., D2) of 200-250 spots each, read by the same code as the real her2st data:
+`make_demo_cohort(root, seed)` writes, in a few seconds and with no download, 8 patients (A-H) x 3
+sections (A1, A2, A3, ..., H3) of 40-90 spots each, read by the same code as the real her2st data.
+Many small slides rather than a few large ones, so that a slide-level effect is seen on enough
+slides (18 in a fold's training set) to be learnt:
 
     root/ST-cnts/<s>.tsv.gz               raw counts, rows "XxY" (array x, y), 80 gene columns
     root/ST-spotfiles/<s>_selection.tsv   x y new_x new_y pixel_x pixel_y selected
-    root/ST-imgs/<patient>/<s>/SYN_HE_BT_<s>.jpg   ~1500x1300 px H&E-like image
+    root/ST-imgs/<patient>/<s>/SYN_HE_BT_<s>.jpg   ~800x700 px H&E-like image
     root/rates/<s>.tsv.gz                 noise-free expected counts (same rows/columns as ST-cnts)
     root/truth/<s>.tsv.gz                 per spot: tissue fractions of its own crop (own_<type>)
                                           and of its 5x5 window without the centre tile (ring_<type>)
@@ -26,7 +28,9 @@ eta adds, on top of a per-gene base level, one term per image level (so each lev
              out) mixes tumour and immune cells; NBR07-11 follow the window's tumour fraction and
              NBR12-16 its fat fraction, whatever the spot itself is.
   global     SLD01-08 depend on the slide's tumour burden z (its mean tumour fraction over all
-             spots, centred), visible only at the slide level: a shift z, and a switch
+             spots, centred and scaled; patients differ in burden and so do their sections, so z
+             covers about -2..2 within every fold's training slides), visible only at the slide
+             level: a shift z, and a switch
              z x (own stroma - own tumour), so they are stromal in tumour-rich slides and tumoural
              in tumour-poor ones; without the slide, a model cannot tell the two patterns apart.
   none       HK01-16: base level only (house-keeping genes; their labels carry no signal).
@@ -54,7 +58,7 @@ from evaluate import pearson_per_gene
 
 log = logging.getLogger(__name__)
 
-PATIENTS = {"A": ["A1", "A2"], "B": ["B1", "B2"], "C": ["C1", "C2"], "D": ["D1", "D2"]}
+PATIENTS = {p: [f"{p}{i}" for i in (1, 2, 3)] for p in "ABCDEFGH"}
 TISSUES = ("tumour", "stroma", "immune", "fat")
 GENES = {  # group -> gene names; the groups are documented in the module docstring
     **{t: [f"{t[:3].upper()}{i:02d}" for i in range(1, 11)] for t in TISSUES},
@@ -66,9 +70,10 @@ GENES = {  # group -> gene names; the groups are documented in the module docstr
 }
 PARAMS = {  # besides the seed, what the files depend on; DEMO.json records it and a change regenerates
     # the cohort (so bump "version" whenever the generating code changes)
-    "version": 1, "width": 1500, "height": 1300, "render_scale": 2, "spacing": 73.0, "jitter_px": 1.5,
+    "version": 2, "width": 800, "height": 700, "render_scale": 2, "spacing": 73.0, "jitter_px": 1.5,
     "crop": 64, "grid": 5, "region_px": 220, "base_counts": [1.0, 20.0], "library_sd": 0.35, "nb_theta": 5.0,
-    "tumour_bias": [-0.45, -0.15, 0.15, 0.45], "burden_mid": 0.3, "burden_scale": 0.15,
+    "tumour_bias": [-0.6, -0.43, -0.26, -0.09, 0.09, 0.26, 0.43, 0.6], "section_bias_sd": 0.3,
+    "burden_mid": 0.3, "burden_scale": 0.15,
 }
 COLOURS = {  # RGB
     "background": (243, 241, 243), "tumour": (214, 160, 200), "nucleus": (95, 55, 145),
@@ -258,7 +263,7 @@ def make_demo_cohort(root, seed: int = 0) -> Path:
         for p, (patient, sections) in enumerate(PATIENTS.items()):
             for name in sections:
                 image, spots, counts, rates, truth, facts = _section(
-                    rng, bias[p] + rng.normal(0, 0.1), effects, genes)
+                    rng, bias[p] + rng.normal(0, PARAMS["section_bias_sd"]), effects, genes)
                 folder = tmp / "ST-imgs" / patient / name
                 for d in (folder, tmp / "ST-cnts", tmp / "ST-spotfiles", tmp / "rates", tmp / "truth"):
                     d.mkdir(parents=True, exist_ok=True)

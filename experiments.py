@@ -2,9 +2,13 @@
 Evidence: does each part of Gene-DML pull its weight? One command per table in README "Results".
 
     python experiments.py ablation                      # demo cohort: full model vs 5 ablations x 3 seeds
+    python experiments.py ablation --out runs/ablation-frozen -- --local-encoder frozen
     python experiments.py her2st --root ../shared/data/her2st
-                                                        # real sections with images, leave one out,
-                                                        # vs two baselines (training mean, ridge)
+                                                        # real sections with images, leave one out: the
+                                                        # same ablation (frozen local encoder) x seeds,
+                                                        # vs two baselines (training mean, ridge), with
+                                                        # paired differences to the full model
+    python experiments.py balance --ckpt RUN/best.pt    # each loss part's gradient at the fusion
 
 Both drive train.main / evaluate.main exactly as a user would, so the tables measure the code that
 ships. The two baselines of the her2st check sit here because they are baselines, not the method:
@@ -80,7 +84,7 @@ def ablation(args):
     for name in args.variants:
         flags = VARIANTS[name]
         for seed in args.seeds:
-            out = Path(args.out) / f"{name.split(' (')[0].replace(' ', '-')}-seed{seed}"
+            out = Path(args.out) / f"{slug(name)}-seed{seed}"
             summary = run(["--data", "demo", "--root", str(root), "--fold", str(args.fold), "--seed", str(seed),
                            "--epochs", str(args.epochs), *flags, *args.extra], out, args.cache_dir)
             rows.append({"variant": name, "seed": seed, "pcc_m": summary["pcc_m_mean"], "mse": summary["mse_mean"],
@@ -90,8 +94,7 @@ def ablation(args):
     # The ceiling: PCC(M) of the noise-free rates against the labels, on the same held-out sections
     # and genes (demo.py) -- what a model that knew the expected expression exactly would reach.
     test = data.sections_of("demo", data.fold_split("demo", args.fold)["test"])
-    first = args.variants[0].split(" (")[0].replace(" ", "-")
-    genes = evaluate.load_checkpoint(Path(args.out) / f"{first}-seed{args.seeds[0]}" / "best.pt")["genes"]
+    genes = evaluate.load_checkpoint(Path(args.out) / f"{slug(args.variants[0])}-seed{args.seeds[0]}" / "best.pt")["genes"]
     ceiling = demo.ceiling(root, genes=genes)
     table = runs.groupby("variant", sort=False).agg(pcc_m=("pcc_m", "mean"), pcc_m_std=("pcc_m", "std"),
                                                     mse=("mse", "mean"), mse_std=("mse", "std"),
@@ -143,25 +146,115 @@ def baselines(args, test, val, trainset):
     return out
 
 
+def slug(name):
+    return name.split(" (")[0].replace(" ", "-")
+
+
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (then ~1.96): no scipy needed.
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+
+def paired(diffs):
+    """Mean of paired differences and its 95 % t-interval (mean ± t·sd/√n); NaN bounds for one pair."""
+    d = np.asarray(diffs, np.float64)
+    if len(d) < 2:
+        return float(d.mean()), float("nan"), float("nan")
+    half = (_T95[len(d) - 2] if len(d) - 1 <= len(_T95) else 1.96) * d.std(ddof=1) / np.sqrt(len(d))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
 def her2st(args):
+    """Leave one section out (validation: the next section in the list) for every variant and seed,
+    plus the two baselines; each variant's PCC(M) and MSE, and its paired difference to the full model
+    over (held-out section, seed) pairs."""
     names = args.sections.split(",")
     rows = []
     for i, test in enumerate(names):
         val = names[(i + 1) % len(names)]
         trainset = [n for n in names if n not in (test, val)]
-        summary = run(["--data", "her2st", "--root", args.root, "--sections", args.sections,
-                       "--test-sections", test, "--val-sections", val, "--weights", args.weights,
-                       "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), *args.extra],
-                      Path(args.out) / f"test-{test}", args.cache_dir)
-        rows.append({"test": test, "method": "Gene-DML", "pcc_m": summary["pcc_m_mean"], "mse": summary["mse_mean"]})
-        for method, m in baselines(args, test, val, trainset).items():
-            rows.append({"test": test, "method": method.split(" (")[0], **m})
-        print(pd.DataFrame(rows[-3:]).to_string(index=False))
+        for name in args.variants:
+            for seed in args.seeds:
+                summary = run(["--data", "her2st", "--root", args.root, "--sections", args.sections,
+                               "--test-sections", test, "--val-sections", val, "--weights", args.weights,
+                               "--local-encoder", args.local_encoder, "--seed", str(seed),
+                               "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                               *VARIANTS[name], *args.extra],
+                              Path(args.out) / f"{slug(name)}-seed{seed}" / f"test-{test}", args.cache_dir)
+                rows.append({"test": test, "seed": seed, "method": name,
+                             "pcc_m": summary["pcc_m_mean"], "mse": summary["mse_mean"]})
+        for method, m in baselines(args, test, val, trainset).items():  # deterministic: one row per seed
+            rows += [{"test": test, "seed": seed, "method": method.split(" (")[0], **m} for seed in args.seeds]
+        print(pd.DataFrame([r for r in rows if r["test"] == test]).to_string(index=False))
     runs = pd.DataFrame(rows)
     write_table(runs, Path(args.out) / "her2st_runs.csv")
     table = runs.groupby("method", sort=False).agg(pcc_m=("pcc_m", "mean"), pcc_m_std=("pcc_m", "std"),
-                                                   mse=("mse", "mean"), mse_std=("mse", "std")).reset_index()
+                                                   mse=("mse", "mean"), mse_std=("mse", "std"),
+                                                   pairs=("pcc_m", "size")).reset_index()
+    full = runs[runs.method == args.variants[0]].set_index(["test", "seed"])
+    for metric in ("pcc_m", "mse"):
+        diffs = [paired((runs[runs.method == m].set_index(["test", "seed"])[metric] - full[metric]).dropna())
+                 if m != args.variants[0] and runs[runs.method == m][metric].notna().any() else (np.nan,) * 3
+                 for m in table.method]
+        table[f"d_{metric}"], table[f"d_{metric}_lo"], table[f"d_{metric}_hi"] = zip(*diffs)
     write_table(table, Path(args.out) / "her2st.csv")
+
+
+# -----------------------------------------------------------------------------
+# the balance of the loss parts: how hard each one pulls on the layers they share
+
+def balance(args):
+    """Gradient norm of each weighted loss part at the fusion's output tokens (B, T, D) and at the fusion's
+    parameters, at initialisation and for the trained best.pt, averaged over training batches."""
+    import losses
+    from model import GeneDML
+    device = torch.device("cpu")
+    ckpt = evaluate.load_checkpoint(args.ckpt)
+    a, d = ckpt["args"], ckpt["data"]
+    trained, trunk = evaluate.rebuild(ckpt, device)
+    torch.manual_seed(args.seed)
+    fresh = GeneDML(trained.cfg)  # same config, fresh weights, the trained model's training statistics
+    fresh.load_state_dict({k: v for k, v in trained.state_dict().items() if "mean" in k or "std" in k}, strict=False)
+    if fresh.local_encoder is not None and fresh.cfg.local_encoder == "trainable":
+        fresh.load_trunk_weights(trunk.state_dict())
+    sections = [data.load_section(d["cohort"], a["root"], n) for n in d["sections"]["train"]]
+    split = prepare_split(sections, ckpt["genes"], d["crop_size"], trunk, ArrayCache(args.cache_dir), device,
+                          smooth=d["smooth"], local_tokens=trained.cfg.local_encoder == "frozen")
+    loader = torch.utils.data.DataLoader(split.dataset, batch_size=a["batch_size"], shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(args.seed))
+    rows = []
+    for state, model in (("initialisation", fresh), ("trained (best.pt)", trained)):
+        model.train()
+        grab = {}
+        hook = model.fusion.ff.register_forward_hook(lambda m, i, o: grab.__setitem__("x", o))
+        params = list(model.fusion.parameters())
+        for step, batch in enumerate(loader):
+            if step == args.batches:
+                break
+            label = batch["label"]
+            out = model(batch["local"], batch["neighbour_feats"], batch["neighbour_mask"], batch["section"],
+                        batch["index"], split.context, expression=label)
+            parts = {"instance (w_inst·L_inst)": a["w_inst"] * losses.multi_scale_instance_loss(
+                         out.gene, list(out.embeddings.values()), a["tau"]),
+                     "group (λ·L_group)": a["lam"] * losses.instance_group_loss(
+                         out.image_cluster, out.gene_cluster, min(a["k"], len(label)), a["tau_group"]),
+                     "regression (w_mse·L_mse)": a["w_mse"] * torch.nn.functional.mse_loss(out.prediction, label)}
+            grads = {}
+            for name, loss in parts.items():
+                g_x, *g_p = torch.autograd.grad(loss, [grab["x"], *params], retain_graph=True, allow_unused=True)
+                grads[name] = g_x.flatten()
+                rows.append({"state": state, "part": name, "batch": step, "loss": float(loss),
+                             "grad_fusion_output": float(g_x.norm()),
+                             "grad_fusion_params": float(torch.sqrt(sum((g.square().sum() for g in g_p if g is not None),
+                                                                        torch.zeros(())))) })
+            names = list(grads)
+            for i, n in enumerate(names):  # do the parts pull the shared tokens the same way?
+                rows[-len(names) + i]["cos_to_regression"] = float(torch.nn.functional.cosine_similarity(
+                    grads[n], grads[names[-1]], dim=0))
+        hook.remove()
+    df = pd.DataFrame(rows).groupby(["state", "part"], sort=False).mean(numeric_only=True).drop(columns="batch").reset_index()
+    write_table(df, Path(args.out))
 
 
 def main(argv=None):
@@ -175,19 +268,30 @@ def main(argv=None):
     a.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
                    help=f"which variants to run (default: all: {', '.join(VARIANTS)})")
     a.add_argument("--out", default="runs/ablation")
-    h = sub.add_parser("her2st", help="real her2st sections with images: leave one section out, vs baselines")
+    h = sub.add_parser("her2st", help="real her2st sections with images: leave one section out, the ablation vs baselines")
     h.add_argument("--root", default="data/her2st")
     h.add_argument("--sections", default="B4,C2,C3,C4,C5", help="sections with an image")
     h.add_argument("--weights", default="none", help="trunk weights (none | imagenet | checkpoint path)")
-    h.add_argument("--epochs", type=int, default=5)
+    h.add_argument("--local-encoder", default="frozen", choices=["frozen", "trainable"])
+    h.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    h.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
+                   help="which variants to run; the first is the reference of the paired differences")
+    h.add_argument("--epochs", type=int, default=30)
     h.add_argument("--batch-size", type=int, default=32)
-    h.add_argument("--out", default="runs/her2st-check")
+    h.add_argument("--out", default="runs/her2st-ablation")
+    g = sub.add_parser("balance", help="gradient norm of each loss part at the fusion, at init and trained")
+    g.add_argument("--ckpt", required=True, help="a best.pt of a full Gene-DML run")
+    g.add_argument("--batches", type=int, default=8, help="training batches to average over")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="runs/balance.csv", help="CSV to write")
+    g.add_argument("--cache-dir", default="cache")
     for s in (a, h):
         s.add_argument("--cache-dir", default="cache")
         s.add_argument("extra", nargs=argparse.REMAINDER, help="further train.py flags, after --")
     args = p.parse_args(argv)
-    args.extra = [x for x in args.extra if x != "--"]
-    {"ablation": ablation, "her2st": her2st}[args.experiment](args)
+    if args.experiment != "balance":
+        args.extra = [x for x in args.extra if x != "--"]
+    {"ablation": ablation, "her2st": her2st, "balance": balance}[args.experiment](args)
     return 0
 
 

@@ -83,7 +83,7 @@ def test_cohort_facts():
     assert len(data.sections_of("her2st", "ABCDEFGH")) == 36
     assert len(data.sections_of("cscc", ["P2", "P5", "P9", "P10"])) == 12
     assert len(data.COHORTS["stnet"]["patients"]) == 23
-    assert data.sections_of("demo", "ABCD") == ["A1", "A2", "B1", "B2", "C1", "C2", "D1", "D2"]
+    assert data.sections_of("demo", "AB") == ["A1", "A2", "A3", "B1", "B2", "B3"]
     assert data.fold_split("her2st", 3)["test"] == ["D"]
 
 
