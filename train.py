@@ -65,7 +65,7 @@ def get_args(argv=None):
     p.add_argument("--dim", type=int, default=None, help="shared width D of tokens and embeddings (default: 512; demo: 128)")
     p.add_argument("--local-encoder", default="trainable", choices=["trainable", "frozen"],
                    help="trainable: a ResNet18 trained on each crop (TRIPLEX); frozen: the frozen trunk's 7x7x512 "
-                        "token map of each crop, extracted once and cached (the Gene-DML reference; ~10x faster on a CPU)")
+                        "token map of each crop, extracted once and cached (the Gene-DML reference; cheaper per step: README Results)")
     p.add_argument("--no-augment", action="store_true", help="no random flip / 90-degree rotation of the crop (or token grid)")
     # losses
     p.add_argument("--tau", type=float, default=0.07, help="temperature of the instance-level InfoNCE")

@@ -135,3 +135,26 @@ def test_no_augment_switch_is_recorded(demo_root, cache_dir, tmp_path):
     train.main(train_argv(demo_root, cache_dir, tmp_path, *FROZEN, "--no-augment", epochs=1))
     assert load(tmp_path / "last.pt")["args"]["no_augment"] is True
     assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])["epoch"] == 0
+
+
+# ----------------------------------------------------------------------------- the faster step computes the same
+
+def test_global_level_at_the_batch_rows_equals_the_full_pass():
+    from benchmark import grid_xy
+    from model import GlobalEncoder
+    torch.manual_seed(0)
+    enc = GlobalEncoder(GeneDMLConfig.for_cohort("demo", 10, dim=32)).eval()
+    feats, xy = torch.randn(40, 512), torch.as_tensor(grid_xy(40))
+    rows = torch.tensor([7, 0, 33, 7])
+    assert torch.allclose(enc(feats, xy, rows=rows), enc(feats, xy)[rows], atol=1e-5)
+
+
+def test_channels_last_local_trunk_equals_the_plain_trunk():
+    torch.manual_seed(0)
+    enc = LocalEncoder("trainable").eval()
+    plain = build_trunk("none").eval()
+    plain.load_state_dict(enc.trunk.state_dict())
+    crops = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        want = plain(preprocess(crops)).flatten(2).transpose(1, 2)
+        assert torch.allclose(enc(crops), want, atol=1e-4, rtol=1e-4)
