@@ -4,6 +4,7 @@ Train Gene-DML on one fold (or all folds) of a spatial-transcriptomics cohort.
     python train.py --data demo                       # synthetic cohort, a few minutes on a CPU
     python train.py --data her2st --epochs 50         # real data (python data.py download her2st)
     python train.py --data her2st --fold all          # every leave-one-patient-out fold + table
+    torchrun --standalone --nproc_per_node 4 train.py --data her2st    # 4 GPUs (see distributed.py)
 
 The story, in order: data (sections, gene list, crops, frozen features) -> model -> losses ->
 optimiser -> resume -> loop (train, select on the validation patient, checkpoint, stop early).
@@ -29,6 +30,7 @@ from tqdm import tqdm
 import data
 from cache import ArrayCache
 import demo
+import distributed
 from evaluate import HelpFormatter, evaluate_split, load_checkpoint, summarise
 from features import frozen_trunk, prepare_split
 from losses import gene_dml_loss
@@ -72,7 +74,11 @@ def get_args(argv=None):
     p.add_argument("--w-mse", type=float, default=1.0, help="weight of the regression loss")
     # optimisation
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: 200; demo: 10)")
-    p.add_argument("--batch-size", type=int, default=None, help="spots per step (default: 256; demo: 64); use 32-64 on a CPU")
+    p.add_argument("--batch-size", type=int, default=None, help="spots per step over all processes (default: 256; demo: 64): "
+                   "under torchrun each of N processes takes batch/N of them, so lr and results do not depend on N; use 32-64 on a CPU")
+    p.add_argument("--gather", default="global", choices=("global", "local"),
+                   help="under torchrun: the InfoNCE and k-means see the global batch (as one process would), "
+                        "or each process's own share (BLEEP and CLD trained per GPU)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     p.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better selection metric")
     p.add_argument("--select-on-test", action="store_true", help="published protocol: choose the best epoch on the held-out fold itself (optimistic; labelled as such)")
@@ -144,11 +150,24 @@ def plain(x):
     return {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v) for k, v in vars(x).items()}
 
 
+def freeze_unreached(model, args):
+    """Freeze the parameters that no loss term reaches when a loss weight is 0: the clustering head
+    without the instance-group loss (--lam 0), the gene encoder too when neither pathway runs, the
+    regression head without the regression loss. In one process nothing changes (Adam skips a
+    parameter without a gradient); DDP waits for every trainable parameter's gradient, and this
+    spares it find_unused_parameters, a search of the autograd graph at every step of every run."""
+    unreached = {"cluster_head": not args.lam, "gene_encoder": not (args.lam or args.w_inst), "head": not args.w_mse}
+    for name, off in unreached.items():
+        if off:
+            getattr(model, name).requires_grad_(False)
+
+
 def train_fold(args, fold):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = distributed.device_for(args.device)     # under torchrun: this process's GPU
+    distributed.init(device)                         # a no-op without torchrun
+    main_process = distributed.is_main()             # prints, validates and writes files
     amp = (device.type == "cuda") if args.amp is None else args.amp
     amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
     resume = load_checkpoint(args.resume) if args.resume else None
@@ -156,7 +175,8 @@ def train_fold(args, fold):
 
     # ---- data
     if args.data == "demo":
-        demo.make_demo_cohort(args.root)
+        with distributed.main_process_first():      # rank 0 writes it, the others then find it there
+            demo.make_demo_cohort(args.root)
     names = split_sections(args, fold)
     if resume and resume["data"]["sections"] != names:
         raise SystemExit(f"--resume {args.resume} was trained on {resume['data']['sections']}, not {names}")
@@ -170,18 +190,28 @@ def train_fold(args, fold):
     else:
         genes = data.select_genes([sections[n] for n in names["train"]], args.n_genes)
     cache = ArrayCache(args.cache_dir)
-    trunk = frozen_trunk(args.weights, device)
-    if resume:
-        trunk.load_state_dict(resume["frozen_trunk"])
-    splits = {part: prepare_split([sections[n] for n in ns], genes, args.crop_size, trunk, cache, device,
-                                  smooth=not args.no_smooth, augment=(part == "train"))
-              for part, ns in names.items()}
+    # Rank 0 fetches the weights and fills the caches (crops, frozen features) first; the other processes
+    # wait, then read them. Only rank 0 validates, so only it prepares the validation and test sections.
+    with distributed.main_process_first():
+        trunk = frozen_trunk(args.weights, device)
+        if resume:
+            trunk.load_state_dict(resume["frozen_trunk"])
+        splits = {part: prepare_split([sections[n] for n in ns], genes, args.crop_size, trunk, cache, device,
+                                      smooth=not args.no_smooth, augment=(part == "train"))
+                  for part, ns in names.items() if main_process or part == "train"}
     select_part = "test" if args.select_on_test else "val"
-    print(f"fold {fold}: train {names['train']}  val {names['val']}  test {names['test']}  "
-          f"| {len(splits['train'].dataset)} training spots, {len(genes)} genes, selection on {select_part}")
-    loader = torch.utils.data.DataLoader(splits["train"].dataset, batch_size=args.batch_size, shuffle=True,
-                                         drop_last=len(splits["train"].dataset) > args.batch_size,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    if main_process:
+        print(f"fold {fold}: train {names['train']}  val {names['val']}  test {names['test']}  "
+              f"| {len(splits['train'].dataset)} training spots, {len(genes)} genes, selection on {select_part}")
+    # --batch-size is the global batch: under torchrun each process loads its 1/N share of every one.
+    world, train_set = distributed.world_size(), splits["train"].dataset
+    if args.batch_size % world or len(train_set) < world:
+        raise SystemExit(f"--batch-size {args.batch_size} (the global batch) and the {len(train_set)} training "
+                         f"spots must split into {world} equal shares, one per process")
+    batches = distributed.ShardedBatchSampler(len(train_set), args.batch_size, drop_last=len(train_set) > args.batch_size,
+                                              seed=args.seed, rank=distributed.rank(), world=world)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda")
 
     # ---- model
     cfg = GeneDMLConfig.for_cohort(args.data, len(genes), levels=args.levels, **({'dim': args.dim} if args.dim else {}))
@@ -189,6 +219,8 @@ def train_fold(args, fold):
     model.load_trunk_weights(trunk.state_dict())    # the trainable local trunk starts where the frozen one is
     model.set_statistics(np.concatenate(splits["train"].dataset.labels),
                          torch.cat([feats for feats, _ in splits["train"].context]).cpu())
+    freeze_unreached(model, args)
+    use_genes = bool(args.w_inst or args.lam)       # regression only: the gene side is not run at all
 
     # ---- optimiser: Adam, StepLR(20, 0.95), gradient scaling only for float16
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -203,10 +235,11 @@ def train_fold(args, fold):
         sched.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         start, best, best_epoch, bad = resume["epoch"] + 1, resume["best"]["metric"], resume["best"]["epoch"], resume["best"]["bad_epochs"]
-        print(f"=> loaded checkpoint '{args.resume}' (epoch {resume['epoch']}, best {select_part} PCC(M) {best:.4f} at epoch {best_epoch})")
+        if main_process:
+            print(f"=> loaded checkpoint '{args.resume}' (epoch {resume['epoch']}, best {select_part} PCC(M) {best:.4f} at epoch {best_epoch})")
         # Drop log lines of epochs after the checkpoint (a run killed between its log line and its
         # checkpoint), so the resumed log reads as if the run had never stopped.
-        if (out / "log.jsonl").exists():
+        if main_process and (out / "log.jsonl").exists():
             lines = [l for l in (out / "log.jsonl").read_text().splitlines() if json.loads(l)["epoch"] < start]
             (out / "log.jsonl").write_text("".join(l + "\n" for l in lines))
 
@@ -223,20 +256,27 @@ def train_fold(args, fold):
                 "scaler": scaler.state_dict(), "epoch": epoch,
                 "best": {"metric": best, "epoch": best_epoch, "bad_epochs": bad}}
 
+    ddp = distributed.wrap(model, device)            # DDP under torchrun; the model itself in one process
+
     # ---- loop
     for epoch in range(start, args.epochs):
         # Every epoch reseeds from (seed, epoch): shuffling, augmentation and dropout then do not
-        # depend on what ran before, which makes --resume exact without saving RNG states.
-        seed_everything(args.seed * 1000 + epoch)
+        # depend on what ran before, which makes --resume exact without saving RNG states. The batches
+        # are the same on every process; augmentation and dropout draw from each process's own seed.
+        batches.set_epoch(epoch)
+        seed_everything(args.seed * 1000 + epoch + 10**9 * distributed.rank())
         model.train()
         sums, seen, t0 = {}, 0, time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not main_process)
         for step, batch in enumerate(bar):
             label = batch["label"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                outputs = model(batch["local"].to(device), batch["neighbour_feats"].to(device),
-                                batch["neighbour_mask"].to(device), batch["section"].to(device),
-                                batch["index"].to(device), splits["train"].context, expression=label)
+                outputs = ddp(batch["local"].to(device), batch["neighbour_feats"].to(device),
+                              batch["neighbour_mask"].to(device), batch["section"].to(device),
+                              batch["index"].to(device), splits["train"].context,
+                              expression=label if use_genes else None)
+            if args.gather == "global":                  # under torchrun: InfoNCE and k-means over the global batch
+                outputs = distributed.gather_outputs(outputs)
             loss, parts = gene_dml_loss(outputs, label, tau=args.tau, tau_group=args.tau_group, k=args.k,
                                         lam=args.lam, w_inst=args.w_inst, w_mse=args.w_mse)
             if not torch.isfinite(loss):
@@ -244,6 +284,8 @@ def train_fold(args, fold):
                                  f"The last good checkpoint is {out / 'last.pt'} (lower --lr or disable --amp).")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if epoch == start and step == 0 and world > 1:
+                distributed.check_every_parameter_trained(model)
             scaler.step(opt)
             scaler.update()
             n = len(label)
@@ -255,34 +297,41 @@ def train_fold(args, fold):
                                     + f" {seen / (time.time() - t0):.0f} spots/s")
         sched.step()
         train_time = time.time() - t0
+        totals = distributed.sum_over_processes([seen, *sums.values()], device)   # log every process's spots
+        seen, sums = totals[0], dict(zip(sums, totals[1:]))
 
-        # ---- select: PCC(M) on the validation patient (or, labelled, on the test fold)
-        per_slide, _ = evaluate_split(model, splits[select_part], device, args.batch_size)
-        metric = summarise(per_slide)[1]
-        score = metric["pcc_m"] if math.isfinite(metric["pcc_m"]) else -math.inf
-        improved = score > best
-        if improved:
-            best, best_epoch, bad = score, epoch, 0
-        else:
-            bad += 1
-        record = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
-                  f"{select_part}_pcc_m": metric["pcc_m"], f"{select_part}_mse": metric["mse"],
-                  "lr": opt.param_groups[0]["lr"], "spots_per_s": seen / train_time, "seconds": train_time}
-        print(f"epoch {epoch}: loss {record.get('train_total', float('nan')):.4f} "
-              f"(inst {record.get('train_inst', 0):.3f} group {record.get('train_group', 0):.3f} "
-              f"mse {record.get('train_mse', 0):.4f}) | {select_part} PCC(M) {metric['pcc_m']:.4f} "
-              f"MSE {metric['mse']:.4f}{' *' if improved else ''} | {record['spots_per_s']:.0f} spots/s")
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        ckpt = checkpoint(epoch)
-        if improved:
-            save_atomic(ckpt, out / "best.pt")
-        save_atomic(ckpt, out / "last.pt")
-        if bad >= args.patience:
-            print(f"early stop: no better {select_part} PCC(M) for {args.patience} epochs")
+        # ---- select: PCC(M) on the validation patient (or, labelled, on the test fold); rank 0 only
+        stop = False
+        if main_process:
+            per_slide, _ = evaluate_split(model, splits[select_part], device, args.batch_size)
+            metric = summarise(per_slide)[1]
+            score = metric["pcc_m"] if math.isfinite(metric["pcc_m"]) else -math.inf
+            improved = score > best
+            if improved:
+                best, best_epoch, bad = score, epoch, 0
+            else:
+                bad += 1
+            record = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
+                      f"{select_part}_pcc_m": metric["pcc_m"], f"{select_part}_mse": metric["mse"],
+                      "lr": opt.param_groups[0]["lr"], "spots_per_s": seen / train_time, "seconds": train_time}
+            print(f"epoch {epoch}: loss {record.get('train_total', float('nan')):.4f} "
+                  f"(inst {record.get('train_inst', 0):.3f} group {record.get('train_group', 0):.3f} "
+                  f"mse {record.get('train_mse', 0):.4f}) | {select_part} PCC(M) {metric['pcc_m']:.4f} "
+                  f"MSE {metric['mse']:.4f}{' *' if improved else ''} | {record['spots_per_s']:.0f} spots/s")
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            ckpt = checkpoint(epoch)
+            if improved:
+                save_atomic(ckpt, out / "best.pt")
+            save_atomic(ckpt, out / "last.pt")
+            stop = bad >= args.patience
+            if stop:
+                print(f"early stop: no better {select_part} PCC(M) for {args.patience} epochs")
+        if distributed.broadcast(stop, device):           # every process leaves the loop together
             break
 
-    print(f"best {select_part} PCC(M) {best:.4f} at epoch {best_epoch}; checkpoint {out / 'best.pt'}")
+    if main_process:
+        print(f"best {select_part} PCC(M) {best:.4f} at epoch {best_epoch}; checkpoint {out / 'best.pt'}")
     return out / "best.pt"
 
 
@@ -296,7 +345,8 @@ def main(argv=None):
     for fold in range(len(data.COHORTS[args.data]["folds"])):
         fold_args = argparse.Namespace(**{**vars(args), "out": str(root_out / f"fold{fold}"), "fold": str(fold)})
         best.append(train_fold(fold_args, fold))
-    evaluate.main(["--ckpt", *map(str, best), "--out", str(root_out / "eval"), "--cache-dir", args.cache_dir])
+    if distributed.is_main():
+        evaluate.main(["--ckpt", *map(str, best), "--out", str(root_out / "eval"), "--cache-dir", args.cache_dir])
     return best
 
 
@@ -305,3 +355,5 @@ if __name__ == "__main__":
         main()
     except (FileNotFoundError, ValueError) as e:  # bad input: what and where, without a traceback
         sys.exit(f"error: {e}")
+    finally:
+        distributed.shutdown()
