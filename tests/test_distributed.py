@@ -136,6 +136,9 @@ def _gradient_worker(rank, port, out):
         results[name] = (loss, grads)
         if name == "gather without the sum":
             distributed.GatherRows = real
+    cpu = torch.device("cpu")
+    assert distributed.broadcast(rank == 0, cpu) is True, "every process must get rank 0's stop decision"
+    assert distributed.sum_over_processes([1.0, float(rank)], cpu) == [2.0, 1.0]
     torch.save(results, Path(out) / f"rank{rank}.pt")
     distributed.shutdown()
 
