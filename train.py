@@ -275,7 +275,7 @@ def train_fold(args, fold):
                               batch["neighbour_mask"].to(device), batch["section"].to(device),
                               batch["index"].to(device), splits["train"].context,
                               expression=label if use_genes else None)
-            if args.gather == "global":                  # under torchrun: InfoNCE and k-means over the global batch
+            if args.gather == "global" and use_genes:    # under torchrun: InfoNCE and k-means over the global batch
                 outputs = distributed.gather_outputs(outputs)
             loss, parts = gene_dml_loss(outputs, label, tau=args.tau, tau_group=args.tau_group, k=args.k,
                                         lam=args.lam, w_inst=args.w_inst, w_mse=args.w_mse)
