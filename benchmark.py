@@ -263,7 +263,8 @@ def bench_ddp(args, device, amp, tmp):
     how = "one GPU each, NCCL" if device.type == "cuda" else "one thread each, gloo"
     fig = dict(batch=args.batch, crop=args.crop, context=args.context, how=how,
                steps_per_s={w: 1 / t for w, t in seconds.items()})
-    rows = [(f"{w} process{'es' if w > 1 else ''} ({how}), global batch {args.batch} at {args.crop} px",
+    rows = [(f"{w} process{'es' if w > 1 else ''} ({how if w > 1 else how.split(',')[0].replace(' each', '')}), "
+             f"global batch {args.batch} at {args.crop} px",
              f"{1 / t:.2f} steps/s") for w, t in seconds.items()]
     return fig, rows
 
