@@ -70,13 +70,15 @@ COHORTS: dict[str, dict] = {
 }
 
 
-def fold_split(cohort: str, fold: int) -> dict:
+def fold_split(cohort: str, fold: int, select_on_test: bool = False) -> dict:
     """Patients of one fold: test = the fold's held-out patient(s); val = the first patient of the next
-    fold (cyclic), a deterministic draw from the training patients; train = everyone else."""
+    fold (cyclic), a deterministic draw from the training patients; train = everyone else.
+    select_on_test (the published protocol): no validation patient, every non-test patient trains,
+    and the epoch is chosen on the test patient itself."""
     folds = COHORTS[cohort]["folds"]
     assert 0 <= fold < len(folds), f"{cohort} has folds 0..{len(folds) - 1}, got {fold}"
     test = list(folds[fold])
-    val = [folds[(fold + 1) % len(folds)][0]]
+    val = [] if select_on_test else [folds[(fold + 1) % len(folds)][0]]
     train = [p for p in COHORTS[cohort]["patients"] if p not in test and p not in val]
     return {"test": test, "val": val, "train": train}
 
