@@ -492,15 +492,37 @@ def _info(argv) -> int:
     return 0
 
 
+def _folds(argv) -> int:
+    p = argparse.ArgumentParser(prog="python data.py folds",
+                                description="spots per fold in both protocols (needs counts and spot files only)")
+    p.add_argument("cohort", choices=list(COHORTS))
+    p.add_argument("--root", default=None, help="cohort folder (default: data/<cohort>)")
+    args = p.parse_args(argv)
+    root = Path(args.root or COHORTS[args.cohort]["root"])
+    spots = {}
+    for name in tqdm(sections_of(args.cohort, COHORTS[args.cohort]["patients"], root), desc="reading sections"):
+        s = load_section(args.cohort, root, name)
+        spots[s.patient] = spots.get(s.patient, 0) + len(s.spot_ids)
+    print(f"{'fold':>4} {'test':>8} {'val':>8} {'test spots':>11} {'val spots':>10} {'train (validation)':>19} "
+          f"{'train (--select-on-test)':>25} {'fewer':>6}")
+    for fold in range(len(COHORTS[args.cohort]["folds"])):
+        honest, published = fold_split(args.cohort, fold), fold_split(args.cohort, fold, select_on_test=True)
+        n = {part: sum(spots.get(p, 0) for p in patients) for part, patients in honest.items()}
+        n_pub = sum(spots.get(p, 0) for p in published["train"])
+        print(f"{fold:>4} {','.join(honest['test']):>8} {','.join(honest['val']):>8} {n['test']:>11} {n['val']:>10} "
+              f"{n['train']:>19} {n_pub:>25} {1 - n['train'] / max(n_pub, 1):>6.1%}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "download":
         import download  # lazily: only the download command needs it
         return download.main(argv[1:])
-    if argv and argv[0] == "info":
+    if argv and argv[0] in ("info", "folds"):
         logging.basicConfig(level=logging.WARNING)
-        return _info(argv[1:])
-    print("usage: python data.py download <cohort> --root R [...]  |  python data.py info <cohort> --root R")
+        return (_info if argv[0] == "info" else _folds)(argv[1:])
+    print("usage: python data.py download <cohort> --root R [...]  |  python data.py info|folds <cohort> --root R")
     return 2
 
 

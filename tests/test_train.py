@@ -369,6 +369,17 @@ def test_split_of_each_protocol(select_on_test):
         train.get_args(["--select-on-test", "--val-sections", "B1"])
 
 
+def test_data_folds_counts_the_spots_of_both_protocols(demo_root, capsys):
+    assert data.main(["folds", "demo", "--root", str(demo_root)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    spots = {p: sum(len(data.load_section("demo", demo_root, n).spot_ids) for n in demo.PATIENTS[p]) for p in demo.PATIENTS}
+    folds = data.COHORTS["demo"]["folds"]
+    assert [r[1:3] for r in rows] == [[",".join(f), folds[(i + 1) % len(folds)][0]] for i, f in enumerate(folds)]
+    for fold, test, val, n_test, n_val, n_train, n_published, _ in rows:
+        assert (int(n_test), int(n_val)) == (sum(spots[p] for p in test.split(",")), spots[val])
+        assert int(n_published) == sum(spots.values()) - int(n_test) == int(n_train) + spots[val]
+
+
 def fold_all_argv(demo_root, cache_dir, out):
     """Published protocol, per-fold genes: fold 0 trains on B1+C1, fold 1 on A1+C1 (different lists)."""
     return train_argv(demo_root, cache_dir, out, "--fold", "all", "--select-on-test", "--genes-from", "train")
