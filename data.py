@@ -472,21 +472,37 @@ class SpotDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------- command line
+def _tiles_off_image(pixel_xy, size, crop, grid=5) -> tuple[float, float]:
+    """Shares of the 5x5 neighbour tiles whose centre is off the image (masked, here and in the
+    reference) and that are on it but partly off (kept and padded white here, masked in the reference)."""
+    W, H = size
+    offsets = (np.arange(grid) - grid // 2) * crop
+    c = np.floor(np.asarray(pixel_xy, np.float64) + 0.5)
+    tx = (c[:, 0, None] + offsets)[:, None, :]  # (N, 1, g) tile centres
+    ty = (c[:, 1, None] + offsets)[:, :, None]  # (N, g, 1)
+    on = (tx >= 0) & (tx < W) & (ty >= 0) & (ty < H)
+    inside = (tx - crop // 2 >= 0) & (tx - crop // 2 + crop <= W) & (ty - crop // 2 >= 0) & (ty - crop // 2 + crop <= H)
+    return float((~on).mean()), float((on & ~inside).mean())
+
+
 def _info(argv) -> int:
     p = argparse.ArgumentParser(prog="python data.py info", description="what is on disk for a cohort")
     p.add_argument("cohort", choices=list(COHORTS))
     p.add_argument("--root", default=None, help="cohort folder (default: data/<cohort>)")
     args = p.parse_args(argv)
     root = Path(args.root or COHORTS[args.cohort]["root"])
-    print(f"{'section':<14}{'patient':<10}{'spots':>6}{'genes':>7}  image")
+    crop = COHORTS[args.cohort]["crop"]
+    print(f"{'section':<14}{'patient':<10}{'spots':>6}{'genes':>7}  {'image':<11}  neighbour tiles: centre off / partly off")
     for name in sections_of(args.cohort, COHORTS[args.cohort]["patients"], root):
         try:
             s = load_section(args.cohort, root, name)
-            image = "absent"
+            image, tiles = "absent", ""
             if s.image_path is not None:
                 with Image.open(s.image_path) as im:  # header only
                     image = "%dx%d" % im.size
-            print(f"{name:<14}{s.patient:<10}{len(s.spot_ids):>6}{s.counts.shape[1]:>7}  {image}")
+                    off, partly = _tiles_off_image(s.pixel_xy, im.size, crop)
+                tiles = f"{off:.1%} / {partly:.1%}"
+            print(f"{name:<14}{s.patient:<10}{len(s.spot_ids):>6}{s.counts.shape[1]:>7}  {image:<11}  {tiles}")
         except (FileNotFoundError, ValueError) as e:
             print(f"{name:<14}error: {e}")
     return 0
