@@ -269,10 +269,15 @@ def load_section(cohort: str, root, name: str) -> Section:
 
 # ----------------------------------------------------------------------------- genes and labels
 def select_genes(sections: list[Section], n: int = 250) -> list[str]:
-    """The n genes with the highest total raw count over these (training) sections; ties by name."""
-    totals = pd.concat([s.counts.sum(axis=0) for s in sections], axis=1).fillna(0).sum(axis=1)
-    assert n <= len(totals), f"asked for {n} genes, the sections have {len(totals)}"
-    return totals.sort_index().sort_values(ascending=False, kind="stable").index[:n].tolist()
+    """The n genes with the highest total raw count over these sections; ties by name."""
+    return top_genes([s.counts.sum(axis=0) for s in sections], n)
+
+
+def top_genes(totals: list[pd.Series], n: int) -> list[str]:
+    """The n genes with the highest sum over these per-section totals (gene -> count); ties by name."""
+    total = pd.concat(totals, axis=1).fillna(0).sum(axis=1)
+    assert n <= len(total), f"asked for {n} genes, the sections have {len(total)}"
+    return total.sort_index().sort_values(ascending=False, kind="stable").index[:n].tolist()
 
 
 def read_gene_list(path) -> list[str]:
@@ -515,18 +520,23 @@ def _folds(argv) -> int:
     p.add_argument("--root", default=None, help="cohort folder (default: data/<cohort>)")
     args = p.parse_args(argv)
     root = Path(args.root or COHORTS[args.cohort]["root"])
-    spots = {}
+    spots, totals = {}, {}  # per patient: spots, and per-section gene totals
     for name in tqdm(sections_of(args.cohort, COHORTS[args.cohort]["patients"], root), desc="reading sections"):
         s = load_section(args.cohort, root, name)
         spots[s.patient] = spots.get(s.patient, 0) + len(s.spot_ids)
+        totals.setdefault(s.patient, []).append(s.counts.sum(axis=0))
+    n_genes = COHORTS[args.cohort]["genes"]
+    cohort_list = set(top_genes(sum(totals.values(), []), n_genes))
     print(f"{'fold':>4} {'test':>8} {'val':>8} {'test spots':>11} {'val spots':>10} {'train (validation)':>19} "
-          f"{'train (--select-on-test)':>25} {'fewer':>6}")
+          f"{'train (--select-on-test)':>25} {'fewer':>6} {'per-fold genes in the cohort list':>34}")
     for fold in range(len(COHORTS[args.cohort]["folds"])):
         honest, published = fold_split(args.cohort, fold), fold_split(args.cohort, fold, select_on_test=True)
         n = {part: sum(spots.get(p, 0) for p in patients) for part, patients in honest.items()}
         n_pub = sum(spots.get(p, 0) for p in published["train"])
+        own = top_genes(sum((totals.get(p, []) for p in honest["train"]), []), n_genes)  # --genes-from train
         print(f"{fold:>4} {','.join(honest['test']):>8} {','.join(honest['val']):>8} {n['test']:>11} {n['val']:>10} "
-              f"{n['train']:>19} {n_pub:>25} {1 - n['train'] / max(n_pub, 1):>6.1%}")
+              f"{n['train']:>19} {n_pub:>25} {1 - n['train'] / max(n_pub, 1):>6.1%} "
+              f"{f'{len(cohort_list.intersection(own))}/{n_genes}':>34}")
     return 0
 
 

@@ -372,12 +372,17 @@ def test_split_of_each_protocol(select_on_test):
 def test_data_folds_counts_the_spots_of_both_protocols(demo_root, capsys):
     assert data.main(["folds", "demo", "--root", str(demo_root)]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
-    spots = {p: sum(len(data.load_section("demo", demo_root, n).spot_ids) for n in demo.PATIENTS[p]) for p in demo.PATIENTS}
     folds = data.COHORTS["demo"]["folds"]
     assert [r[1:3] for r in rows] == [[",".join(f), folds[(i + 1) % len(folds)][0]] for i, f in enumerate(folds)]
-    for fold, test, val, n_test, n_val, n_train, n_published, _ in rows:
+    sections = {p: [data.load_section("demo", demo_root, n) for n in demo.PATIENTS[p]] for p in demo.PATIENTS}
+    cohort = set(data.select_genes(sum(sections.values(), []), 50))
+    spots = {p: sum(len(s.spot_ids) for s in ss) for p, ss in sections.items()}
+    for fold, test, val, n_test, n_val, n_train, n_published, _, overlap in rows:
         assert (int(n_test), int(n_val)) == (sum(spots[p] for p in test.split(",")), spots[val])
         assert int(n_published) == sum(spots.values()) - int(n_test) == int(n_train) + spots[val]
+        train_patients = data.fold_split("demo", int(fold))["train"]
+        own = data.select_genes(sum((sections[p] for p in train_patients), []), 50)
+        assert overlap == f"{len(cohort.intersection(own))}/50"
 
 
 def fold_all_argv(demo_root, cache_dir, out):
