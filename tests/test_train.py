@@ -319,11 +319,12 @@ def test_checkpoint_whose_weights_do_not_fit_its_config(run, tmp_path, capsys):
     assert "wrong.pt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("change", ["genes", "cohort"])
+@pytest.mark.parametrize("change", ["no shared gene", "cohort", "selection"])
 def test_checkpoints_that_do_not_belong_together(change, run, cache_dir, tmp_path, capsys):
     ckpt = {k: v for k, v in load(run / "best.pt").items() if k != "optimizer"}
-    other = {**ckpt, "genes": ckpt["genes"][::-1]} if change == "genes" else \
-        {**ckpt, "data": {**ckpt["data"], "cohort": "her2st"}}
+    other = {"no shared gene": {**ckpt, "genes": [g + "x" for g in ckpt["genes"]]},
+             "cohort": {**ckpt, "data": {**ckpt["data"], "cohort": "her2st"}},
+             "selection": {**ckpt, "selection": "test (published protocol)"}}[change]
     for name, c in (("a", ckpt), ("b", other)):
         (tmp_path / name).mkdir()
         torch.save(c, tmp_path / name / "best.pt")
