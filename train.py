@@ -8,8 +8,9 @@ Train Gene-DML on one fold (or all folds) of a spatial-transcriptomics cohort.
 The story, in order: data (sections, gene list, crops, frozen features) -> model -> losses ->
 optimiser -> resume -> loop (train, select on the validation patient, checkpoint, stop early).
 The best epoch is chosen on a validation patient drawn from the training patients; the published
-protocol (best epoch chosen on the held-out fold itself) is `--select-on-test`, and every output
-made that way says so.
+protocol (every non-test patient trains, the best epoch is chosen on the held-out fold itself) is
+`--select-on-test`, and every output made that way says so. `--fold all` runs every fold, then the
+cohort table; running the same command again after an interruption picks up where it stopped.
 """
 import argparse
 import dataclasses
