@@ -20,7 +20,7 @@ What changes with N processes (train.py):
   processes. With the summing backward that average is exactly the single-process gradient of the
   global batch; the regression loss is a mean over the local rows, and the average of N local
   means is the global mean.
-- One process (rank 0) validates and writes; the others wait for its stop decision (`broadcast`).
+- One process (rank 0) validates and writes; the others wait for its early-stopping count (`broadcast`).
 
 Imports nothing of the project.
 """
@@ -94,13 +94,14 @@ def main_process_first():
         barrier()
 
 
-def broadcast(value: bool, device) -> bool:
-    """Rank 0's value on every process (the early-stopping decision: nobody is left in a collective)."""
+def broadcast(value: int, device) -> int:
+    """Rank 0's integer on every process (its count of epochs without improvement: every process
+    then takes the same early-stopping decision, and nobody is left waiting in a collective)."""
     if not dist.is_initialized():
         return value
-    flag = torch.tensor([float(value)], device=device)
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
 
 
 def sum_over_processes(values: list[float], device) -> list[float]:
