@@ -183,6 +183,8 @@ def train_fold(args, fold):
     device = distributed.device_for(args.device)     # under torchrun: this process's GPU
     distributed.init(device)                         # a no-op without torchrun
     main_process = distributed.is_main()             # prints, validates and writes files
+    if not main_process:                             # the other processes log warnings only
+        logging.getLogger().setLevel(logging.WARNING)
     amp = (device.type == "cuda") if args.amp is None else args.amp
     amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
     resume = load_checkpoint(args.resume) if args.resume else None
