@@ -16,10 +16,11 @@ What changes with N processes (train.py):
   embeddings in rank order (= the single-process batch order, so k-means starts from the same
   first k rows) with `gather_rows`, an all-gather whose backward sums the incoming gradients over
   the processes and returns this process's rows (see GatherRows).
-- Every process computes the same global loss; DDP averages the parameter gradients over the N
-  processes. With the summing backward that average is exactly the single-process gradient of the
-  global batch; the regression loss is a mean over the local rows, and the average of N local
-  means is the global mean.
+- Every process computes the same contrastive losses of the global batch, plus the regression loss
+  of its own rows; DDP averages the parameter gradients over the N processes. With the summing
+  backward that average is exactly the single-process gradient of the global batch; the
+  regression loss is a mean over the local rows, and the average of N equal-sized local means is
+  the global mean. (tests/test_distributed.py: 2 processes against 1, to 1e-5.)
 - One process (rank 0) validates and writes; the others wait for its early-stopping count (`broadcast`).
 
 Imports nothing of the project.
