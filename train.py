@@ -199,7 +199,8 @@ def train_fold(args, fold):
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
 
     # ---- model
-    cfg = GeneDMLConfig.for_cohort(args.data, len(genes), levels=args.levels, **({'dim': args.dim} if args.dim else {}))
+    sizes = data.COHORTS[args.data].get("sizes", args.data)  # a cohort table borrows a built-in cohort's encoder sizes
+    cfg = GeneDMLConfig.for_cohort(sizes, len(genes), levels=args.levels, **({'dim': args.dim} if args.dim else {}))
     model = GeneDML(cfg).to(device)
     model.load_trunk_weights(trunk.state_dict())    # the trainable local trunk starts where the frozen one is
     model.set_statistics(np.concatenate(splits["train"].dataset.labels),

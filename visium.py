@@ -453,6 +453,7 @@ def register_cohort(path, crop_um=None) -> str:
 
     data.COHORTS[name] = dict(
         layout="table", table=str(path), patients=patients, folds=folds, k=DEFAULT_K, crop=224, genes=250,
+        sizes="her2st",  # encoder sizes (model.COHORT_SIZES): the published breast-cancer recipe
         root=str(path), crop_um=crop_um, fetch=f"correct the paths in the cohort table {path}",
         citation=f"cohort table {path}",
         load=lambda sample: load_row(name, row(sample), crop_um),
@@ -474,7 +475,7 @@ def check_rows(rows, table) -> None:
     for sample, r in rows.iterrows():
         if r["spaceranger"]:
             f = spaceranger_files(r["spaceranger"])
-            missing += [] if f["counts"].exists() else [f"{f['counts']} (or the MEX folder {f['counts'].with_suffix('')})"]
+            missing += [] if f["counts"].exists() else [f"{f['counts'].parent}/filtered_feature_bc_matrix/ (or .h5)"]
             if not any((f["spatial"] / n).is_file() for n in ("tissue_positions.csv", "tissue_positions_list.csv")):
                 missing.append(f"{f['spatial']}/tissue_positions.csv (or tissue_positions_list.csv)")
         else:
