@@ -400,3 +400,18 @@ def test_hest_cohort_table_from_hest_metadata(tmp_path, capsys):
     meta.drop(columns="patient").to_csv(tmp_path / "no_patient.csv", index=False)
     assert visium.main(["hest-cohort", "cscc", "--meta", str(tmp_path / "no_patient.csv"), "--hest-root", "h"]) == 2
     assert "lacks column(s) ['patient']" in capsys.readouterr().err
+
+
+def test_visium_sits_above_data_and_below_train():
+    """data dispatches to cohort tables through the hooks visium registers, never by importing it."""
+    from test_layout import project_imports
+    graph = project_imports()
+    assert graph["visium"] <= {"data", "cache"}
+    assert "visium" not in graph["data"] | graph["model"] | graph["features"]
+
+
+def test_info_lists_every_slide(cohort, capsys):
+    table, _ = cohort
+    assert visium.main(["info", str(table)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and all(" 20 " in l and "4.167" in l and " hex " in l for l in lines[1:])
