@@ -71,13 +71,15 @@ COHORTS: dict[str, dict] = {
 }
 
 
-def fold_split(cohort: str, fold: int) -> dict:
+def fold_split(cohort: str, fold: int, select_on_test: bool = False) -> dict:
     """Patients of one fold: test = the fold's held-out patient(s); val = the first patient of the next
-    fold (cyclic), a deterministic draw from the training patients; train = everyone else."""
+    fold (cyclic), a deterministic draw from the training patients; train = everyone else.
+    select_on_test (the published protocol): no validation patient, every non-test patient trains,
+    and the epoch is chosen on the test patient itself."""
     folds = COHORTS[cohort]["folds"]
     assert 0 <= fold < len(folds), f"{cohort} has folds 0..{len(folds) - 1}, got {fold}"
     test = list(folds[fold])
-    val = [folds[(fold + 1) % len(folds)][0]]
+    val = [] if select_on_test else [folds[(fold + 1) % len(folds)][0]]
     train = [p for p in COHORTS[cohort]["patients"] if p not in test and p not in val]
     return {"test": test, "val": val, "train": train}
 
@@ -275,10 +277,15 @@ def load_section(cohort: str, root, name: str) -> Section:
 
 # ----------------------------------------------------------------------------- genes and labels
 def select_genes(sections: list[Section], n: int = 250) -> list[str]:
-    """The n genes with the highest total raw count over these (training) sections; ties by name."""
-    totals = pd.concat([s.counts.sum(axis=0) for s in sections], axis=1).fillna(0).sum(axis=1)
-    assert n <= len(totals), f"asked for {n} genes, the sections have {len(totals)}"
-    return totals.sort_index().sort_values(ascending=False, kind="stable").index[:n].tolist()
+    """The n genes with the highest total raw count over these sections; ties by name."""
+    return top_genes([s.counts.sum(axis=0) for s in sections], n)
+
+
+def top_genes(totals: list[pd.Series], n: int) -> list[str]:
+    """The n genes with the highest sum over these per-section totals (gene -> count); ties by name."""
+    total = pd.concat(totals, axis=1).fillna(0).sum(axis=1)
+    assert n <= len(total), f"asked for {n} genes, the sections have {len(total)}"
+    return total.sort_index().sort_values(ascending=False, kind="stable").index[:n].tolist()
 
 
 def read_gene_list(path) -> list[str]:
@@ -496,23 +503,66 @@ class SpotDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------- command line
+def _tiles_off_image(pixel_xy, size, crop, grid=5) -> tuple[float, float]:
+    """Shares of the 5x5 neighbour tiles whose centre is off the image (masked, here and in the
+    reference) and that are on it but partly off (kept and padded white here, masked in the reference)."""
+    W, H = size
+    offsets = (np.arange(grid) - grid // 2) * crop
+    c = np.floor(np.asarray(pixel_xy, np.float64) + 0.5)
+    tx = (c[:, 0, None] + offsets)[:, None, :]  # (N, 1, g) tile centres
+    ty = (c[:, 1, None] + offsets)[:, :, None]  # (N, g, 1)
+    on = (tx >= 0) & (tx < W) & (ty >= 0) & (ty < H)
+    inside = (tx - crop // 2 >= 0) & (tx - crop // 2 + crop <= W) & (ty - crop // 2 >= 0) & (ty - crop // 2 + crop <= H)
+    return float((~on).mean()), float((on & ~inside).mean())
+
+
 def _info(argv) -> int:
     p = argparse.ArgumentParser(prog="python data.py info", description="what is on disk for a cohort")
     p.add_argument("cohort", choices=list(COHORTS))
     p.add_argument("--root", default=None, help="cohort folder (default: data/<cohort>)")
     args = p.parse_args(argv)
     root = Path(args.root or COHORTS[args.cohort]["root"])
-    print(f"{'section':<14}{'patient':<10}{'spots':>6}{'genes':>7}  image")
+    crop = COHORTS[args.cohort]["crop"]
+    print(f"{'section':<14}{'patient':<10}{'spots':>6}{'genes':>7}  {'image':<11}  neighbour tiles: centre off / partly off")
     for name in sections_of(args.cohort, COHORTS[args.cohort]["patients"], root):
         try:
             s = load_section(args.cohort, root, name)
-            image = "absent"
+            image, tiles = "absent", ""
             if s.image_path is not None:
                 with Image.open(s.image_path) as im:  # header only
                     image = "%dx%d" % im.size
-            print(f"{name:<14}{s.patient:<10}{len(s.spot_ids):>6}{s.counts.shape[1]:>7}  {image}")
+                    off, partly = _tiles_off_image(s.pixel_xy, im.size, crop)
+                tiles = f"{off:.1%} / {partly:.1%}"
+            print(f"{name:<14}{s.patient:<10}{len(s.spot_ids):>6}{s.counts.shape[1]:>7}  {image:<11}  {tiles}")
         except (FileNotFoundError, ValueError) as e:
             print(f"{name:<14}error: {e}")
+    return 0
+
+
+def _folds(argv) -> int:
+    p = argparse.ArgumentParser(prog="python data.py folds",
+                                description="spots per fold in both protocols (needs counts and spot files only)")
+    p.add_argument("cohort", choices=list(COHORTS))
+    p.add_argument("--root", default=None, help="cohort folder (default: data/<cohort>)")
+    args = p.parse_args(argv)
+    root = Path(args.root or COHORTS[args.cohort]["root"])
+    spots, totals = {}, {}  # per patient: spots, and per-section gene totals
+    for name in tqdm(sections_of(args.cohort, COHORTS[args.cohort]["patients"], root), desc="reading sections"):
+        s = load_section(args.cohort, root, name)
+        spots[s.patient] = spots.get(s.patient, 0) + len(s.spot_ids)
+        totals.setdefault(s.patient, []).append(s.counts.sum(axis=0))
+    n_genes = COHORTS[args.cohort]["genes"]
+    cohort_list = set(top_genes(sum(totals.values(), []), n_genes))
+    print(f"{'fold':>4} {'test':>8} {'val':>8} {'test spots':>11} {'val spots':>10} {'train (validation)':>19} "
+          f"{'train (--select-on-test)':>25} {'fewer':>6} {'per-fold genes in the cohort list':>34}")
+    for fold in range(len(COHORTS[args.cohort]["folds"])):
+        honest, published = fold_split(args.cohort, fold), fold_split(args.cohort, fold, select_on_test=True)
+        n = {part: sum(spots.get(p, 0) for p in patients) for part, patients in honest.items()}
+        n_pub = sum(spots.get(p, 0) for p in published["train"])
+        own = top_genes(sum((totals.get(p, []) for p in honest["train"]), []), n_genes)  # --genes-from train
+        print(f"{fold:>4} {','.join(honest['test']):>8} {','.join(honest['val']):>8} {n['test']:>11} {n['val']:>10} "
+              f"{n['train']:>19} {n_pub:>25} {1 - n['train'] / max(n_pub, 1):>6.1%} "
+              f"{f'{len(cohort_list.intersection(own))}/{n_genes}':>34}")
     return 0
 
 
@@ -521,10 +571,10 @@ def main(argv=None) -> int:
     if argv and argv[0] == "download":
         import download  # lazily: only the download command needs it
         return download.main(argv[1:])
-    if argv and argv[0] == "info":
+    if argv and argv[0] in ("info", "folds"):
         logging.basicConfig(level=logging.WARNING)
-        return _info(argv[1:])
-    print("usage: python data.py download <cohort> --root R [...]  |  python data.py info <cohort> --root R")
+        return (_info if argv[0] == "info" else _folds)(argv[1:])
+    print("usage: python data.py download <cohort> --root R [...]  |  python data.py info|folds <cohort> --root R")
     return 2
 
 

@@ -99,6 +99,12 @@ def pooled_pcc(preds, labels):
     return pearson_per_gene(np.concatenate(preds), np.concatenate(labels))
 
 
+def shared_genes(gene_lists):
+    """The genes in every list, in the order of the first (folds of a per-fold gene choice differ)."""
+    common = set.intersection(*map(set, gene_lists))
+    return [g for g in gene_lists[0] if g in common]
+
+
 def highly_predictive_genes(fold_gene_pcc, n=50):
     """Indices of the n genes with the best PCC rank averaged over folds (PCC(H), METHOD.md).
 
@@ -353,11 +359,12 @@ def main(argv=None):
                           "cpu" if args.device == "auto" else args.device)
     try:
         if len(args.ckpt) > 1 and not args.predict:  # refuse a mixed fold table before the long part
-            meta = [(c["data"]["cohort"], tuple(c["genes"])) for c in map(load_checkpoint, args.ckpt)]
-            cohorts, gene_lists = {m[0] for m in meta}, {m[1] for m in meta}
-            if len(cohorts) > 1 or len(gene_lists) > 1:
-                raise ValueError(f"the checkpoints do not belong together (cohorts {sorted(cohorts)}, "
-                                 f"{len(gene_lists)} different gene lists)")
+            meta = [(c["data"]["cohort"], c["selection"], c["genes"]) for c in map(load_checkpoint, args.ckpt)]
+            cohorts, selections = sorted({m[0] for m in meta}), sorted({m[1] for m in meta})
+            if len(cohorts) > 1 or len(selections) > 1:
+                raise ValueError(f"the checkpoints do not belong together (cohorts {cohorts}, selection {selections})")
+            if not shared_genes([m[2] for m in meta]):
+                raise ValueError("the checkpoints do not belong together: no gene is in every fold's list")
         # One output folder per checkpoint, named after its folder (fold0, fold1...) when unique.
         names = [Path(p).parent.name for p in args.ckpt]
         subs = [""] if len(names) == 1 else names if len(set(names)) == len(names) else [f"ckpt{i}" for i in range(len(names))]
@@ -370,28 +377,40 @@ def main(argv=None):
         return 0
     cohorts = {r[0]["data"]["cohort"] for r in results}
 
-    # fold table: PCC(M), MSE, MAE per fold; PCC(H) over the genes ranked best across folds
+    # fold table: PCC(M), MSE, MAE per fold over its own genes; PCC(H) over the genes ranked best across
+    # folds, among the genes every fold predicts (all of them when the folds share one list). The genes
+    # of a fold are those it scored: in an external test, the checkpoint's genes the other cohort has.
     folds = [summarise(per_slide) for _, per_slide, _ in results]
-    hpg = highly_predictive_genes([g["pcc"] for g, _ in folds], args.n_hpg)
+    gene_lists = [extra["genes"] for _, _, extra in results]
+    shared = shared_genes(gene_lists)
+    every_gene = list(dict.fromkeys(g for genes in gene_lists for g in genes))  # first-seen order
+    pcc = pd.DataFrame({f"pcc_fold{i}": pd.Series(g["pcc"], index=genes)
+                        for i, ((g, _), genes) in enumerate(zip(folds, gene_lists))}).reindex(every_gene)
+    # (all genes, F): NaN where a fold does not predict the gene
+    pooled = pd.DataFrame({f"pcc_pooled_fold{i}": pd.Series(extra["pooled"], index=genes)
+                           for i, ((_, _, extra), genes) in enumerate(zip(results, gene_lists))}).reindex(every_gene)
+    hpg = [shared[i] for i in highly_predictive_genes(pcc.loc[shared].to_numpy().T, args.n_hpg)]
     rows = []
-    for (ckpt, per_slide, extra), (per_gene, s) in zip(results, folds):
+    for (ckpt, per_slide, extra), (per_gene, s), col in zip(results, folds, pcc):
         rows.append({"fold": ckpt["data"]["fold"], "test": ",".join(per_slide), "pcc_m": s["pcc_m"],
-                     "pcc_h": float(np.nanmean(per_gene["pcc"][hpg])), "mse": s["mse"], "mae": s["mae"],
+                     "pcc_h": float(np.nanmean(pcc.loc[hpg, col])), "mse": s["mse"], "mae": s["mae"],
                      "pcc_m_pooled": float(np.nanmean(extra["pooled"])) if np.isfinite(extra["pooled"]).any() else float("nan"),
-                     "undefined_pcc": s["undefined_pcc"], "selection": ckpt["selection"]})
+                     "genes": len(per_gene["pcc"]), "undefined_pcc": s["undefined_pcc"], "selection": ckpt["selection"]})
     table = pd.DataFrame(rows)
     write_csv(table, args.out / "folds.csv")
-    genes = results[0][2]["genes"]  # the scored genes (an external test leaves out those the cohort lacks)
-    write_csv(pd.DataFrame({"gene": genes, **{f"pcc_fold{r['fold']}": g["pcc"] for r, (g, _) in zip(rows, folds)},
-                            **{f"pcc_pooled_fold{r['fold']}": e["pooled"] for r, (_, _, e) in zip(rows, results)},
-                            "hpg": np.isin(np.arange(len(genes)), hpg)}), args.out / "genes.csv")
+    write_csv(pd.concat([pcc, pooled], axis=1).rename_axis("gene").reset_index()
+              .assign(hpg=lambda d: d["gene"].isin(hpg)), args.out / "genes.csv")
 
     cohort = cohorts.pop()
     if args.external:
-        print(f"\n{cohort} checkpoint(s) on external slides {args.external}: {len(genes)} of "
+        print(f"\n{cohort} checkpoint(s) on external slides {args.external}: {len(gene_lists[0])} of "
               f"{len(results[0][0]['genes'])} genes scored, the others missing there")
         cohort = f"{cohort} -> {args.external}"
     print(f"\n{cohort}: {len(rows)} fold(s), selection on {rows[0]['selection']}")
+    if len(shared) < len(pcc):  # per-fold gene lists (train.py --genes-from train)
+        print(f"the folds chose their genes separately: {len(pcc)} genes in all, {len(shared)} in every fold; "
+              f"PCC(M) is over each fold's own {', '.join(sorted({str(len(g)) for g in gene_lists}))} genes, "
+              f"PCC(H) over the {len(hpg)} best of the {len(shared)} shared ones")
     print(table[["fold", "test", "pcc_m", "pcc_h", "mse", "mae", "pcc_m_pooled"]].to_string(index=False, float_format="%.4f"))
     print("pcc_m: per slide, mean over genes then slides (the papers'); pcc_m_pooled: over the pooled spots of the "
           "fold's test slides, then the mean over genes (HEST-Benchmark's)")

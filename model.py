@@ -158,33 +158,38 @@ def feed_forward(dim: int, hidden: int, dropout: float) -> nn.Sequential:
 
 
 class RelativePositionBias(nn.Module):
-    """A learnable bias per head for each relative offset (Δrow, Δcol) on a g x g grid (as in Swin).
+    """A learnable bias per head for each distance (|Δrow|, |Δcol|) on a g x g grid, as in TRIPLEX.
 
-    Tokens are the grid cells in row-major order; the pair (query t, key s) gets table[h, offset(t, s)],
-    added to its attention logit, so attention can prefer near tiles or one direction.
+    Tokens are the grid cells in row-major order; the pair (query t, key s) gets table[h, distance(t, s)],
+    added to its attention logit, so attention can prefer near tiles over far ones. The bias has no
+    direction (a tile above and one below are alike), as tissue has no up or down, and it starts at
+    zero (plain attention).
     """
 
     def __init__(self, grid: int, heads: int):
         super().__init__()
-        self.table = nn.Parameter(torch.zeros(heads, (2 * grid - 1) ** 2))  # (h, 81) for a 5x5 grid
-        nn.init.trunc_normal_(self.table, std=0.02)
+        self.table = nn.Parameter(torch.zeros(heads, grid * grid))  # (h, 25) for a 5x5 grid
         cells = torch.arange(grid * grid)
         row, col = cells // grid, cells % grid
-        d_row = row[:, None] - row[None, :] + grid - 1  # (g², g²) in [0, 2g-2]
-        d_col = col[:, None] - col[None, :] + grid - 1
-        self.register_buffer("index", d_row * (2 * grid - 1) + d_col, persistent=False)
+        d_row = (row[:, None] - row[None, :]).abs()  # (g², g²) in [0, g-1]
+        d_col = (col[:, None] - col[None, :]).abs()
+        self.register_buffer("index", d_row * grid + d_col, persistent=False)
 
     def forward(self) -> torch.Tensor:
         return self.table[:, self.index]  # (h, g², g²)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with an optional additive bias and a key mask (False = ignore key)."""
+    """Multi-head self-attention with an optional additive bias and a key mask (False = ignore key).
+
+    Dropout acts on the output projection only, not on the attention weights, as in TRIPLEX and the
+    Gene-DML reference.
+    """
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         assert dim % heads == 0, f"dim {dim} must be a multiple of heads {heads}"
-        self.heads, self.dropout = heads, dropout
+        self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
 
@@ -200,8 +205,7 @@ class Attention(nn.Module):
             mask = pad if mask is None else mask + pad
         if mask is not None:
             mask = mask.to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, n, C/h)
         return self.proj(y.transpose(1, 2).reshape(B, n, C))  # (B, n, C)
 
 

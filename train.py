@@ -9,8 +9,9 @@ Train Gene-DML on one fold (or all folds) of a spatial-transcriptomics cohort.
 The story, in order: data (sections, gene list, crops, frozen features) -> model -> losses ->
 optimiser -> resume -> loop (train, select on the validation patient, checkpoint, stop early).
 The best epoch is chosen on a validation patient drawn from the training patients; the published
-protocol (best epoch chosen on the held-out fold itself) is `--select-on-test`, and every output
-made that way says so.
+protocol (every non-test patient trains, the best epoch is chosen on the held-out fold itself) is
+`--select-on-test`, and every output made that way says so. `--fold all` runs every fold, then the
+cohort table; running the same command again after an interruption picks up where it stopped.
 """
 import argparse
 import dataclasses
@@ -30,6 +31,7 @@ from tqdm import tqdm
 import data
 from cache import ArrayCache
 import demo
+import evaluate
 from evaluate import HelpFormatter, evaluate_split, load_checkpoint, summarise
 from features import frozen_trunk, prepare_split
 from losses import gene_dml_loss
@@ -57,7 +59,11 @@ def get_args(argv=None):
     p.add_argument("--sections", default=None, help="comma list: use only these sections (e.g. the ones with images)")
     p.add_argument("--test-sections", default=None, help="comma list: hold these out instead of the fold's patient")
     p.add_argument("--val-sections", default=None, help="comma list: select the epoch on these (default: the fold's validation patient)")
-    p.add_argument("--genes", default=None, help="gene list file (.txt or .npy); default: top --n-genes by total count over the training sections")
+    p.add_argument("--genes", default=None, help="gene list file (.txt or .npy); default: chosen by --genes-from")
+    p.add_argument("--genes-from", default="cohort", choices=("cohort", "train"),
+                   help="top --n-genes by total count over every section of the cohort (one list for all folds, "
+                        "as the published protocol chose it; limited by --sections), or over this fold's training "
+                        "sections only (no test-section information in the choice; folds then differ)")
     p.add_argument("--n-genes", type=int, default=None, help="number of genes (default: cohort table, 250 for real cohorts)")
     p.add_argument("--no-smooth", action="store_true", help="do not 3x3-smooth the labels (the published numbers used smoothing)")
     p.add_argument("--crop-size", type=int, default=None, help="spot crop / neighbour tile size in pixels (default: cohort table)")
@@ -78,7 +84,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="spots per step (default: 256; demo: 64); use 32-64 on a CPU")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     p.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better selection metric")
-    p.add_argument("--select-on-test", action="store_true", help="published protocol: choose the best epoch on the held-out fold itself (optimistic; labelled as such)")
+    p.add_argument("--select-on-test", action="store_true", help="published protocol: train on every non-test patient and choose the best epoch on the held-out fold itself (optimistic; labelled as such)")
     # run
     p.add_argument("--out", default=None, help="output folder (default: runs/<data>)")
     p.add_argument("--resume", default=None, help="continue from a last.pt")
@@ -109,7 +115,9 @@ def get_args(argv=None):
     if args.fold != "all" and not args.fold.isdigit():
         p.error(f"--fold must be a number or 'all', got {args.fold!r}")
     if args.fold == "all" and args.resume:
-        p.error("--resume continues one fold: give that fold's number with --fold")
+        p.error("--resume continues one fold; a --fold all run resumes by running the same command again")
+    if args.select_on_test and args.val_sections:
+        p.error("--select-on-test selects on the test sections: it takes no --val-sections")
     return args
 
 
@@ -119,25 +127,32 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def cohort_sections(args):
+    """Every section of the cohort, limited to --sections when given."""
+    only = set(args.sections.split(",")) if args.sections else None
+    everything = data.sections_of(args.data, list(data.COHORTS[args.data]["patients"]), root=args.root)
+    return [n for n in everything if only is None or n in only]
+
+
 def split_sections(args, fold):
     """Which sections train, select the epoch, and are held out: by patient (the fold), never by spot,
-    unless --test-sections / --val-sections name sections explicitly."""
-    only = set(args.sections.split(",")) if args.sections else None
-    keep = lambda names: [n for n in names if only is None or n in only]
+    unless --test-sections / --val-sections name sections explicitly. With --select-on-test there is
+    no validation part: every non-test section trains (the published protocol)."""
+    pool = cohort_sections(args)
     if args.test_sections:
         test = args.test_sections.split(",")
-        pool = keep(n for n in data.sections_of(args.data, list(data.COHORTS[args.data]["patients"]), root=args.root)
-                    if n not in test)
-        val = args.val_sections.split(",") if args.val_sections else pool[:1]
+        pool = [n for n in pool if n not in test]
+        val = [] if args.select_on_test else args.val_sections.split(",") if args.val_sections else pool[:1]
         names = {"train": [n for n in pool if n not in val], "val": val, "test": test}
     else:
-        split = data.fold_split(args.data, fold)
-        names = {part: keep(data.sections_of(args.data, split[part], root=args.root)) for part in ("train", "val", "test")}
+        split = data.fold_split(args.data, fold, select_on_test=args.select_on_test)
+        names = {part: [n for n in data.sections_of(args.data, split[part], root=args.root) if n in pool]
+                 for part in ("train", "val", "test")}
         if args.val_sections:
             val = args.val_sections.split(",")
             names = {"train": [n for n in names["train"] + names["val"] if n not in val], "val": val, "test": names["test"]}
     for part, ns in names.items():
-        if not ns:
+        if not ns and not (part == "val" and args.select_on_test):
             raise SystemExit(f"fold {fold}: no {part} sections left (check --sections / --test-sections / --val-sections)")
     if len(set(sum(names.values(), []))) < sum(map(len, names.values())):
         raise SystemExit(f"a section is in two of train / val / test: {names}")
@@ -180,8 +195,12 @@ def train_fold(args, fold):
         genes = resume["genes"]
     elif args.genes:
         genes = data.read_gene_list(args.genes)
-    else:
+    elif args.genes_from == "train":
         genes = data.select_genes([sections[n] for n in names["train"]], args.n_genes)
+    else:  # one list for the cohort: every fold of a cross-validation run gets the same genes
+        pool = cohort_sections(args) + [n for n in everything if n not in cohort_sections(args)]
+        genes = data.select_genes([sections.get(n) or data.load_section(args.data, args.root, n) for n in pool],
+                                  args.n_genes)
     # the crop's field of view, so an external test (evaluate.py --external) cuts crops of the same width
     crop_um = args.crop_um or visium.native_crop_um([sections[n] for n in names["train"]], args.crop_size)
     cache = ArrayCache(args.cache_dir)
@@ -190,10 +209,12 @@ def train_fold(args, fold):
         trunk.load_state_dict(resume["frozen_trunk"])
     splits = {part: prepare_split([sections[n] for n in ns], genes, args.crop_size, trunk, cache, device,
                                   smooth=not args.no_smooth, augment=(part == "train"))
-              for part, ns in names.items()}
+              for part, ns in names.items() if ns}
     select_part = "test" if args.select_on_test else "val"
     print(f"fold {fold}: train {names['train']}  val {names['val']}  test {names['test']}  "
-          f"| {len(splits['train'].dataset)} training spots, {len(genes)} genes, selection on {select_part}")
+          f"| {len(splits['train'].dataset)} training spots, {len(genes)} genes "
+          f"(from the {'training sections' if args.genes_from == 'train' and not args.genes else 'cohort' if not args.genes else args.genes}), "
+          f"selection on {select_part}")
     loader = torch.utils.data.DataLoader(splits["train"].dataset, batch_size=args.batch_size, shuffle=True,
                                          drop_last=len(splits["train"].dataset) > args.batch_size,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
@@ -242,6 +263,9 @@ def train_fold(args, fold):
 
     # ---- loop
     for epoch in range(start, args.epochs):
+        if bad >= args.patience:  # also when resuming a run that had already stopped early
+            print(f"early stop: no better {select_part} PCC(M) for {args.patience} epochs")
+            break
         # Every epoch reseeds from (seed, epoch): shuffling, augmentation and dropout then do not
         # depend on what ran before, which makes --resume exact without saving RNG states.
         seed_everything(args.seed * 1000 + epoch)
@@ -295,12 +319,45 @@ def train_fold(args, fold):
         if improved:
             save_atomic(ckpt, out / "best.pt")
         save_atomic(ckpt, out / "last.pt")
-        if bad >= args.patience:
-            print(f"early stop: no better {select_part} PCC(M) for {args.patience} epochs")
-            break
 
     print(f"best {select_part} PCC(M) {best:.4f} at epoch {best_epoch}; checkpoint {out / 'best.pt'}")
     return out / "best.pt"
+
+
+# Flags that do not change what a run computes: a re-run of --fold all may differ in these.
+RUN_ONLY = {"out", "fold", "resume", "root", "cache_dir", "workers", "device", "log_every"}
+
+
+def train_all_folds(args):
+    """Every fold into <out>/fold<i>/, then the cohort table into <out>/eval/.
+
+    Re-running the same command after an interruption (mid-epoch, between folds, during the table)
+    skips the finished folds, resumes the interrupted one from its last.pt (exactly: see the loop's
+    reseeding) and rebuilds the table, so it ends where an uninterrupted run ends.
+    """
+    root_out, best = Path(args.out), []
+    for fold in range(len(data.COHORTS[args.data]["folds"])):
+        fold_args = argparse.Namespace(**{**vars(args), "out": str(root_out / f"fold{fold}"), "fold": str(fold)})
+        last = Path(fold_args.out) / "last.pt"
+        if last.is_file():
+            ckpt = load_checkpoint(last)
+            now = plain(fold_args)
+            changed = sorted(k for k in now if k not in RUN_ONLY and ckpt["args"].get(k) != now[k])
+            if changed:
+                was = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'].get(k)!r}" for k in changed)
+                raise SystemExit(f"{last} was trained with other settings ({was}); re-run with those, or give another --out")
+            if ckpt["epoch"] + 1 >= args.epochs or ckpt["best"]["bad_epochs"] >= args.patience:
+                print(f"fold {fold}: finished earlier (best epoch {ckpt['best']['epoch']}), {last.parent / 'best.pt'}")
+                best.append(last.parent / "best.pt")
+                continue
+            fold_args.resume = str(last)
+        best.append(train_fold(fold_args, fold))
+    rc = evaluate.main(["--ckpt", *map(str, best), "--out", str(root_out / "eval"), "--cache-dir", args.cache_dir,
+                        *(["--root", str(args.root)] if args.root else [])])
+    if rc != 0:
+        raise SystemExit(f"error: the cohort table of {root_out} could not be built (evaluate.py exited {rc}, "
+                         "reason above); the folds are saved: fix the cause and re-run the same command")
+    return best
 
 
 def main(argv=None):
@@ -308,13 +365,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.fold != "all":
         return train_fold(args, int(args.fold))
-    import evaluate
-    root_out, best = Path(args.out), []
-    for fold in range(len(data.COHORTS[args.data]["folds"])):
-        fold_args = argparse.Namespace(**{**vars(args), "out": str(root_out / f"fold{fold}"), "fold": str(fold)})
-        best.append(train_fold(fold_args, fold))
-    evaluate.main(["--ckpt", *map(str, best), "--out", str(root_out / "eval"), "--cache-dir", args.cache_dir])
-    return best
+    return train_all_folds(args)
 
 
 if __name__ == "__main__":

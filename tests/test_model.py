@@ -118,8 +118,15 @@ def test_module_shapes():
     cfg = tiny_cfg()
     bias = M.RelativePositionBias(5, heads=2)()
     assert bias.shape == (2, 25, 25)
-    # pairs with the same offset share a bias: (0,0)->(1,1) and (2,3)->(3,4) are both (-1,-1)
-    assert torch.equal(bias[:, 0, 6], bias[:, 13, 19]) and not torch.equal(bias[:, 0, 6], bias[:, 0, 1])
+    assert not bias.any()  # it starts as plain attention
+    with torch.no_grad():
+        bias_module = M.RelativePositionBias(5, heads=2)
+        bias_module.table.copy_(torch.randn(2, 25))
+    bias = bias_module()
+    # pairs at the same distance share a bias, in any direction: (0,0)->(1,1) is (1,1) like (2,3)->(1,2)
+    assert torch.equal(bias[:, 0, 6], bias[:, 13, 7]) and torch.equal(bias[:, 0, 6], bias[:, 6, 0])
+    assert not torch.equal(bias[:, 0, 6], bias[:, 0, 1])  # (1,1) is not (0,1)
+    assert bias_module.table.shape == (2, 25)
     b = make_batch()
     assert M.LocalEncoder()(b["local"]).shape == (4, 4, 512)  # 64 px -> 2x2 map -> 4 tokens
     assert M.NeighbourEncoder(cfg)(b["neighbour"], b["neighbour_mask"]).shape == (4, 25, D)
