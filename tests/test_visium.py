@@ -266,24 +266,31 @@ def trained(cohort, tmp_path_factory):
     return best, cache
 
 
-def test_a_fold_trains_and_evaluates_with_pooled_and_per_slide_pcc(trained, tmp_path):
+def test_a_fold_trains_and_evaluates_with_pooled_and_per_slide_pcc(trained, tmp_path, monkeypatch):
     best, cache = trained
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
     assert ckpt["data"]["sections"] == {"train": ["S3"], "val": ["S2"], "test": ["S0", "S1"]}
     assert ckpt["data"]["crop_um"] == visium.DEFAULT_CROP_UM and "hexagonal" in ckpt["data"]["normalisation"]
     data.COHORTS.pop("mine")  # evaluate must register the table again from the checkpoint alone
+    seen = []
+    real = evaluate.pooled_pcc
+    monkeypatch.setattr(evaluate, "pooled_pcc", lambda p, l: seen.append((p, l)) or real(p, l))
     assert evaluate.main(["--ckpt", str(best), "--out", str(tmp_path), "--cache-dir", str(cache),
                           "--device", "cpu", "--maps", "1"]) == 0
     folds = pd.read_csv(tmp_path / "folds.csv")
     assert {"pcc_m", "pcc_m_pooled"} <= set(folds.columns)
-    # the pooled PCC, independently: np.corrcoef per gene over both test slides' spots together
-    pred = pd.read_csv(tmp_path / "predictions.csv")
+    # pooling gets both test slides: their predictions (as in predictions.csv) and their hexagonal labels
+    (preds, labels), = seen
     genes = ckpt["genes"]
-    labels = [data.expression_labels(data.gene_counts(data.load_section("mine", None, n), genes),
-                                     data.load_section("mine", None, n).array_xy, True, "hex") for n in ("S0", "S1")]
-    y = np.concatenate(labels)
-    r = [np.corrcoef(pred[g].to_numpy(), y[:, j])[0, 1] for j, g in enumerate(genes)]
-    assert folds["pcc_m_pooled"][0] == pytest.approx(np.nanmean(r), abs=1e-3)  # the CSVs hold 5 digits
+    csv = pd.read_csv(tmp_path / "predictions.csv")
+    np.testing.assert_allclose(np.concatenate(preds), csv[genes].to_numpy(), rtol=1e-4, atol=1e-6)
+    for n, lab in zip(("S0", "S1"), labels):
+        s = data.load_section("mine", None, n)
+        np.testing.assert_allclose(lab, data.expression_labels(data.gene_counts(s, genes), s.array_xy, True, "hex"), rtol=1e-6)
+    # the pooled PCC, independently: np.corrcoef per gene over both slides' spots together
+    p, y = np.concatenate(preds), np.concatenate(labels)
+    r = [np.corrcoef(p[:, j], y[:, j])[0, 1] for j in range(len(genes))]
+    assert folds["pcc_m_pooled"][0] == pytest.approx(np.nanmean(r), abs=1e-5)
     per_slide = pd.read_csv(tmp_path / "per_gene.csv").groupby("slide")["pcc"].mean()
     assert folds["pcc_m"][0] == pytest.approx(per_slide.mean(), abs=1e-4)
     assert folds["pcc_m"][0] != pytest.approx(folds["pcc_m_pooled"][0], abs=1e-6)
