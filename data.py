@@ -421,7 +421,7 @@ def section_crops(section: Section, cache: ArrayCache, crop_size: int, progress=
                  **({"scale": round(scale, 9)} if scale != 1.0 else {})}
     tag = re.sub(r"[^A-Za-z0-9_.\-]", "_", f"{section.cohort}-{section.name}")  # a plain file name
     image = cache.get(f"{tag}-image" + (f"-x{scale:.4g}" if scale != 1.0 else ""), image_key,
-                      lambda: {"image": _decode(section.image_path, scale)})["image"]
+                      lambda: {"image": _decode(section.image_path, scale) if scale != 1.0 else _decode(section.image_path)})["image"]
     # pixel p's centre sits at p + 0.5 in continuous coordinates, which resampling multiplies by scale
     centres = np.ascontiguousarray((section.pixel_xy + 0.5) * scale - 0.5, np.float64)  # (N, 2) resampled px
     key = dict(image_key, centres=hashlib.sha1(centres.tobytes()).hexdigest(), spots=len(centres), crop=crop_size)
