@@ -192,15 +192,17 @@ def train_fold(args, fold):
     data.check_cohort(args.data, args.root, everything)
     sections = {n: data.load_section(args.data, args.root, n) for n in everything}
     if resume:
-        genes = resume["genes"]
+        genes, genes_from = resume["genes"], args.resume
     elif args.genes:
-        genes = data.read_gene_list(args.genes)
+        genes, genes_from = data.read_gene_list(args.genes), args.genes
     elif args.genes_from == "train":
-        genes = data.select_genes([sections[n] for n in names["train"]], args.n_genes)
+        genes, genes_from = data.select_genes([sections[n] for n in names["train"]], args.n_genes), "training sections"
     else:  # one list for the cohort: every fold of a cross-validation run gets the same genes
-        pool = cohort_sections(args) + [n for n in everything if n not in cohort_sections(args)]
-        genes = data.select_genes([sections.get(n) or data.load_section(args.data, args.root, n) for n in pool],
-                                  args.n_genes)
+        pool = cohort_sections(args)
+        pool += [n for n in everything if n not in pool]  # --test-sections may lie outside --sections
+        genes = data.select_genes([sections[n] if n in sections else data.load_section(args.data, args.root, n)
+                                   for n in pool], args.n_genes)
+        genes_from = f"cohort, {len(pool)} sections"
     # the crop's field of view, so an external test (evaluate.py --external) cuts crops of the same width
     crop_um = args.crop_um or visium.native_crop_um([sections[n] for n in names["train"]], args.crop_size)
     cache = ArrayCache(args.cache_dir)
@@ -212,9 +214,7 @@ def train_fold(args, fold):
               for part, ns in names.items() if ns}
     select_part = "test" if args.select_on_test else "val"
     print(f"fold {fold}: train {names['train']}  val {names['val']}  test {names['test']}  "
-          f"| {len(splits['train'].dataset)} training spots, {len(genes)} genes "
-          f"(from the {'training sections' if args.genes_from == 'train' and not args.genes else 'cohort' if not args.genes else args.genes}), "
-          f"selection on {select_part}")
+          f"| {len(splits['train'].dataset)} training spots, {len(genes)} genes ({genes_from}), selection on {select_part}")
     loader = torch.utils.data.DataLoader(splits["train"].dataset, batch_size=args.batch_size, shuffle=True,
                                          drop_last=len(splits["train"].dataset) > args.batch_size,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
