@@ -18,7 +18,8 @@ Counts and spot file are joined on the id built from the rounded array x, y ("{x
 centre is (pixel_x, pixel_y). Spots present in only one of the two files are dropped and logged.
 
 Labels (METHOD.md, Data): counts over the selected genes, library size normalised to 1e4 per spot,
-log10(1 + x), then each spot replaced by the mean over itself and its array-grid neighbours (3x3).
+log10(1 + x), then each spot replaced by the mean over itself and its array-grid neighbours (3x3;
+on a Visium slide's hexagonal grid, the 6 neighbours). Your own Visium / HEST-1k slides: visium.py.
 """
 
 import argparse
@@ -138,6 +139,8 @@ def _files(cohort: str, root, name: str) -> dict:
 def check_cohort(cohort: str, root, sections=None) -> None:
     """Raise FileNotFoundError listing every missing counts/spot/image file and how to fetch them.
     (train.py writes the demo cohort before it checks; elsewhere a missing demo is missing files.)"""
+    if "check" in COHORTS[cohort]:  # a cohort table registered by visium.py checks its own files
+        return COHORTS[cohort]["check"](sections)
     sections = sections_of(cohort, COHORTS[cohort]["patients"], root) if sections is None else sections
     missing = [] if sections else [f"{root} (no sections found)"]
     for name in sections:
@@ -162,6 +165,9 @@ class Section:
     pixel_xy: np.ndarray     # (N, 2) float64 pixel_x, pixel_y (crop centre)
     counts: pd.DataFrame     # (N, all genes) raw counts (float32), index = spot_ids
     files: dict = field(default_factory=dict, repr=False)  # the source paths, for messages
+    geometry: str = "square"  # array grid: "square" (ST) or "hex" (Visium; array_xy in axial coordinates)
+    um_per_px: float | None = None  # image resolution; with crop_um set, crops are cut at crop_um µm (visium.py)
+    crop_um: float | None = None    # None: crops are crop_size px of the image as it is (built-in cohorts)
 
 
 def _read_table(path: Path, what: str, **kw) -> pd.DataFrame:
@@ -239,6 +245,8 @@ def _read_counts(path: Path) -> pd.DataFrame:
 
 def load_section(cohort: str, root, name: str) -> Section:
     """Read one section: join counts and spot file on the spot id, check the centres lie on the image."""
+    if "load" in COHORTS[cohort]:  # a cohort table registered by visium.py reads its own layouts
+        return COHORTS[cohort]["load"](name)
     files = _files(cohort, root, name)
     ids, array_xy, pixel_xy = read_spots(files["spots"])
     counts = _read_counts(files["counts"])
@@ -305,9 +313,17 @@ def gene_counts(section: Section, genes: list[str]) -> np.ndarray:
     return section.counts.reindex(columns=genes, fill_value=0).to_numpy(np.float32)
 
 
-def expression_labels(counts: np.ndarray, array_xy: np.ndarray, smooth: bool = True) -> np.ndarray:
+# Array-grid neighbours (dx, dy) averaged by the label smoothing, the spot itself included. Square
+# (ST): the 3x3 block. Hexagonal (Visium, array_xy in axial coordinates, see visium.py): the spot and
+# its 6 neighbours at 100 µm, the hexagonal grid's first ring.
+SMOOTH_OFFSETS = {"square": [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)],
+                  "hex": [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (1, -1), (-1, 1)]}
+
+
+def expression_labels(counts: np.ndarray, array_xy: np.ndarray, smooth: bool = True, geometry: str = "square") -> np.ndarray:
     """(N, G) float32 labels: library size -> 1e4 over the given genes, log10(1 + x), then (smooth)
-    the mean over the spot and those of its 8 array-grid neighbours that are spots of the section."""
+    the mean over the spot and those of its array-grid neighbours (SMOOTH_OFFSETS) that are spots of
+    the section: 8 on the square grid, 6 on the hexagonal one."""
     counts = np.asarray(counts, np.float64)
     lib = counts.sum(axis=1, keepdims=True)  # (N, 1); a spot without counts stays all zero
     y = np.log10(1 + np.divide(counts * 1e4, lib, out=np.zeros_like(counts), where=lib > 0))
@@ -316,16 +332,16 @@ def expression_labels(counts: np.ndarray, array_xy: np.ndarray, smooth: bool = T
     xy = np.asarray(array_xy, np.int64)
     xy = xy - xy.min(axis=0) + 1  # 1-based, so the neighbours of the border spots stay inside the grid
     assert len(np.unique(xy, axis=0)) == len(xy), "expression_labels: duplicate array coordinates"
+    assert geometry in SMOOTH_OFFSETS, f"geometry must be one of {list(SMOOTH_OFFSETS)}, got {geometry!r}"
     W, H = xy.max(axis=0) + 2
     grid = np.zeros((W, H, y.shape[1]))  # dense array grid of labels
     have = np.zeros((W, H))  # 1 where a spot exists
     grid[xy[:, 0], xy[:, 1]] = y
     have[xy[:, 0], xy[:, 1]] = 1
     total, n = np.zeros_like(y), np.zeros(len(y))
-    for dx in (-1, 0, 1):
-        for dy in (-1, 0, 1):
-            total += grid[xy[:, 0] + dx, xy[:, 1] + dy]
-            n += have[xy[:, 0] + dx, xy[:, 1] + dy]
+    for dx, dy in SMOOTH_OFFSETS[geometry]:
+        total += grid[xy[:, 0] + dx, xy[:, 1] + dy]
+        n += have[xy[:, 0] + dx, xy[:, 1] + dy]
     return (total / n[:, None]).astype(np.float32)
 
 
@@ -364,11 +380,16 @@ def neighbour_window(image, centre_xy, size: int, grid: int = 5) -> tuple[np.nda
     return tiles, neighbour_mask(image.shape, centre_xy, size, grid)
 
 
-def _decode(path: Path) -> np.ndarray:
+def _decode(path: Path, scale: float = 1.0) -> np.ndarray:
+    """(H, W, 3) uint8 image, resampled by `scale` (new px per image px) when scale != 1."""
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # (H, W, 3) uint8
+            im = im if im.mode == "RGB" else im.convert("RGB")
+            if scale != 1.0:  # resampled before numpy sees it: one full-size copy, not two
+                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                               Image.Resampling.LANCZOS)
+            return np.asarray(im)  # (H, W, 3) uint8
     except Exception as e:  # truncated or corrupt JPEG
         raise ValueError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
 
@@ -394,10 +415,15 @@ def section_crops(section: Section, cache: ArrayCache, crop_size: int, progress=
     if section.image_path is None:
         raise FileNotFoundError(f"{section.cohort}/{section.name}: no image found; "
                                 f"fetch it with: {COHORTS[section.cohort]['fetch'].format(root='<root>')}")
-    image_key = {"image": fingerprint(section.image_path), "version": CROP_VERSION}
+    # A section with a field of view in µm (visium.py) is resampled so crop_size px span crop_um µm.
+    scale = 1.0 if section.crop_um is None else crop_size * section.um_per_px / section.crop_um
+    image_key = {"image": fingerprint(section.image_path), "version": CROP_VERSION,
+                 **({"scale": round(scale, 9)} if scale != 1.0 else {})}
     tag = re.sub(r"[^A-Za-z0-9_.\-]", "_", f"{section.cohort}-{section.name}")  # a plain file name
-    image = cache.get(f"{tag}-image", image_key, lambda: {"image": _decode(section.image_path)})["image"]
-    centres = np.ascontiguousarray(section.pixel_xy, np.float64)
+    image = cache.get(f"{tag}-image" + (f"-x{scale:.4g}" if scale != 1.0 else ""), image_key,
+                      lambda: {"image": _decode(section.image_path, scale) if scale != 1.0 else _decode(section.image_path)})["image"]
+    # pixel p's centre sits at p + 0.5 in continuous coordinates, which resampling multiplies by scale
+    centres = np.ascontiguousarray((section.pixel_xy + 0.5) * scale - 0.5, np.float64)  # (N, 2) resampled px
     key = dict(image_key, centres=hashlib.sha1(centres.tobytes()).hexdigest(), spots=len(centres), crop=crop_size)
 
     def build():
@@ -434,7 +460,7 @@ class SpotDataset(torch.utils.data.Dataset):
         self.sections, self.crops, self.genes = sections, crops, list(genes)
         self.augment, self.features = augment, features
         self.counts = [gene_counts(s, self.genes) for s in sections]  # per section (N_s, G)
-        self.labels = [expression_labels(c, s.array_xy, smooth) for c, s in zip(self.counts, sections)]
+        self.labels = [expression_labels(c, s.array_xy, smooth, s.geometry) for c, s in zip(self.counts, sections)]
         for s, c in zip(sections, crops):
             assert len(c.local) == len(s.spot_ids), f"{s.name}: {len(c.local)} crops for {len(s.spot_ids)} spots"
         # (total spots, 2): section index, row within the section

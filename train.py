@@ -4,6 +4,7 @@ Train Gene-DML on one fold (or all folds) of a spatial-transcriptomics cohort.
     python train.py --data demo                       # synthetic cohort, a few minutes on a CPU
     python train.py --data her2st --epochs 50         # real data (python data.py download her2st)
     python train.py --data her2st --fold all          # every leave-one-patient-out fold + table
+    python train.py --data my_slides.csv              # your own Visium / HEST-1k slides (visium.py)
     torchrun --standalone --nproc_per_node 4 train.py --data her2st    # 4 GPUs (see distributed.py)
 
 The story, in order: data (sections, gene list, crops, frozen features) -> model -> losses ->
@@ -37,6 +38,7 @@ from evaluate import HelpFormatter, evaluate_split, load_checkpoint, summarise
 from features import frozen_trunk, prepare_split
 from losses import gene_dml_loss
 from model import GeneDML, GeneDMLConfig
+import visium
 
 log = logging.getLogger("train")
 
@@ -52,7 +54,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train Gene-DML (see README).",
                                 formatter_class=HelpFormatter)
     # data
-    p.add_argument("--data", default="demo", choices=sorted(data.COHORTS), help="cohort")
+    p.add_argument("--data", default="demo", help=f"cohort: {' | '.join(sorted(data.COHORTS))}, or a cohort table .csv of your own slides (README: Your own slides)")
+    p.add_argument("--crop-um", type=float, default=None, help=f"cohort tables only: a crop's field of view in µm; each slide is resampled so --crop-size px span it (default {visium.DEFAULT_CROP_UM:g} = 224 px at 0.5 µm/px, HEST-1k's)")
     p.add_argument("--root", default=None, help="cohort folder (default: the cohort table's, e.g. data/her2st)")
     p.add_argument("--fold", default="0", help="fold number, or 'all' to run every fold into <out>/fold<i>/")
     p.add_argument("--sections", default=None, help="comma list: use only these sections (e.g. the ones with images)")
@@ -97,6 +100,16 @@ def get_args(argv=None):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (default: on for CUDA)")
     p.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates of the loss parts")
     args = p.parse_args(argv)
+    if args.data.endswith(".csv"):  # a cohort table: registered in data.COHORTS under the file's stem
+        if args.root:
+            p.error("--root is for built-in cohorts; a cohort table holds its own paths")
+        args.root = args.data
+        args.data = visium.register_cohort(args.data, args.crop_um)
+        args.crop_um = data.COHORTS[args.data]["crop_um"]
+    elif args.data not in data.COHORTS:
+        p.error(f"--data must be one of {sorted(data.COHORTS)} or a cohort table .csv, got {args.data!r}")
+    elif args.crop_um is not None:
+        p.error("--crop-um applies to cohort tables; built-in cohorts are cropped at their native resolution")
 
     spec, recipe = data.COHORTS[args.data], RECIPES.get(args.data, RECIPES["default"])
     defaults = dict(root=spec["root"], crop_size=spec["crop"], k=spec["k"], n_genes=spec["genes"],
@@ -212,6 +225,8 @@ def train_fold(args, fold):
         genes = data.select_genes([sections[n] if n in sections else data.load_section(args.data, args.root, n)
                                    for n in pool], args.n_genes)
         genes_from = f"cohort, {len(pool)} sections"
+    # the crop's field of view, so an external test (evaluate.py --external) cuts crops of the same width
+    crop_um = args.crop_um or visium.native_crop_um([sections[n] for n in names["train"]], args.crop_size)
     cache = ArrayCache(args.cache_dir)
     # Rank 0 fetches the weights and fills the caches (crops, frozen features) first; the other processes
     # wait, then read them. Only rank 0 validates, so only it prepares the validation and test sections.
@@ -237,7 +252,8 @@ def train_fold(args, fold):
                                          pin_memory=device.type == "cuda")
 
     # ---- model
-    cfg = GeneDMLConfig.for_cohort(args.data, len(genes), levels=args.levels, **({'dim': args.dim} if args.dim else {}))
+    sizes = data.COHORTS[args.data].get("sizes", args.data)  # a cohort table borrows a built-in cohort's encoder sizes
+    cfg = GeneDMLConfig.for_cohort(sizes, len(genes), levels=args.levels, **({'dim': args.dim} if args.dim else {}))
     model = GeneDML(cfg).to(device)
     model.load_trunk_weights(trunk.state_dict())    # the trainable local trunk starts where the frozen one is
     model.set_statistics(np.concatenate(splits["train"].dataset.labels),
@@ -269,10 +285,11 @@ def train_fold(args, fold):
     def checkpoint(epoch):
         return {"model": model.state_dict(), "frozen_trunk": trunk.state_dict(),
                 "config": dataclasses.asdict(cfg), "genes": list(genes),
-                "data": {"cohort": args.data, "root": str(args.root), "crop_size": args.crop_size,
+                "data": {"cohort": args.data, "root": str(args.root), "crop_size": args.crop_size, "crop_um": crop_um,
                          "smooth": not args.no_smooth, "fold": None if args.test_sections else fold, "sections": names,
                          "normalisation": "counts of the selected genes scaled to 1e4 per spot, log10(1+x)"
-                                          + (", 3x3 array-grid mean" if not args.no_smooth else "")},
+                                          + ("" if args.no_smooth else ", 7-spot hexagonal array-grid mean"
+                                             if sections[names["train"][0]].geometry == "hex" else ", 3x3 array-grid mean")},
                 "selection": "test (published protocol: best epoch chosen on the held-out fold; optimistic)"
                              if args.select_on_test else "validation",
                 "args": plain(args), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
