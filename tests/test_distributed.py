@@ -43,6 +43,7 @@ def free_port():
 def test_sharded_batches_split_the_one_process_batches():
     one = distributed.ShardedBatchSampler(70, 16, drop_last=True, seed=3)
     halves = [distributed.ShardedBatchSampler(70, 16, drop_last=True, seed=3, rank=r, world=2) for r in (0, 1)]
+    orders = []
     for epoch in (0, 1):
         for s in (one, *halves):
             s.set_epoch(epoch)
@@ -51,7 +52,7 @@ def test_sharded_batches_split_the_one_process_batches():
         assert len({i for b in batches for i in b}) == 64, "a spot appears twice in an epoch"
         # rank 0's share then rank 1's is the one-process batch, in its order (k-means starts from its first rows)
         assert [a + b for a, b in zip(*halves)] == batches
-        orders = orders + [batches] if epoch else [batches]
+        orders.append(batches)
     assert orders[0] != orders[1], "the order should change with the epoch"
     short = [list(distributed.ShardedBatchSampler(7, 16, drop_last=False, seed=0, rank=r, world=2)) for r in (0, 1)]
     assert [len(b) for s in short for b in s] == [3, 3] and not set(short[0][0]) & set(short[1][0])

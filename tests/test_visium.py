@@ -6,7 +6,6 @@ spot's colour landed on the spot: a swap of x and y (pxl_col / pxl_row) would no
 wider than high for the same reason. h5py paths run only where h5py is installed and skip otherwise.
 """
 import gzip
-import json
 import math
 
 import numpy as np
