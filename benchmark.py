@@ -24,6 +24,9 @@ other jobs hold cores: torch's threads then wait on each other, up to 20x slower
          the frozen-feature rate (features.extract_features: the local crop + 25 tiles per spot)
          and the token rate (features.extract_tokens: one crop per spot).
   eval   evaluate.slide_metrics (vectorised) against a per-gene np.corrcoef loop; they must agree.
+  ddp    training steps/s of one process and of two (torchrun's DDP on gloo, one thread each,
+         the same global batch, embeddings gathered as train.py does): a smoke figure that the
+         distributed path runs, not a scaling claim (two processes share this machine's cores).
   scale  forward + backward of the global level on one section of 300 ... 16,000 spots: its
          self-attention is quadratic in the spots per section, so time and memory grow ~N² once N
          is large; a size whose extrapolated cost is above --scale-max-s / --scale-max-gb is
@@ -46,6 +49,7 @@ import math
 import os
 import resource
 import shutil
+import socket
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
@@ -54,18 +58,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
 import data
+import distributed
 import losses
 from cache import ArrayCache
 from evaluate import slide_metrics
 from features import extract_features, extract_tokens
 from model import GeneDML, GeneDMLConfig, GlobalEncoder, build_trunk, preprocess
 
-SECTIONS = ("data", "step", "eval", "scale")
+SECTIONS = ("data", "step", "eval", "ddp", "scale")
 SPOT_PX = 256  # her2st: spots ~ 200-260 px apart on the full-resolution image
 QUICK = dict(slide_px="2000x2000", spots=64, items=32, decode_items=1, batch=8, crop=64, context=64,
              feat_spots=4, warmup=1, reps=2, eval_spots=500, eval_genes=50, scale_spots="100,300",
@@ -104,6 +110,8 @@ def get_args(argv=None):
     p.add_argument("--feat-spots", type=int, default=16, help="step: spots for the frozen-feature rate (26 images each)")
     p.add_argument("--warmup", type=int, default=2, help="step: untimed steps first")
     p.add_argument("--reps", type=int, default=5, help="step: timed steps")
+    p.add_argument("--ddp-processes", type=lambda t: [int(n) for n in t.split(",")], default="1,2",
+                   help="ddp: process counts to time (CPU: gloo, one thread each; CUDA: NCCL, one GPU each); step sizes as above")
     # eval
     p.add_argument("--eval-spots", type=int, default=4000, help="eval: spots of the slide")
     p.add_argument("--eval-genes", type=int, default=250, help="eval: genes")
@@ -204,6 +212,64 @@ def extrapolate(points, n):
     elif a < 0:
         a, b = 0.0, y2 / n2 ** 2
     return a * n + b * n * n
+
+
+def _ddp_worker(rank, world, port, args, device_type, amp, result):
+    """One of `world` processes training GeneDML as train.py does (DDP, gathered embeddings, its share
+    of the global batch --batch); rank 0 writes the seconds per step to `result`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    device = distributed.device_for(device_type)
+    distributed.init(device)  # a no-op for one process
+    b, c, G, N = args.batch // world, args.crop, args.genes, args.context
+    torch.manual_seed(rank)   # each process its own spots
+    local = torch.randint(0, 256, (b, 3, c, c), dtype=torch.uint8, device=device)
+    neighbour, mask = torch.randn(b, 25, 512, device=device), torch.ones(b, 25, dtype=torch.bool, device=device)
+    section, index = torch.zeros(b, dtype=torch.long, device=device), torch.randperm(N)[:b].to(device)
+    context = [(torch.randn(N, 512, device=device), torch.as_tensor(grid_xy(N), device=device))]
+    label = 3 * torch.rand(b, G, device=device)
+    torch.manual_seed(0)
+    model = GeneDML(GeneDMLConfig.for_cohort("her2st", G)).to(device).train()
+    ddp = distributed.wrap(model, device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = ddp(local, neighbour, mask, section, index, context, expression=label)
+        loss, _ = losses.gene_dml_loss(distributed.gather_outputs(out), label, k=args.k)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(args.warmup):
+        step()
+    distributed.barrier()
+    seconds = timed(step, device, args.reps)
+    if rank == 0:
+        Path(result).write_text(str(seconds))
+    distributed.shutdown()
+
+
+def bench_ddp(args, device, amp, tmp):
+    seconds = {}
+    for world in args.ddp_processes:
+        if device.type == "cuda" and world > torch.cuda.device_count():
+            continue  # NCCL wants one GPU per process
+        with socket.socket() as s:  # a free port for the process group
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        result = tmp / f"seconds-{world}.txt"
+        mp.start_processes(_ddp_worker, args=(world, port, args, device.type, amp, str(result)), nprocs=world,
+                           start_method="spawn")
+        seconds[world] = float(result.read_text())
+    how = "one GPU each, NCCL" if device.type == "cuda" else "one thread each, gloo"
+    fig = dict(batch=args.batch, crop=args.crop, context=args.context, how=how,
+               steps_per_s={w: 1 / t for w, t in seconds.items()})
+    rows = [(f"{w} process{'es' if w > 1 else ''} ({how if w > 1 else how.split(',')[0].replace(' each', '')}), "
+             f"global batch {args.batch} at {args.crop} px",
+             f"{1 / t:.2f} steps/s") for w, t in seconds.items()]
+    return fig, rows
 
 
 # ----------------------------------------------------------------------------- synthetic inputs
@@ -528,7 +594,8 @@ def main(argv=None):
             sub = Path(tmp) / name
             sub.mkdir()
             fig, rows = {"data": lambda: bench_data(args, device, sub), "step": lambda: bench_step(args, device, amp),
-                         "eval": lambda: bench_eval(args, device), "scale": lambda: bench_scale(args, device, amp, sub)}[name]()
+                         "eval": lambda: bench_eval(args, device), "ddp": lambda: bench_ddp(args, device, amp, sub),
+                         "scale": lambda: bench_scale(args, device, amp, sub)}[name]()
             fig["wall_s"] = time.perf_counter() - t
             figures[name] = fig
             print(f"\n== {name} ({fig['wall_s']:.0f} s)")

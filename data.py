@@ -18,7 +18,8 @@ Counts and spot file are joined on the id built from the rounded array x, y ("{x
 centre is (pixel_x, pixel_y). Spots present in only one of the two files are dropped and logged.
 
 Labels (METHOD.md, Data): counts over the selected genes, library size normalised to 1e4 per spot,
-log10(1 + x), then each spot replaced by the mean over itself and its array-grid neighbours (3x3).
+log10(1 + x), then each spot replaced by the mean over itself and its array-grid neighbours (3x3;
+on a Visium slide's hexagonal grid, the 6 neighbours). Your own Visium / HEST-1k slides: visium.py.
 """
 
 import argparse
@@ -71,13 +72,15 @@ COHORTS: dict[str, dict] = {
 }
 
 
-def fold_split(cohort: str, fold: int) -> dict:
+def fold_split(cohort: str, fold: int, select_on_test: bool = False) -> dict:
     """Patients of one fold: test = the fold's held-out patient(s); val = the first patient of the next
-    fold (cyclic), a deterministic draw from the training patients; train = everyone else."""
+    fold (cyclic), a deterministic draw from the training patients; train = everyone else.
+    select_on_test (the published protocol): no validation patient, every non-test patient trains,
+    and the epoch is chosen on the test patient itself."""
     folds = COHORTS[cohort]["folds"]
     assert 0 <= fold < len(folds), f"{cohort} has folds 0..{len(folds) - 1}, got {fold}"
     test = list(folds[fold])
-    val = [folds[(fold + 1) % len(folds)][0]]
+    val = [] if select_on_test else [folds[(fold + 1) % len(folds)][0]]
     train = [p for p in COHORTS[cohort]["patients"] if p not in test and p not in val]
     return {"test": test, "val": val, "train": train}
 
@@ -137,6 +140,8 @@ def _files(cohort: str, root, name: str) -> dict:
 def check_cohort(cohort: str, root, sections=None) -> None:
     """Raise FileNotFoundError listing every missing counts/spot/image file and how to fetch them.
     (train.py writes the demo cohort before it checks; elsewhere a missing demo is missing files.)"""
+    if "check" in COHORTS[cohort]:  # a cohort table registered by visium.py checks its own files
+        return COHORTS[cohort]["check"](sections)
     sections = sections_of(cohort, COHORTS[cohort]["patients"], root) if sections is None else sections
     missing = [] if sections else [f"{root} (no sections found)"]
     for name in sections:
@@ -161,6 +166,9 @@ class Section:
     pixel_xy: np.ndarray     # (N, 2) float64 pixel_x, pixel_y (crop centre)
     counts: pd.DataFrame     # (N, all genes) raw counts (float32), index = spot_ids
     files: dict = field(default_factory=dict, repr=False)  # the source paths, for messages
+    geometry: str = "square"  # array grid: "square" (ST) or "hex" (Visium; array_xy in axial coordinates)
+    um_per_px: float | None = None  # image resolution; with crop_um set, crops are cut at crop_um µm (visium.py)
+    crop_um: float | None = None    # None: crops are crop_size px of the image as it is (built-in cohorts)
 
 
 def _read_table(path: Path, what: str, **kw) -> pd.DataFrame:
@@ -238,6 +246,8 @@ def _read_counts(path: Path) -> pd.DataFrame:
 
 def load_section(cohort: str, root, name: str) -> Section:
     """Read one section: join counts and spot file on the spot id, check the centres lie on the image."""
+    if "load" in COHORTS[cohort]:  # a cohort table registered by visium.py reads its own layouts
+        return COHORTS[cohort]["load"](name)
     files = _files(cohort, root, name)
     ids, array_xy, pixel_xy = read_spots(files["spots"])
     counts = _read_counts(files["counts"])
@@ -268,10 +278,15 @@ def load_section(cohort: str, root, name: str) -> Section:
 
 # ----------------------------------------------------------------------------- genes and labels
 def select_genes(sections: list[Section], n: int = 250) -> list[str]:
-    """The n genes with the highest total raw count over these (training) sections; ties by name."""
-    totals = pd.concat([s.counts.sum(axis=0) for s in sections], axis=1).fillna(0).sum(axis=1)
-    assert n <= len(totals), f"asked for {n} genes, the sections have {len(totals)}"
-    return totals.sort_index().sort_values(ascending=False, kind="stable").index[:n].tolist()
+    """The n genes with the highest total raw count over these sections; ties by name."""
+    return top_genes([s.counts.sum(axis=0) for s in sections], n)
+
+
+def top_genes(totals: list[pd.Series], n: int) -> list[str]:
+    """The n genes with the highest sum over these per-section totals (gene -> count); ties by name."""
+    total = pd.concat(totals, axis=1).fillna(0).sum(axis=1)
+    assert n <= len(total), f"asked for {n} genes, the sections have {len(total)}"
+    return total.sort_index().sort_values(ascending=False, kind="stable").index[:n].tolist()
 
 
 def read_gene_list(path) -> list[str]:
@@ -299,9 +314,17 @@ def gene_counts(section: Section, genes: list[str]) -> np.ndarray:
     return section.counts.reindex(columns=genes, fill_value=0).to_numpy(np.float32)
 
 
-def expression_labels(counts: np.ndarray, array_xy: np.ndarray, smooth: bool = True) -> np.ndarray:
+# Array-grid neighbours (dx, dy) averaged by the label smoothing, the spot itself included. Square
+# (ST): the 3x3 block. Hexagonal (Visium, array_xy in axial coordinates, see visium.py): the spot and
+# its 6 neighbours at 100 µm, the hexagonal grid's first ring.
+SMOOTH_OFFSETS = {"square": [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)],
+                  "hex": [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (1, -1), (-1, 1)]}
+
+
+def expression_labels(counts: np.ndarray, array_xy: np.ndarray, smooth: bool = True, geometry: str = "square") -> np.ndarray:
     """(N, G) float32 labels: library size -> 1e4 over the given genes, log10(1 + x), then (smooth)
-    the mean over the spot and those of its 8 array-grid neighbours that are spots of the section."""
+    the mean over the spot and those of its array-grid neighbours (SMOOTH_OFFSETS) that are spots of
+    the section: 8 on the square grid, 6 on the hexagonal one."""
     counts = np.asarray(counts, np.float64)
     lib = counts.sum(axis=1, keepdims=True)  # (N, 1); a spot without counts stays all zero
     y = np.log10(1 + np.divide(counts * 1e4, lib, out=np.zeros_like(counts), where=lib > 0))
@@ -310,16 +333,16 @@ def expression_labels(counts: np.ndarray, array_xy: np.ndarray, smooth: bool = T
     xy = np.asarray(array_xy, np.int64)
     xy = xy - xy.min(axis=0) + 1  # 1-based, so the neighbours of the border spots stay inside the grid
     assert len(np.unique(xy, axis=0)) == len(xy), "expression_labels: duplicate array coordinates"
+    assert geometry in SMOOTH_OFFSETS, f"geometry must be one of {list(SMOOTH_OFFSETS)}, got {geometry!r}"
     W, H = xy.max(axis=0) + 2
     grid = np.zeros((W, H, y.shape[1]))  # dense array grid of labels
     have = np.zeros((W, H))  # 1 where a spot exists
     grid[xy[:, 0], xy[:, 1]] = y
     have[xy[:, 0], xy[:, 1]] = 1
     total, n = np.zeros_like(y), np.zeros(len(y))
-    for dx in (-1, 0, 1):
-        for dy in (-1, 0, 1):
-            total += grid[xy[:, 0] + dx, xy[:, 1] + dy]
-            n += have[xy[:, 0] + dx, xy[:, 1] + dy]
+    for dx, dy in SMOOTH_OFFSETS[geometry]:
+        total += grid[xy[:, 0] + dx, xy[:, 1] + dy]
+        n += have[xy[:, 0] + dx, xy[:, 1] + dy]
     return (total / n[:, None]).astype(np.float32)
 
 
@@ -358,11 +381,16 @@ def neighbour_window(image, centre_xy, size: int, grid: int = 5) -> tuple[np.nda
     return tiles, neighbour_mask(image.shape, centre_xy, size, grid)
 
 
-def _decode(path: Path) -> np.ndarray:
+def _decode(path: Path, scale: float = 1.0) -> np.ndarray:
+    """(H, W, 3) uint8 image, resampled by `scale` (new px per image px) when scale != 1."""
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # (H, W, 3) uint8
+            im = im if im.mode == "RGB" else im.convert("RGB")
+            if scale != 1.0:  # resampled before numpy sees it: one full-size copy, not two
+                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                               Image.Resampling.LANCZOS)
+            return np.asarray(im)  # (H, W, 3) uint8
     except Exception as e:  # truncated or corrupt JPEG
         raise ValueError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
 
@@ -388,10 +416,15 @@ def section_crops(section: Section, cache: ArrayCache, crop_size: int, progress=
     if section.image_path is None:
         raise FileNotFoundError(f"{section.cohort}/{section.name}: no image found; "
                                 f"fetch it with: {COHORTS[section.cohort]['fetch'].format(root='<root>')}")
-    image_key = {"image": fingerprint(section.image_path), "version": CROP_VERSION}
+    # A section with a field of view in µm (visium.py) is resampled so crop_size px span crop_um µm.
+    scale = 1.0 if section.crop_um is None else crop_size * section.um_per_px / section.crop_um
+    image_key = {"image": fingerprint(section.image_path), "version": CROP_VERSION,
+                 **({"scale": round(scale, 9)} if scale != 1.0 else {})}
     tag = re.sub(r"[^A-Za-z0-9_.\-]", "_", f"{section.cohort}-{section.name}")  # a plain file name
-    image = cache.get(f"{tag}-image", image_key, lambda: {"image": _decode(section.image_path)})["image"]
-    centres = np.ascontiguousarray(section.pixel_xy, np.float64)
+    image = cache.get(f"{tag}-image" + (f"-x{scale:.4g}" if scale != 1.0 else ""), image_key,
+                      lambda: {"image": _decode(section.image_path, scale) if scale != 1.0 else _decode(section.image_path)})["image"]
+    # pixel p's centre sits at p + 0.5 in continuous coordinates, which resampling multiplies by scale
+    centres = np.ascontiguousarray((section.pixel_xy + 0.5) * scale - 0.5, np.float64)  # (N, 2) resampled px
     key = dict(image_key, centres=hashlib.sha1(centres.tobytes()).hexdigest(), spots=len(centres), crop=crop_size)
 
     def build():
@@ -433,7 +466,7 @@ class SpotDataset(torch.utils.data.Dataset):
         self.sections, self.crops, self.genes = sections, crops, list(genes)
         self.augment, self.features, self.tokens = augment, features, tokens
         self.counts = [gene_counts(s, self.genes) for s in sections]  # per section (N_s, G)
-        self.labels = [expression_labels(c, s.array_xy, smooth) for c, s in zip(self.counts, sections)]
+        self.labels = [expression_labels(c, s.array_xy, smooth, s.geometry) for c, s in zip(self.counts, sections)]
         for s, c in zip(sections, crops):
             assert len(c.local) == len(s.spot_ids), f"{s.name}: {len(c.local)} crops for {len(s.spot_ids)} spots"
         for s, t in zip(sections, tokens or []):
@@ -481,23 +514,66 @@ class SpotDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------- command line
+def _tiles_off_image(pixel_xy, size, crop, grid=5) -> tuple[float, float]:
+    """Shares of the 5x5 neighbour tiles whose centre is off the image (masked, here and in the
+    reference) and that are on it but partly off (kept and padded white here, masked in the reference)."""
+    W, H = size
+    offsets = (np.arange(grid) - grid // 2) * crop
+    c = np.floor(np.asarray(pixel_xy, np.float64) + 0.5)
+    tx = (c[:, 0, None] + offsets)[:, None, :]  # (N, 1, g) tile centres
+    ty = (c[:, 1, None] + offsets)[:, :, None]  # (N, g, 1)
+    on = (tx >= 0) & (tx < W) & (ty >= 0) & (ty < H)
+    inside = (tx - crop // 2 >= 0) & (tx - crop // 2 + crop <= W) & (ty - crop // 2 >= 0) & (ty - crop // 2 + crop <= H)
+    return float((~on).mean()), float((on & ~inside).mean())
+
+
 def _info(argv) -> int:
     p = argparse.ArgumentParser(prog="python data.py info", description="what is on disk for a cohort")
     p.add_argument("cohort", choices=list(COHORTS))
     p.add_argument("--root", default=None, help="cohort folder (default: data/<cohort>)")
     args = p.parse_args(argv)
     root = Path(args.root or COHORTS[args.cohort]["root"])
-    print(f"{'section':<14}{'patient':<10}{'spots':>6}{'genes':>7}  image")
+    crop = COHORTS[args.cohort]["crop"]
+    print(f"{'section':<14}{'patient':<10}{'spots':>6}{'genes':>7}  {'image':<11}  neighbour tiles: centre off / partly off")
     for name in sections_of(args.cohort, COHORTS[args.cohort]["patients"], root):
         try:
             s = load_section(args.cohort, root, name)
-            image = "absent"
+            image, tiles = "absent", ""
             if s.image_path is not None:
                 with Image.open(s.image_path) as im:  # header only
                     image = "%dx%d" % im.size
-            print(f"{name:<14}{s.patient:<10}{len(s.spot_ids):>6}{s.counts.shape[1]:>7}  {image}")
+                    off, partly = _tiles_off_image(s.pixel_xy, im.size, crop)
+                tiles = f"{off:.1%} / {partly:.1%}"
+            print(f"{name:<14}{s.patient:<10}{len(s.spot_ids):>6}{s.counts.shape[1]:>7}  {image:<11}  {tiles}")
         except (FileNotFoundError, ValueError) as e:
             print(f"{name:<14}error: {e}")
+    return 0
+
+
+def _folds(argv) -> int:
+    p = argparse.ArgumentParser(prog="python data.py folds",
+                                description="spots per fold in both protocols (needs counts and spot files only)")
+    p.add_argument("cohort", choices=list(COHORTS))
+    p.add_argument("--root", default=None, help="cohort folder (default: data/<cohort>)")
+    args = p.parse_args(argv)
+    root = Path(args.root or COHORTS[args.cohort]["root"])
+    spots, totals = {}, {}  # per patient: spots, and per-section gene totals
+    for name in tqdm(sections_of(args.cohort, COHORTS[args.cohort]["patients"], root), desc="reading sections"):
+        s = load_section(args.cohort, root, name)
+        spots[s.patient] = spots.get(s.patient, 0) + len(s.spot_ids)
+        totals.setdefault(s.patient, []).append(s.counts.sum(axis=0))
+    n_genes = COHORTS[args.cohort]["genes"]
+    cohort_list = set(top_genes(sum(totals.values(), []), n_genes))
+    print(f"{'fold':>4} {'test':>8} {'val':>8} {'test spots':>11} {'val spots':>10} {'train (validation)':>19} "
+          f"{'train (--select-on-test)':>25} {'fewer':>6} {'per-fold genes in the cohort list':>34}")
+    for fold in range(len(COHORTS[args.cohort]["folds"])):
+        honest, published = fold_split(args.cohort, fold), fold_split(args.cohort, fold, select_on_test=True)
+        n = {part: sum(spots.get(p, 0) for p in patients) for part, patients in honest.items()}
+        n_pub = sum(spots.get(p, 0) for p in published["train"])
+        own = top_genes(sum((totals.get(p, []) for p in honest["train"]), []), n_genes)  # --genes-from train
+        print(f"{fold:>4} {','.join(honest['test']):>8} {','.join(honest['val']):>8} {n['test']:>11} {n['val']:>10} "
+              f"{n['train']:>19} {n_pub:>25} {1 - n['train'] / max(n_pub, 1):>6.1%} "
+              f"{f'{len(cohort_list.intersection(own))}/{n_genes}':>34}")
     return 0
 
 
@@ -506,10 +582,10 @@ def main(argv=None) -> int:
     if argv and argv[0] == "download":
         import download  # lazily: only the download command needs it
         return download.main(argv[1:])
-    if argv and argv[0] == "info":
+    if argv and argv[0] in ("info", "folds"):
         logging.basicConfig(level=logging.WARNING)
-        return _info(argv[1:])
-    print("usage: python data.py download <cohort> --root R [...]  |  python data.py info <cohort> --root R")
+        return (_info if argv[0] == "info" else _folds)(argv[1:])
+    print("usage: python data.py download <cohort> --root R [...]  |  python data.py info|folds <cohort> --root R")
     return 2
 
 

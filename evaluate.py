@@ -4,10 +4,14 @@ Evaluate Gene-DML checkpoints on their held-out patients, the way the field repo
     python evaluate.py --ckpt runs/demo/best.pt                    # one fold
     python evaluate.py --ckpt runs/her2st/fold*/best.pt            # the cohort table over folds
     python evaluate.py --ckpt best.pt --predict IMAGE SPOTFILE     # a new slide without counts
+    python evaluate.py --ckpt best.pt --external my_slides.csv     # external test on another cohort
 
 Per held-out slide: the Pearson r of every gene across the slide's spots, PCC(M) = mean over the
 genes, MSE and MAE per gene; then the mean over the slides of a fold, then mean ± std over folds.
 PCC(H) is the mean over the 50 "highly predictive genes", ranked by their PCC averaged over folds.
+Beside it, the pooled PCC(M) of HEST-Benchmark: each gene's r over the pooled spots of all the
+fold's test slides, then the mean over genes. An external test scores the genes the other cohort
+has (matched by name) and says how many it lacks.
 Everything the model needs is read from the checkpoint (loaded with weights_only=True).
 """
 import argparse
@@ -28,6 +32,7 @@ import data
 from cache import ArrayCache
 from features import prepare_split
 from model import GeneDML, GeneDMLConfig, build_trunk
+import visium
 
 log = logging.getLogger("evaluate")
 
@@ -86,6 +91,18 @@ def summarise(per_slide):
     return per_gene, {"pcc_m": float(np.nanmean(slide_pcc)) if np.isfinite(slide_pcc).any() else float("nan"),
                       "mse": float(stack["mse"].mean()), "mae": float(stack["mae"].mean()),
                       "undefined_pcc": undefined, "slides": len(per_slide)}
+
+
+def pooled_pcc(preds, labels):
+    """HEST-Benchmark's PCC: each gene's r over the spots of all the slides pooled, (G,). preds and
+    labels: lists of (N_s, G) arrays, one per slide."""
+    return pearson_per_gene(np.concatenate(preds), np.concatenate(labels))
+
+
+def shared_genes(gene_lists):
+    """The genes in every list, in the order of the first (folds of a per-fold gene choice differ)."""
+    common = set.intersection(*map(set, gene_lists))
+    return [g for g in gene_lists[0] if g in common]
 
 
 def highly_predictive_genes(fold_gene_pcc, n=50):
@@ -224,6 +241,10 @@ def get_args(argv=None):
     p.add_argument("--n-hpg", type=int, default=50, help="number of highly predictive genes in PCC(H)")
     p.add_argument("--predict", nargs=2, metavar=("IMAGE", "SPOTFILE"), default=None,
                    help="predict a new slide (H&E image + spot file with x, y, pixel_x, pixel_y; no counts needed)")
+    p.add_argument("--external", default=None, metavar="COHORT",
+                   help="external test: score the checkpoint on the slides of another cohort (a built-in name with --root, or a cohort table .csv); genes matched by name")
+    p.add_argument("--sections", default=None, help="comma list: with --external, score only these slides")
+    p.add_argument("--crop-um", type=float, default=None, help="with --external / --predict: a crop's field of view in µm (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
@@ -242,8 +263,11 @@ def rebuild(ckpt, device):
     return model.to(device).eval(), trunk.to(device).eval()
 
 
-def spot_file_section(image, spots, genes):
-    """A data.Section for a slide that has an image and a spot file but no counts."""
+def spot_file_section(image, spots, genes, crop_um=None):
+    """A data.Section for a slide that has an image and a spot file but no counts. A Space Ranger
+    tissue_positions[_list].csv is read as a Visium slide, cropped at crop_um µm."""
+    if Path(spots).name.startswith("tissue_positions"):
+        return visium.positions_section(image, spots, genes, crop_um or visium.DEFAULT_CROP_UM)
     ids, array_xy, pixel_xy = data.read_spots(Path(spots))  # same checks as the cohort readers
     return data.Section(cohort="predict", name=Path(image).stem, patient="new", image_path=Path(image),
                         spot_ids=ids, array_xy=array_xy, pixel_xy=pixel_xy,
@@ -267,29 +291,55 @@ def evaluate_checkpoint(path, args, device, sub=""):
         raise ValueError(f"{path}: the model weights do not fit the checkpoint's config "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     cache = ArrayCache(args.cache_dir)
+    crop_um = args.crop_um or d.get("crop_um")  # the field of view the checkpoint was trained on
     if args.predict:
-        sections = [spot_file_section(*args.predict, genes)]
+        sections = [spot_file_section(*args.predict, genes, crop_um)]
+    elif args.external:  # every slide of another cohort (or --sections of it)
+        if args.external.endswith(".csv"):
+            cohort, root = visium.register_cohort(args.external, crop_um), args.external
+        elif args.external in data.COHORTS:
+            cohort, root = args.external, args.root or data.COHORTS[args.external]["root"]
+        else:
+            raise ValueError(f"--external must be a built-in cohort {sorted(data.COHORTS)} or a cohort table .csv, "
+                             f"got {args.external!r}")
+        names = args.sections.split(",") if args.sections else \
+            data.sections_of(cohort, list(data.COHORTS[cohort]["patients"]), root=root)
+        data.check_cohort(cohort, root, names)
+        sections = [data.load_section(cohort, root, n) for n in names]
     else:
         root = args.root or d["root"]
-        data.check_cohort(d["cohort"], root, d["sections"]["test"])
-        sections = [data.load_section(d["cohort"], root, n) for n in d["sections"]["test"]]
+        cohort = visium.cohort_for(d["cohort"], root, crop_um)  # a cohort table is registered again
+        data.check_cohort(cohort, root, d["sections"]["test"])
+        sections = [data.load_section(cohort, root, n) for n in d["sections"]["test"]]
     split = prepare_split(sections, genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"],
                           local_tokens=model.cfg.local_encoder == "frozen")
     per_slide, preds = ({}, predict(model, torch.utils.data.DataLoader(split.dataset, batch_size=args.batch_size),
                                     split.context, device)) if args.predict else \
         evaluate_split(model, split, device, args.batch_size)
+    # Scored genes: all of the checkpoint's, or in an external test those the other cohort has.
+    present = set().union(*(s.counts.columns for s in sections)) if args.external else set(genes)
+    scored = [j for j, g in enumerate(genes) if g in present]
+    if args.external:
+        print(f"external test on {args.external}: {len(scored)} of the checkpoint's {len(genes)} genes present, "
+              f"{len(genes) - len(scored)} missing{': ' + ', '.join(g for g in genes if g not in present)[:300] if len(scored) < len(genes) else ''}")
+        if not scored:
+            raise ValueError(f"{args.external}: none of the checkpoint's genes is in its slides")
+        per_slide = {name: {m: v[scored] for m, v in met.items()} for name, met in per_slide.items()}
+    pooled = pooled_pcc([preds[i][0][:, scored] for i in range(len(sections))],
+                        [split.dataset.labels[i][:, scored] for i in range(len(sections))]) if per_slide else None
 
     out = args.out / sub
     (out / "maps").mkdir(parents=True, exist_ok=True)
     write_csv(pd.concat([predictions_frame(s, genes, preds[i][0]) for i, s in enumerate(sections)]),
               out / "predictions.csv")
     if per_slide:
-        write_csv(pd.concat([pd.DataFrame({"slide": name, "gene": genes, **m}) for name, m in per_slide.items()]),
-                  out / "per_gene.csv")
+        write_csv(pd.concat([pd.DataFrame({"slide": name, "gene": [genes[j] for j in scored], **m})
+                             for name, m in per_slide.items()]), out / "per_gene.csv")
     for i, s in enumerate(sections):
-        pcc = per_slide[s.name]["pcc"] if per_slide else np.zeros(len(genes))
+        pcc = np.full(len(genes), np.nan)
+        pcc[scored] = per_slide[s.name]["pcc"] if per_slide else 0.0
         chosen = args.genes.split(",") if args.genes else \
-            [genes[j] for j in np.argsort(-np.nan_to_num(pcc, nan=-2))[:args.maps]]
+            [genes[j] for j in np.argsort(-np.nan_to_num(pcc, nan=-2), kind="stable")[:args.maps]]
         for g in chosen:
             if g not in genes:
                 raise SystemExit(f"--genes: {g!r} is not in the checkpoint's gene list")
@@ -300,7 +350,7 @@ def evaluate_checkpoint(path, args, device, sub=""):
                 panels.insert(0, ("measured", split.dataset.labels[i][:, j]))
                 title += f"  r = {pcc[j]:.3f}"
             expression_map(s.image_path, s.pixel_xy, panels, out / "maps" / f"{s.name}_{g}.png", title)
-    return ckpt, per_slide
+    return ckpt, per_slide, {"genes": [genes[j] for j in scored], "pooled": pooled}
 
 
 def main(argv=None):
@@ -310,11 +360,12 @@ def main(argv=None):
                           "cpu" if args.device == "auto" else args.device)
     try:
         if len(args.ckpt) > 1 and not args.predict:  # refuse a mixed fold table before the long part
-            meta = [(c["data"]["cohort"], tuple(c["genes"])) for c in map(load_checkpoint, args.ckpt)]
-            cohorts, gene_lists = {m[0] for m in meta}, {m[1] for m in meta}
-            if len(cohorts) > 1 or len(gene_lists) > 1:
-                raise ValueError(f"the checkpoints do not belong together (cohorts {sorted(cohorts)}, "
-                                 f"{len(gene_lists)} different gene lists)")
+            meta = [(c["data"]["cohort"], c["selection"], c["genes"]) for c in map(load_checkpoint, args.ckpt)]
+            cohorts, selections = sorted({m[0] for m in meta}), sorted({m[1] for m in meta})
+            if len(cohorts) > 1 or len(selections) > 1:
+                raise ValueError(f"the checkpoints do not belong together (cohorts {cohorts}, selection {selections})")
+            if not shared_genes([m[2] for m in meta]):
+                raise ValueError("the checkpoints do not belong together: no gene is in every fold's list")
         # One output folder per checkpoint, named after its folder (fold0, fold1...) when unique.
         names = [Path(p).parent.name for p in args.ckpt]
         subs = [""] if len(names) == 1 else names if len(set(names)) == len(names) else [f"ckpt{i}" for i in range(len(names))]
@@ -327,27 +378,47 @@ def main(argv=None):
         return 0
     cohorts = {r[0]["data"]["cohort"] for r in results}
 
-    # fold table: PCC(M), MSE, MAE per fold; PCC(H) over the genes ranked best across folds
-    folds = [summarise(per_slide) for _, per_slide in results]
-    hpg = highly_predictive_genes([g["pcc"] for g, _ in folds], args.n_hpg)
+    # fold table: PCC(M), MSE, MAE per fold over its own genes; PCC(H) over the genes ranked best across
+    # folds, among the genes every fold predicts (all of them when the folds share one list). The genes
+    # of a fold are those it scored: in an external test, the checkpoint's genes the other cohort has.
+    folds = [summarise(per_slide) for _, per_slide, _ in results]
+    gene_lists = [extra["genes"] for _, _, extra in results]
+    shared = shared_genes(gene_lists)
+    every_gene = list(dict.fromkeys(g for genes in gene_lists for g in genes))  # first-seen order
+    pcc = pd.DataFrame({f"pcc_fold{i}": pd.Series(g["pcc"], index=genes)
+                        for i, ((g, _), genes) in enumerate(zip(folds, gene_lists))}).reindex(every_gene)
+    # (all genes, F): NaN where a fold does not predict the gene
+    pooled = pd.DataFrame({f"pcc_pooled_fold{i}": pd.Series(extra["pooled"], index=genes)
+                           for i, ((_, _, extra), genes) in enumerate(zip(results, gene_lists))}).reindex(every_gene)
+    hpg = [shared[i] for i in highly_predictive_genes(pcc.loc[shared].to_numpy().T, args.n_hpg)]
     rows = []
-    for (ckpt, per_slide), (per_gene, s) in zip(results, folds):
+    for (ckpt, per_slide, extra), (per_gene, s), col in zip(results, folds, pcc):
         rows.append({"fold": ckpt["data"]["fold"], "test": ",".join(per_slide), "pcc_m": s["pcc_m"],
-                     "pcc_h": float(np.nanmean(per_gene["pcc"][hpg])), "mse": s["mse"], "mae": s["mae"],
-                     "undefined_pcc": s["undefined_pcc"], "selection": ckpt["selection"]})
+                     "pcc_h": float(np.nanmean(pcc.loc[hpg, col])), "mse": s["mse"], "mae": s["mae"],
+                     "pcc_m_pooled": float(np.nanmean(extra["pooled"])) if np.isfinite(extra["pooled"]).any() else float("nan"),
+                     "genes": len(per_gene["pcc"]), "undefined_pcc": s["undefined_pcc"], "selection": ckpt["selection"]})
     table = pd.DataFrame(rows)
     write_csv(table, args.out / "folds.csv")
-    genes = results[0][0]["genes"]
-    write_csv(pd.DataFrame({"gene": genes, **{f"pcc_fold{r['fold']}": g["pcc"] for r, (g, _) in zip(rows, folds)},
-                            "hpg": np.isin(np.arange(len(genes)), hpg)}), args.out / "genes.csv")
+    write_csv(pd.concat([pcc, pooled], axis=1).rename_axis("gene").reset_index()
+              .assign(hpg=lambda d: d["gene"].isin(hpg)), args.out / "genes.csv")
 
     cohort = cohorts.pop()
+    if args.external:
+        print(f"\n{cohort} checkpoint(s) on external slides {args.external}: {len(gene_lists[0])} of "
+              f"{len(results[0][0]['genes'])} genes scored, the others missing there")
+        cohort = f"{cohort} -> {args.external}"
     print(f"\n{cohort}: {len(rows)} fold(s), selection on {rows[0]['selection']}")
-    print(table[["fold", "test", "pcc_m", "pcc_h", "mse", "mae"]].to_string(index=False, float_format="%.4f"))
-    mean = table[["mse", "pcc_m", "pcc_h", "mae"]].mean()
-    std = table[["mse", "pcc_m", "pcc_h", "mae"]].std(ddof=0)
-    print(f"\n{'':10s} {'MSE':>15s} {'PCC(M)':>15s} {'PCC(H)':>15s}")
-    print(f"{'ours':10s} " + " ".join(f"{mean[m]:7.3f} ± {std[m]:5.3f}" for m in ("mse", "pcc_m", "pcc_h")))
+    if len(shared) < len(pcc):  # per-fold gene lists (train.py --genes-from train)
+        print(f"the folds chose their genes separately: {len(pcc)} genes in all, {len(shared)} in every fold; "
+              f"PCC(M) is over each fold's own {', '.join(sorted({str(len(g)) for g in gene_lists}))} genes, "
+              f"PCC(H) over the {len(hpg)} best of the {len(shared)} shared ones")
+    print(table[["fold", "test", "pcc_m", "pcc_h", "mse", "mae", "pcc_m_pooled"]].to_string(index=False, float_format="%.4f"))
+    print("pcc_m: per slide, mean over genes then slides (the papers'); pcc_m_pooled: over the pooled spots of the "
+          "fold's test slides, then the mean over genes (HEST-Benchmark's)")
+    mean = table[["mse", "pcc_m", "pcc_h", "mae", "pcc_m_pooled"]].mean()
+    std = table[["mse", "pcc_m", "pcc_h", "mae", "pcc_m_pooled"]].std(ddof=0)
+    print(f"\n{'':10s} {'MSE':>15s} {'PCC(M)':>15s} {'PCC(H)':>15s} {'pooled PCC(M)':>15s}")
+    print(f"{'ours':10s} " + " ".join(f"{mean[m]:7.3f} ± {std[m]:5.3f}" for m in ("mse", "pcc_m", "pcc_h", "pcc_m_pooled")))
     for method, (mse, pm, ph) in PAPER_TABLE1.get(cohort, {}).items():
         print(f"{method + '*':10s} {mse:15.3f} {pm:15.3f} {ph:15.3f}")
     if cohort in PAPER_TABLE1:

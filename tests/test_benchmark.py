@@ -13,3 +13,8 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     assert step["feature_images_per_s"] > 0 and step["token_spots_per_s"] > 0
     assert ev["max_abs_diff"] < 1e-9          # the vectorised metrics equal the per-gene loop
     assert json.loads((tmp_path / "bench.json").read_text())["eval"]["max_abs_diff"] == ev["max_abs_diff"]
+
+
+def test_quick_ddp_benchmark_times_two_processes():
+    figures = benchmark.main(["--quick", "--only", "ddp", "--reps", "1", "--ddp-processes", "2", "--crop", "32"])
+    assert list(figures["ddp"]["steps_per_s"]) == [2] and figures["ddp"]["steps_per_s"][2] > 0

@@ -365,3 +365,10 @@ def test_cli_info_and_download_dispatch(her2st_tiny, capsys, monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, "download", types.SimpleNamespace(main=lambda argv: calls.append(argv) or 0))
     assert data.main(["download", "her2st", "--root", "x"]) == 0 and calls == [["her2st", "--root", "x"]]
+
+
+def test_tiles_off_image_shares():
+    # 1000x1000 image, 100-px tiles: tile centres at x - 200 ... x + 200
+    assert data._tiles_off_image([[50, 500]], (1000, 1000), 100) == (0.4, 0.0)  # two columns off, one flush
+    assert data._tiles_off_image([[30, 500]], (1000, 1000), 100) == (0.4, 0.2)  # and one partly off
+    assert data._tiles_off_image([[500, 500]], (1000, 1000), 100) == (0.0, 0.0)

@@ -319,11 +319,12 @@ def test_checkpoint_whose_weights_do_not_fit_its_config(run, tmp_path, capsys):
     assert "wrong.pt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("change", ["genes", "cohort"])
+@pytest.mark.parametrize("change", ["no shared gene", "cohort", "selection"])
 def test_checkpoints_that_do_not_belong_together(change, run, cache_dir, tmp_path, capsys):
     ckpt = {k: v for k, v in load(run / "best.pt").items() if k != "optimizer"}
-    other = {**ckpt, "genes": ckpt["genes"][::-1]} if change == "genes" else \
-        {**ckpt, "data": {**ckpt["data"], "cohort": "her2st"}}
+    other = {"no shared gene": {**ckpt, "genes": [g + "x" for g in ckpt["genes"]]},
+             "cohort": {**ckpt, "data": {**ckpt["data"], "cohort": "her2st"}},
+             "selection": {**ckpt, "selection": "test (published protocol)"}}[change]
     for name, c in (("a", ckpt), ("b", other)):
         (tmp_path / name).mkdir()
         torch.save(c, tmp_path / name / "best.pt")
@@ -335,19 +336,134 @@ def test_checkpoints_that_do_not_belong_together(change, run, cache_dir, tmp_pat
 
 # ----------------------------------------------------------------------------- every fold
 
-def test_fold_all_trains_each_fold_and_tables_them(demo_root, cache_dir, tmp_path, monkeypatch):
+def test_fold_all_trains_each_fold_and_tables_them(demo_root, cache_dir, tmp_path, monkeypatch, capsys):
     # two folds instead of four (test A / val B, test B / val A; C1 trains both), to stay cheap
     monkeypatch.setitem(data.COHORTS["demo"], "folds", [["A"], ["B"]])
     best = train.main(train_argv(demo_root, cache_dir, tmp_path, "--fold", "all", epochs=1))
     assert best == [tmp_path / "fold0" / "best.pt", tmp_path / "fold1" / "best.pt"]
-    tests = [load(b)["data"]["sections"]["test"] for b in best]
-    assert tests == [["A1"], ["B1"]]
+    ckpts = [load(b) for b in best]
+    assert [c["data"]["sections"]["test"] for c in ckpts] == [["A1"], ["B1"]]
+    # one gene list for the cohort (every section in use), the same in every fold
+    cohort = data.select_genes([data.load_section("demo", demo_root, n) for n in SECTIONS.split(",")], 50)
+    assert ckpts[0]["genes"] == ckpts[1]["genes"] == cohort
     folds = pd.read_csv(tmp_path / "eval" / "folds.csv")
     assert list(folds["fold"]) == [0, 1] and list(folds["test"]) == ["A1", "B1"]
     assert np.isfinite(folds["pcc_m"]).all() and np.isfinite(folds["pcc_h"]).all()
     for fold in ("fold0", "fold1"):
         assert (tmp_path / "eval" / fold / "predictions.csv").is_file()
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["folds"] == 2
+    assert "Gene-DML*" not in capsys.readouterr().out  # the paper has no demo row
+
+
+@pytest.mark.parametrize("select_on_test", [False, True])
+def test_split_of_each_protocol(select_on_test):
+    """her2st fold 0 holds out patient A; the honest default also holds out validation patient B."""
+    args = train.get_args(["--data", "her2st", *(["--select-on-test"] if select_on_test else [])])
+    names = train.split_sections(args, 0)
+    assert names["test"] == [f"A{i}" for i in range(1, 7)]
+    if select_on_test:  # the published protocol: every non-test patient trains, none validates
+        assert names["val"] == [] and len(names["train"]) == 30 and {n[0] for n in names["train"]} == set("BCDEFGH")
+    else:
+        assert names["val"] == [f"B{i}" for i in range(1, 7)]
+        assert len(names["train"]) == 24 and {n[0] for n in names["train"]} == set("CDEFGH")
+    with pytest.raises(SystemExit):
+        train.get_args(["--select-on-test", "--val-sections", "B1"])
+
+
+def test_data_folds_counts_the_spots_of_both_protocols(demo_root, capsys):
+    assert data.main(["folds", "demo", "--root", str(demo_root)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    folds = data.COHORTS["demo"]["folds"]
+    assert [r[1:3] for r in rows] == [[",".join(f), folds[(i + 1) % len(folds)][0]] for i, f in enumerate(folds)]
+    sections = {p: [data.load_section("demo", demo_root, n) for n in demo.PATIENTS[p]] for p in demo.PATIENTS}
+    cohort = set(data.select_genes(sum(sections.values(), []), 50))
+    spots = {p: sum(len(s.spot_ids) for s in ss) for p, ss in sections.items()}
+    for fold, test, val, n_test, n_val, n_train, n_published, _, overlap in rows:
+        assert (int(n_test), int(n_val)) == (sum(spots[p] for p in test.split(",")), spots[val])
+        assert int(n_published) == sum(spots.values()) - int(n_test) == int(n_train) + spots[val]
+        train_patients = data.fold_split("demo", int(fold))["train"]
+        own = data.select_genes(sum((sections[p] for p in train_patients), []), 50)
+        assert overlap == f"{len(cohort.intersection(own))}/50"
+
+
+def fold_all_argv(demo_root, cache_dir, out):
+    """Published protocol, per-fold genes: fold 0 trains on B1+C1, fold 1 on A1+C1 (different lists)."""
+    return train_argv(demo_root, cache_dir, out, "--fold", "all", "--select-on-test", "--genes-from", "train")
+
+
+@pytest.fixture(scope="session")
+def straight_folds(demo_root, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("folds")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(data.COHORTS["demo"], "folds", [["A"], ["B"]])
+        train.main(fold_all_argv(demo_root, cache_dir, out))
+    return out
+
+
+def test_select_on_test_fold_all_with_per_fold_genes(straight_folds, demo_root):
+    ckpts = [load(straight_folds / f"fold{i}" / "best.pt") for i in (0, 1)]
+    assert [c["data"]["sections"] for c in ckpts] == [{"train": ["B1", "C1"], "val": [], "test": ["A1"]},
+                                                      {"train": ["A1", "C1"], "val": [], "test": ["B1"]}]
+    assert ckpts[0]["genes"] != ckpts[1]["genes"]  # the premise: per-fold lists differ
+    for c in ckpts:
+        train_sections = [data.load_section("demo", demo_root, n) for n in c["data"]["sections"]["train"]]
+        assert c["genes"] == data.select_genes(train_sections, 50)
+    folds = pd.read_csv(straight_folds / "eval" / "folds.csv")
+    assert folds["selection"].str.startswith("test").all() and np.isfinite(folds["pcc_h"]).all()
+    genes = pd.read_csv(straight_folds / "eval" / "genes.csv")
+    shared = set(ckpts[0]["genes"]) & set(ckpts[1]["genes"])
+    assert set(genes["gene"]) == set(ckpts[0]["genes"]) | set(ckpts[1]["genes"])
+    assert genes["hpg"].sum() == min(50, len(shared)) and set(genes.loc[genes["hpg"], "gene"]) <= shared
+
+
+def test_fold_all_resumes_after_a_kill_and_ends_in_the_same_table(straight_folds, demo_root, cache_dir, tmp_path,
+                                                                  monkeypatch, capsys):
+    monkeypatch.setitem(data.COHORTS["demo"], "folds", [["A"], ["B"]])
+    real, calls = train.gene_dml_loss, []
+
+    def killed(*a, **kw):  # a kill in fold 1, epoch 1, after its first step: last.pt holds epoch 0
+        if (tmp_path / "fold1" / "last.pt").exists():
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(train, "gene_dml_loss", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(fold_all_argv(demo_root, cache_dir, tmp_path))
+    assert load(tmp_path / "fold1" / "last.pt")["epoch"] == 0 and not (tmp_path / "eval").exists()
+    capsys.readouterr()
+
+    train.main(fold_all_argv(demo_root, cache_dir, tmp_path))  # the same command again
+    printed = capsys.readouterr().out
+    assert "fold 0: finished earlier" in printed and "=> loaded checkpoint" in printed
+    assert_same_table_and_weights(straight_folds, tmp_path)
+
+    # a failure while building the table is a non-zero exit with the reason; the next re-run completes it
+    def broken(*a, **kw):
+        raise ValueError("the test broke the table")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(evaluate, "evaluate_checkpoint", broken)
+        with pytest.raises(SystemExit) as e:
+            train.main(fold_all_argv(demo_root, cache_dir, tmp_path))
+    assert e.value.code not in (0, None) and "could not be built" in str(e.value.code)
+    assert "the test broke the table" in capsys.readouterr().err
+    train.main(fold_all_argv(demo_root, cache_dir, tmp_path))
+    assert_same_table_and_weights(straight_folds, tmp_path)
+    # and other settings in the same folder are refused rather than mixed in
+    with pytest.raises(SystemExit, match="other settings.*--lr"):
+        train.main(fold_all_argv(demo_root, cache_dir, tmp_path) + ["--lr", "0.001"])
+
+
+def assert_same_table_and_weights(a, b):
+    assert pd.read_csv(a / "eval" / "folds.csv").equals(pd.read_csv(b / "eval" / "folds.csv"))
+    for fold in ("fold0", "fold1"):
+        for name in ("best.pt", "last.pt"):
+            x, y = load(a / fold / name), load(b / fold / name)
+            for key in ("model", "optimizer", "epoch", "best", "genes"):
+                assert_same_tensors(x[key], y[key], f"{fold}/{name}/{key}")
 
 
 def test_missing_cohort_names_the_files_and_the_fetch_command(tmp_path):

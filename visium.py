@@ -1,0 +1,573 @@
+"""Your own slides: 10x Visium (Space Ranger output) and HEST-1k samples as Gene-DML cohorts.
+
+A cohort of your own is a small CSV, one row per slide (paths relative to the CSV's folder):
+
+    sample,patient,spaceranger,image                     a Visium slide: Space Ranger's outs/ + the full-res H&E
+    sample,patient,h5ad,image[,patches]                  a HEST-1k sample: st/<id>.h5ad + wsis/<id>.tif
+    optional columns: fold (patients sharing a fold are held out together; default one fold per
+    patient, in table order), geometry (hex | square; HEST default: detected), image_scale (image px
+    per position px, when the image was downsampled), um_per_px (instead of deriving it)
+
+`register_cohort(csv)` adds it to data.COHORTS with two hooks, `load` and `check`, which
+data.load_section / data.check_cohort call for table cohorts: this module imports data, data never
+imports this module (imports run one way). Folds are leave-one-patient-out as for the built-in cohorts.
+
+What is read, and how:
+  Space Ranger  filtered_feature_bc_matrix/ (MEX: matrix.mtx.gz rows = features, columns = barcodes,
+                1-based; features.tsv.gz id, name, type; barcodes.tsv.gz) read with numpy/pandas; or
+                filtered_feature_bc_matrix.h5 with h5py (optional). spatial/tissue_positions.csv (>= 2.0,
+                header) or tissue_positions_list.csv (no header): barcode, in_tissue, array_row,
+                array_col, pxl_row_in_fullres, pxl_col_in_fullres; in_tissue == 1; joined on barcode.
+                x = pxl_col_in_fullres, y = pxl_row_in_fullres.
+  HEST-1k       st/<id>.h5ad read with h5py alone (anndata's on-disk spec: X dense or a CSR/CSC group,
+                obs/var dataframes with _index, categoricals as codes + categories); obs holds the
+                same position columns. wsis/<id>.tif is the image. `python visium.py hest-cohort`
+                writes the table of her2st, STNet or cSCC from HEST's metadata CSV.
+
+Geometry. The Visium array is hexagonal: array_row + array_col is even, neighbours sit at
+Δcol = ±2 in a row and Δrow = ±1, Δcol = ±1 between rows. We store it in axial coordinates,
+x = (array_col - array_row) / 2, y = array_row, where the six neighbours are (±1, 0), (0, ±1),
+(+1, -1), (-1, +1): a dense grid with no empty cells, on which a lattice shift is an integer shift.
+The label smoothing averages the spot and those six (data.SMOOTH_OFFSETS["hex"]); the global level's
+PEG runs its 3x3 depthwise conv on the same grid, so it sees all six neighbours plus the two
+second-ring spots on one diagonal (Δcol = ±3, Δrow = ±1), the same two for every spot.
+
+Scale. µm per pixel = spot pitch (Visium 100 µm, ST 200 µm, centre to centre) / the median pixel
+distance between array neighbours; 10x's spot_diameter_fullres is not used. Each slide is resampled
+once (and cached) so that a crop of crop_size px spans crop_um µm: default 112 µm, HEST-1k's 224 px at
+0.5 µm/px, which holds a 55 µm Visium spot with a margin (the 5x5 neighbour window is 560 µm wide).
+"""
+import argparse
+import gzip
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+import data
+
+log = logging.getLogger(__name__)
+
+PITCH_UM = {"hex": 100.0, "square": 200.0}  # centre-to-centre spot distance: Visium; ST (her2st, cSCC, STNet)
+DEFAULT_CROP_UM = 112.0  # 224 px at 0.5 µm/px (HEST-1k's patches)
+DEFAULT_K = 25           # k-means groups per batch for a cohort table (cSCC's; --k overrides)
+POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+UNDECODABLE_TIFF = {33003: "JPEG 2000 (Aperio)", 33005: "JPEG 2000 (Aperio)", 34712: "JPEG 2000"}
+# HEST-1k ids of the three built-in cohorts (issue 11); the patients come from HEST's metadata CSV
+HEST_IDS = {"her2st": ("SPA", 119, 154), "stnet": ("SPA", 51, 118), "cscc": ("NCBI", 759, 770)}
+
+
+# ----------------------------------------------------------------------------- geometry and scale
+def hex_axial(array_row, array_col, where="") -> np.ndarray:
+    """(N, 2) int64 axial coordinates (x, y) = ((col - row) / 2, row) of a Visium array (see above)."""
+    row, col = np.asarray(array_row, np.int64), np.asarray(array_col, np.int64)
+    odd = (row + col) % 2 != 0
+    if odd.any():
+        i = int(odd.argmax())
+        raise ValueError(f"{where}: not a hexagonal Visium array: array_row + array_col is odd for "
+                         f"{int(odd.sum())} spot(s), e.g. row {row[i]} col {col[i]} (set geometry=square?)")
+    return np.stack([(col - row) // 2, row], axis=1)
+
+
+def um_per_px(array_xy, pixel_xy, geometry, where="") -> float:
+    """Image resolution from the spot pitch: PITCH_UM / the median pixel distance between array neighbours."""
+    df = pd.DataFrame({"x": array_xy[:, 0], "y": array_xy[:, 1], "px": pixel_xy[:, 0], "py": pixel_xy[:, 1]})
+    steps = [(1, 0), (0, 1)] + ([(1, -1)] if geometry == "hex" else [])  # one direction of each axis
+    dist = []
+    for dx, dy in steps:
+        pairs = df.merge(df.assign(x=df.x - dx, y=df.y - dy), on=["x", "y"])  # spot and its +(dx, dy) neighbour
+        dist.append(np.hypot(pairs.px_x - pairs.px_y, pairs.py_x - pairs.py_y).to_numpy())
+    dist = np.concatenate(dist)
+    if not len(dist) or np.median(dist) <= 0:
+        raise ValueError(f"{where}: cannot derive µm per pixel: no two spots are array neighbours "
+                         f"(give the cohort table a um_per_px column)")
+    return PITCH_UM[geometry] / float(np.median(dist))
+
+
+def native_crop_um(sections, crop_size) -> float | None:
+    """Field of view (µm) of a crop_size-px crop at the sections' own resolution: what a checkpoint of
+    a built-in cohort saw, so an external test can cut crops of the same width. None if unknown."""
+    try:
+        res = [s.um_per_px or um_per_px(s.array_xy, s.pixel_xy, s.geometry, s.name) for s in sections]
+    except ValueError:
+        return None
+    return float(crop_size * np.median(res))
+
+
+# ----------------------------------------------------------------------------- counts
+@dataclass
+class Sparse:
+    """Counts as entries: spots[spot_idx[k]] has values[k] counts of genes[gene_idx[k]]."""
+    spots: list
+    genes: list
+    spot_idx: np.ndarray
+    gene_idx: np.ndarray
+    values: np.ndarray
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _first(folder: Path, names: list[str], what: str) -> Path:
+    for n in names:
+        if (folder / n).is_file():
+            return folder / n
+    raise FileNotFoundError(f"{folder}: no {what} file ({' or '.join(names)})")
+
+
+def read_mex(folder) -> Sparse:
+    """A Space Ranger MEX folder (matrix.mtx[.gz], features.tsv[.gz] or genes.tsv[.gz], barcodes.tsv[.gz])."""
+    folder = Path(folder)
+    mtx = _first(folder, ["matrix.mtx.gz", "matrix.mtx"], "matrix")
+    feats = data._read_table(_first(folder, ["features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"], "features"),
+                             "features", sep="\t", header=None, dtype=str)
+    bc_path = _first(folder, ["barcodes.tsv.gz", "barcodes.tsv"], "barcodes")
+    barcodes = data._read_table(bc_path, "barcodes", sep="\t", header=None, dtype=str)[0].tolist()
+    try:
+        with _open(mtx) as f:
+            head = f.readline().decode()
+            if not head.startswith("%%MatrixMarket matrix coordinate"):
+                raise ValueError(f"not a MatrixMarket coordinate file (first line {head.strip()[:60]!r})")
+            line = f.readline()
+            while line.startswith(b"%"):
+                line = f.readline()
+            n_feat, n_bc, nnz = (int(v) for v in line.split())
+            entries = pd.read_csv(f, sep=" ", header=None, names=["i", "j", "v"], dtype=np.float64, engine="c")
+    except Exception as e:  # truncated gzip (EOFError), bad bytes, ragged rows
+        raise ValueError(f"{mtx}: cannot read matrix ({type(e).__name__}: {e})") from e
+    i, j, v = (entries[c].to_numpy() for c in "ijv")
+    if len(v) != nnz or np.isnan(entries.to_numpy()).any():
+        raise ValueError(f"{mtx}: truncated or malformed: the header promises {nnz} entries, found {len(v)} "
+                         f"({int(np.isnan(entries.to_numpy()).any(axis=1).sum())} incomplete)")
+    if len(feats) != n_feat or len(barcodes) != n_bc:
+        raise ValueError(f"{mtx}: {n_feat} features x {n_bc} barcodes, but {len(feats)} feature and "
+                         f"{len(barcodes)} barcode lines in {folder}")
+    if len(v) and (i.min() < 1 or i.max() > n_feat or j.min() < 1 or j.max() > n_bc or v.min() < 0):
+        raise ValueError(f"{mtx}: an index outside 1..{n_feat} / 1..{n_bc} or a negative count")
+    keep = _gene_expression(feats[2].tolist() if feats.shape[1] > 2 else ["gene"] * len(feats))[i.astype(np.int64) - 1]
+    return Sparse(barcodes, feats[1 if feats.shape[1] > 1 else 0].tolist(), j[keep].astype(np.int64) - 1,
+                  i[keep].astype(np.int64) - 1, v[keep])
+
+
+def _gene_expression(types) -> np.ndarray:
+    """Which features are genes (Space Ranger also lists antibody captures etc.)."""
+    return np.array([t in ("Gene Expression", "gene") for t in types], bool)
+
+
+def _h5py(path):
+    try:
+        import h5py  # optional: only .h5 matrices and HEST's .h5ad need it
+    except ImportError:
+        raise ValueError(f"{path}: reading this file needs h5py, which is not installed (pip install h5py); "
+                         f"for Space Ranger, point to the MEX folder filtered_feature_bc_matrix/ instead") from None
+    return h5py
+
+
+def _strings(a) -> list[str]:
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(a).reshape(-1)]
+
+
+def read_10x_h5(path) -> Sparse:
+    """Space Ranger's filtered_feature_bc_matrix.h5 (v3+): a CSC matrix, columns = barcodes."""
+    path = Path(path)
+    h5py = _h5py(path)
+    try:
+        with h5py.File(path, "r") as f:
+            m = f["matrix"]
+            barcodes, indptr = _strings(m["barcodes"][:]), m["indptr"][:].astype(np.int64)
+            genes, types = _strings(m["features/name"][:]), _strings(m["features/feature_type"][:])
+            gene_idx, values = m["indices"][:].astype(np.int64), m["data"][:].astype(np.float64)
+    except Exception as e:
+        raise ValueError(f"{path}: not a Space Ranger v3+ matrix .h5 ({type(e).__name__}: {e})") from e
+    if len(indptr) != len(barcodes) + 1 or indptr[-1] != len(values):
+        raise ValueError(f"{path}: truncated matrix (indptr does not match {len(barcodes)} barcodes)")
+    spot_idx = np.repeat(np.arange(len(barcodes)), np.diff(indptr))
+    keep = _gene_expression(types)[gene_idx]
+    return Sparse(barcodes, genes, spot_idx[keep], gene_idx[keep], values[keep])
+
+
+def counts_frame(sparse: Sparse, rows: np.ndarray, spot_ids: list[str], where: str) -> pd.DataFrame:
+    """(N, genes) float32 counts of the spots sparse.spots[rows], as data.Section wants them. Genes
+    without a count on these spots are left out (a Visium panel lists ~36k; a slide's
+    counts are ~4 bytes x spots x detected genes); duplicate gene names are summed."""
+    if len(sparse.values) and (sparse.values.min() < 0 or not np.isfinite(sparse.values).all()):
+        raise ValueError(f"{where}: negative or non-finite count(s)")
+    codes, names = pd.factorize(pd.Index(sparse.genes))  # a duplicate gene name shares one column
+    if len(names) < len(sparse.genes):
+        log.info("%s: %d gene name(s) appear more than once; their counts are summed", where, len(sparse.genes) - len(names))
+    to_row = np.full(len(sparse.spots), -1)
+    to_row[rows] = np.arange(len(rows))
+    r, c, v = to_row[sparse.spot_idx], codes[sparse.gene_idx], sparse.values
+    keep = (r >= 0) & (v != 0)
+    used = np.unique(c[keep])
+    compact = np.full(len(names), -1)
+    compact[used] = np.arange(len(used))
+    dense = np.zeros((len(rows), len(used)), np.float32)
+    np.add.at(dense, (r[keep], compact[c[keep]]), v[keep].astype(np.float32))
+    if not np.array_equal(dense, np.round(dense)):
+        log.warning("%s: counts are not integers (normalised values instead of raw counts?)", where)
+    return pd.DataFrame(dense, index=spot_ids, columns=pd.Index(names[used], dtype=object), copy=False)
+
+
+# ----------------------------------------------------------------------------- positions and images
+def read_positions(path) -> pd.DataFrame:
+    """Space Ranger's spot positions (either file version), indexed by barcode, in-tissue spots only."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: tissue positions file not found")
+    with open(path, "rb") as f:
+        has_header = f.readline().startswith(b"barcode")
+    df = data._read_table(path, "tissue positions", header=0 if has_header else None)
+    if df.shape[1] != len(POSITION_COLUMNS) or (has_header and list(df.columns) != POSITION_COLUMNS):
+        raise ValueError(f"{path}: expected the columns {','.join(POSITION_COLUMNS)}, got {list(df.columns)}")
+    df.columns = POSITION_COLUMNS
+    return _positions(df.set_index(df["barcode"].astype(str)), path)
+
+
+def _positions(df, where) -> pd.DataFrame:
+    """Numeric position columns, in-tissue spots only, unique barcodes."""
+    values = df[POSITION_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
+    if values.isna().to_numpy().any():
+        raise ValueError(f"{where}: non-numeric or empty position in row {int(values.isna().any(axis=1).to_numpy().argmax()) + 1}")
+    if values.index.duplicated().any():
+        raise ValueError(f"{where}: duplicate barcode(s) {values.index[values.index.duplicated()].unique().tolist()[:5]}")
+    return values[values["in_tissue"] == 1]
+
+
+def check_image(path) -> tuple[int, int]:
+    """(width, height) of an image PIL can decode whole, or an error saying what to do instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image not found")
+    try:
+        with Image.open(path) as im:  # the header only
+            w, h, compression = im.width, im.height, getattr(im, "tag_v2", {}).get(259)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: too large for PIL to decode whole ({e}); downsample it (e.g. "
+                         f"`vips resize {path.name} half.tif 0.5`) and set image_scale = 0.5 in the cohort table") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not an image PIL can read ({type(e).__name__}: {e}); convert it to a plain "
+                         f"TIFF or JPEG (e.g. `vips copy {path.name} out.tif[compression=jpeg]`)") from None
+    if compression in UNDECODABLE_TIFF:
+        raise ValueError(f"{path}: TIFF compressed with {UNDECODABLE_TIFF[compression]}, which PIL cannot decode; "
+                         f"convert it (e.g. `vips copy {path.name} out.tif[compression=jpeg]`)")
+    if w * h > 2 * Image.MAX_IMAGE_PIXELS:
+        raise ValueError(f"{path}: {w}x{h} px ({w * h * 3 / 1e9:.1f} GB decoded) is above the {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx "
+                         f"PIL decodes whole; downsample it (e.g. `vips resize {path.name} half.tif 0.5`) and set "
+                         f"image_scale = 0.5 in the cohort table")
+    return w, h
+
+
+def make_section(cohort, name, patient, image, pos: pd.DataFrame, sparse: Sparse, files: dict, geometry: str,
+                 crop_um=None, image_scale=1.0, resolution=None) -> data.Section:
+    """Join counts and positions on the barcode; check the geometry and that the spots lie on the image."""
+    where = f"{files['counts']} and {files['spots']}"
+    in_matrix = pd.Index(sparse.spots)
+    if in_matrix.duplicated().any():
+        raise ValueError(f"{files['counts']}: duplicate barcode(s) {in_matrix[in_matrix.duplicated()].unique().tolist()[:5]}")
+    common = in_matrix[in_matrix.isin(pos.index)]  # the matrix's order
+    if not len(common):
+        raise ValueError(f"{where}: no barcode in common between the matrix and the in-tissue positions "
+                         f"(e.g. {sparse.spots[:2]} vs {pos.index[:2].tolist()})")
+    if len(common) < len(in_matrix) or len(common) < len(pos):
+        log.info("%s/%s: dropped %d barcode(s) in the matrix but not in tissue, %d in tissue but not in the matrix",
+                 cohort, name, len(in_matrix) - len(common), len(pos) - len(common))
+    pos = pos.loc[common]
+    if geometry == "hex":
+        array_xy = hex_axial(pos["array_row"], pos["array_col"], str(files["spots"]))
+    else:
+        array_xy = pos[["array_col", "array_row"]].to_numpy(np.int64)
+    if len(np.unique(array_xy, axis=0)) < len(array_xy):
+        raise ValueError(f"{files['spots']}: two spots share an array position")
+    pixel_xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64) * image_scale  # x = column
+    w, h = check_image(image)
+    off = (pixel_xy[:, 0] < 0) | (pixel_xy[:, 0] >= w) | (pixel_xy[:, 1] < 0) | (pixel_xy[:, 1] >= h)
+    if off.any():
+        i = int(off.argmax())
+        raise ValueError(f"{files['spots']}: {int(off.sum())} spot centre(s) outside the {w}x{h} image {Path(image).name}, "
+                         f"e.g. {common[i]} at ({pixel_xy[i, 0]:.1f}, {pixel_xy[i, 1]:.1f})")
+    resolution = resolution or um_per_px(array_xy, pixel_xy, geometry, str(files["spots"]))
+    counts = counts_frame(sparse, in_matrix.get_indexer(common), common.tolist(), str(files["counts"]))
+    return data.Section(cohort, name, patient, Path(image), common.tolist(), array_xy, pixel_xy, counts,
+                        {**files, "image": Path(image)}, geometry, resolution, crop_um)
+
+
+# ----------------------------------------------------------------------------- Space Ranger
+def spaceranger_files(outs) -> dict:
+    """The matrix (MEX folder preferred, else .h5) and positions of a Space Ranger output folder."""
+    outs = Path(outs)
+    outs = outs / "outs" if (outs / "outs").is_dir() else outs
+    mex, h5 = outs / "filtered_feature_bc_matrix", outs / "filtered_feature_bc_matrix.h5"
+    return {"counts": mex if mex.is_dir() or not h5.is_file() else h5, "spatial": outs / "spatial"}
+
+
+def load_spaceranger(cohort, name, patient, outs, image, **kw) -> data.Section:
+    files = spaceranger_files(outs)
+    files["spots"] = _first(files["spatial"], ["tissue_positions.csv", "tissue_positions_list.csv"], "tissue positions")
+    pos = read_positions(files["spots"])
+    sparse = read_10x_h5(files["counts"]) if files["counts"].suffix == ".h5" else read_mex(files["counts"])
+    return make_section(cohort, name, patient, image, pos, sparse, files, "hex", **kw)
+
+
+def positions_section(image, positions, genes, crop_um) -> data.Section:
+    """A Visium slide without counts, for evaluate.py --predict IMAGE tissue_positions.csv."""
+    pos = read_positions(positions)
+    empty = Sparse(pos.index.tolist(), list(genes), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    files = {"counts": Path(positions), "spots": Path(positions)}
+    return make_section("predict", Path(image).stem, "new", image, pos, empty, files, "hex", crop_um=crop_um)
+
+
+# ----------------------------------------------------------------------------- HEST-1k (.h5ad with h5py alone)
+def _read_column(f, node) -> np.ndarray:
+    """One anndata dataframe column: a dataset, a categorical group (codes + categories), a nullable
+    group (values + mask), or an old-style dataset with a `categories` reference."""
+    if hasattr(node, "keys"):  # a group
+        kind = node.attrs.get("encoding-type", "")
+        if kind == "categorical":
+            codes, cats = node["codes"][:], np.asarray(_decoded(node["categories"][:]), dtype=object)
+            return np.where(codes >= 0, cats[np.clip(codes, 0, None)], None)
+        if kind.startswith("nullable"):
+            values = node["values"][:].astype(object)
+            values[node["mask"][:]] = None
+            return values
+        raise ValueError(f"unsupported column encoding {kind!r}")
+    values = node[:]
+    if "categories" in node.attrs:  # anndata < 0.8
+        cats = np.asarray(_decoded(f[node.attrs["categories"]][:]), dtype=object)
+        return np.where(values >= 0, cats[np.clip(values, 0, None)], None)
+    return np.asarray(_decoded(values))
+
+
+def _decoded(a):
+    return _strings(a) if np.asarray(a).dtype.kind in "OS" else a
+
+
+def read_h5ad(path) -> tuple[pd.DataFrame, Sparse]:
+    """obs (indexed by obs names) and the counts X of an .h5ad file, with h5py alone."""
+    path = Path(path)
+    h5py = _h5py(path)
+    try:
+        with h5py.File(path, "r") as f:
+            frames = {}
+            for part in ("obs", "var"):
+                g = f[part]
+                index = g.attrs.get("_index", "_index")
+                cols = [c for c in _strings(g.attrs.get("column-order", [])) if c in g] if "column-order" in g.attrs \
+                    else [c for c in g if c not in (index, "__categories")]
+                frames[part] = pd.DataFrame({c: _read_column(f, g[c]) for c in cols},
+                                            index=pd.Index(_strings(g[index][:]), dtype=object))
+            X = f["X"]
+            n_obs, n_var = len(frames["obs"]), len(frames["var"])
+            if isinstance(X, h5py.Dataset):  # dense
+                dense = X[:]
+                spot_idx, gene_idx = np.nonzero(dense)
+                values = dense[spot_idx, gene_idx].astype(np.float64)
+            else:
+                kind = X.attrs.get("encoding-type", X.attrs.get("h5sparse_format", ""))
+                kind = {"csr": "csr_matrix", "csc": "csc_matrix"}.get(kind, kind)
+                indptr, indices = X["indptr"][:].astype(np.int64), X["indices"][:].astype(np.int64)
+                values = X["data"][:].astype(np.float64)
+                if kind not in ("csr_matrix", "csc_matrix"):
+                    raise ValueError(f"X has encoding {kind!r}, expected a dense array, csr_matrix or csc_matrix")
+                major = n_obs if kind == "csr_matrix" else n_var
+                if len(indptr) != major + 1 or indptr[-1] != len(values) or len(indices) != len(values):
+                    raise ValueError(f"X ({kind}) is truncated: indptr does not match its {major} rows/columns")
+                outer = np.repeat(np.arange(major), np.diff(indptr))
+                spot_idx, gene_idx = (outer, indices) if kind == "csr_matrix" else (indices, outer)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    except Exception as e:  # not HDF5, a missing group, a truncated file
+        raise ValueError(f"{path}: not a readable .h5ad ({type(e).__name__}: {e})") from e
+    if len(values) and (spot_idx.max() >= n_obs or gene_idx.max() >= n_var):
+        raise ValueError(f"{path}: X does not match obs ({n_obs}) x var ({n_var})")
+    return frames["obs"], Sparse(frames["obs"].index.tolist(), frames["var"].index.tolist(), spot_idx, gene_idx, values)
+
+
+def load_hest(cohort, name, patient, h5ad, image, geometry=None, **kw) -> data.Section:
+    obs, sparse = read_h5ad(h5ad)
+    need = [c for c in POSITION_COLUMNS[2:] if c not in obs.columns]
+    if need:
+        raise ValueError(f"{h5ad}: obs lacks column(s) {need} (has {list(obs.columns)[:12]})")
+    obs = obs.assign(in_tissue=obs["in_tissue"] if "in_tissue" in obs.columns else 1)
+    pos = _positions(obs.assign(barcode=obs.index), h5ad)
+    if geometry is None:  # Visium's hexagonal array has an even row + col everywhere; ST's square one does not
+        geometry = "hex" if ((pos["array_row"] + pos["array_col"]) % 2 == 0).all() else "square"
+        log.info("%s: %s array grid (detected)", h5ad, geometry)
+    return make_section(cohort, name, patient, image, pos, sparse, {"counts": Path(h5ad), "spots": Path(h5ad)},
+                        geometry, **kw)
+
+
+# ----------------------------------------------------------------------------- cohort tables
+def read_cohort_table(path) -> pd.DataFrame:
+    """The rows of a cohort table, paths resolved against the table's folder; errors name the row."""
+    path = Path(path)
+    df = data._read_table(path, "cohort table", dtype=str, keep_default_na=False)
+    df.columns = [c.strip().lower() for c in df.columns]
+    missing = [c for c in ("sample", "patient", "image") if c not in df.columns]
+    if missing or ("spaceranger" not in df.columns and "h5ad" not in df.columns):
+        raise ValueError(f"{path}: a cohort table needs the columns sample, patient, image and spaceranger or h5ad "
+                         f"(has {list(df.columns)})")
+    df = df.apply(lambda col: col.str.strip())
+    for c in ("spaceranger", "h5ad", "patches", "fold", "geometry", "image_scale", "um_per_px"):
+        df[c] = df[c] if c in df.columns else ""
+    for i, r in df.iterrows():
+        if not r["sample"] or not r["patient"] or bool(r["spaceranger"]) == bool(r["h5ad"]):
+            raise ValueError(f"{path}: row {i + 1} needs a sample, a patient and exactly one of spaceranger / h5ad")
+        if r["geometry"] not in ("", "hex", "square"):
+            raise ValueError(f"{path}: row {i + 1}: geometry must be hex or square, got {r['geometry']!r}")
+    if df["sample"].duplicated().any():
+        raise ValueError(f"{path}: duplicate sample(s) {df['sample'][df['sample'].duplicated()].tolist()}")
+    for c in ("spaceranger", "h5ad", "patches", "image"):
+        df[c] = [str(path.parent / v) if v else "" for v in df[c]]  # absolute paths stay absolute
+    return df.set_index("sample", drop=False)
+
+
+def register_cohort(path, crop_um=None) -> str:
+    """Read a cohort table and add it to data.COHORTS (named after the file); returns the name."""
+    path = Path(path)
+    rows = read_cohort_table(path)
+    name = path.stem
+    if name in data.COHORTS and "table" not in data.COHORTS[name]:
+        raise ValueError(f"{path}: a cohort table cannot be named like the built-in cohort {name!r}; rename the file")
+    patients = {p: rows.index[rows["patient"] == p].tolist() for p in dict.fromkeys(rows["patient"])}  # table order
+    if (rows["fold"] != "").any():  # folds as the table groups them, in order of first appearance
+        fold_of = {p: sorted(set(rows.loc[rows["patient"] == p, "fold"])) for p in patients}
+        bad = [p for p, f in fold_of.items() if len(f) != 1 or not f[0]]
+        if bad:
+            raise ValueError(f"{path}: every patient needs exactly one fold; not so for {bad}")
+        folds = [[p for p in patients if fold_of[p] == [f]] for f in dict.fromkeys(fold_of[p][0] for p in patients)]
+    else:
+        folds = [[p] for p in patients]
+    crop_um = float(crop_um or DEFAULT_CROP_UM)
+
+    def row(sample):
+        if sample not in rows.index:
+            raise ValueError(f"{path}: no sample {sample!r} (samples: {rows.index.tolist()[:10]})")
+        return rows.loc[sample]
+
+    data.COHORTS[name] = dict(
+        layout="table", table=str(path), patients=patients, folds=folds, k=DEFAULT_K, crop=224, genes=250,
+        sizes="her2st",  # encoder sizes (model.COHORT_SIZES): the published breast-cancer recipe
+        root=str(path), crop_um=crop_um, fetch=f"correct the paths in the cohort table {path}",
+        citation=f"cohort table {path}",
+        load=lambda sample: load_row(name, row(sample), crop_um),
+        check=lambda samples: check_rows(rows if samples is None else pd.DataFrame([row(s) for s in samples]), path))
+    return name
+
+
+def load_row(cohort, r, crop_um) -> data.Section:
+    kw = dict(crop_um=crop_um, image_scale=float(r["image_scale"] or 1.0),
+              resolution=float(r["um_per_px"]) if r["um_per_px"] else None)
+    if r["spaceranger"]:
+        return load_spaceranger(cohort, r["sample"], r["patient"], r["spaceranger"], r["image"], **kw)
+    return load_hest(cohort, r["sample"], r["patient"], r["h5ad"], r["image"], r["geometry"] or None, **kw)
+
+
+def check_rows(rows, table) -> None:
+    """Every file of these rows exists and every image can be decoded, before anything long starts."""
+    missing, bad = [], []
+    for sample, r in rows.iterrows():
+        if r["spaceranger"]:
+            f = spaceranger_files(r["spaceranger"])
+            missing += [] if f["counts"].exists() else [f"{f['counts'].parent}/filtered_feature_bc_matrix/ (or .h5)"]
+            if not any((f["spatial"] / n).is_file() for n in ("tissue_positions.csv", "tissue_positions_list.csv")):
+                missing.append(f"{f['spatial']}/tissue_positions.csv (or tissue_positions_list.csv)")
+        else:
+            missing += [] if Path(r["h5ad"]).is_file() else [r["h5ad"]]
+        if not r["image"] or not Path(r["image"]).is_file():
+            missing.append(r["image"] or f"{sample}: no image given")
+            continue
+        try:
+            check_image(r["image"])
+        except ValueError as e:
+            bad.append(f"{sample}: {e}")
+    if missing:
+        raise FileNotFoundError(f"{table}: {len(missing)} file(s) missing:\n  " + "\n  ".join(missing))
+    if bad:
+        raise ValueError(f"{table}: image(s) that cannot be used:\n  " + "\n  ".join(bad))
+
+
+def cohort_for(name, root, crop_um=None) -> str:
+    """The data.COHORTS name of a checkpoint's cohort, registering a cohort table again if need be."""
+    if str(root).endswith(".csv"):
+        return register_cohort(root, crop_um)
+    return name
+
+
+# ----------------------------------------------------------------------------- HEST cohort tables
+def hest_table(cohort, meta, hest_root, out) -> pd.DataFrame:
+    """Write the cohort table of a built-in cohort's HEST-1k samples. The id -> patient map is read
+    from HEST's metadata CSV (columns id, patient, st_technology), not assumed here."""
+    meta_path, hest_root, out = Path(meta), Path(hest_root), Path(out)
+    df = data._read_table(meta_path, "HEST metadata", dtype=str, keep_default_na=False)
+    lacking = [c for c in ("id", "patient") if c not in df.columns]
+    if lacking:
+        raise ValueError(f"{meta_path}: HEST metadata lacks column(s) {lacking} (has {list(df.columns)[:10]})")
+    prefix, lo, hi = HEST_IDS[cohort]
+    ids = [f"{prefix}{i}" for i in range(lo, hi + 1)]
+    df = df.set_index("id")
+    absent = [i for i in ids if i not in df.index]
+    if absent:
+        raise ValueError(f"{meta_path}: no row for HEST id(s) {absent[:8]}{' ...' if len(absent) > 8 else ''}")
+    no_patient = [i for i in ids if not df.loc[i, "patient"]]
+    if no_patient:
+        raise ValueError(f"{meta_path}: no patient given for {no_patient[:8]}: fill the patient column first")
+    tech = df["st_technology"] if "st_technology" in df.columns else pd.Series("", index=df.index)
+    rel = lambda p: os.path.relpath(p, out.parent.resolve())
+    rows = pd.DataFrame({
+        "sample": ids, "patient": [df.loc[i, "patient"] for i in ids],
+        "h5ad": [rel(hest_root.resolve() / "st" / f"{i}.h5ad") for i in ids],
+        "image": [rel(hest_root.resolve() / "wsis" / f"{i}.tif") for i in ids],
+        "geometry": ["hex" if "visium" in tech[i].lower() else "square" if tech[i] else "" for i in ids]})
+    builtin = data.COHORTS[cohort]
+    if set(rows["patient"]) <= set(builtin["patients"]):  # HEST names the patients as the authors did: their folds
+        rows["fold"] = [next(k for k, f in enumerate(builtin["folds"]) if p in f) for p in rows["patient"]]
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    rows.to_csv(tmp, index=False)
+    os.replace(tmp, out)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python visium.py", description="cohort tables of your own slides (README: Your own slides)")
+    sub = p.add_subparsers(dest="command", required=True)
+    h = sub.add_parser("hest-cohort", help="write the cohort table of her2st, STNet or cSCC from a HEST-1k download")
+    h.add_argument("cohort", choices=sorted(HEST_IDS))
+    h.add_argument("--meta", required=True, help="HEST's metadata CSV (e.g. HEST_v1_1_0.csv): columns id, patient, st_technology")
+    h.add_argument("--hest-root", required=True, help="the HEST-1k folder holding st/ and wsis/")
+    h.add_argument("--out", default=None, help="the table to write (default: hest-<cohort>.csv)")
+    i = sub.add_parser("info", help="list the slides of a cohort table: spots, genes, µm/px, image")
+    i.add_argument("table")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        if args.command == "hest-cohort":
+            out = Path(args.out or f"hest-{args.cohort}.csv")
+            rows = hest_table(args.cohort, args.meta, args.hest_root, out)
+            print(f"wrote {out}: {len(rows)} samples of {rows['patient'].nunique()} patients"
+                  + ("" if "fold" in rows else "; one fold per patient"))
+            return 0
+        name = register_cohort(args.table)
+        print(f"{'sample':<14}{'patient':<10}{'spots':>6}{'genes':>7}{'µm/px':>8}  grid  image")
+        for s in data.COHORTS[name]["patients"].values():
+            for sample in s:
+                try:
+                    sec = data.load_section(name, None, sample)
+                    print(f"{sample:<14}{sec.patient:<10}{len(sec.spot_ids):>6}{sec.counts.shape[1]:>7}"
+                          f"{sec.um_per_px:>8.3f}  {sec.geometry:<5} {sec.image_path}")
+                except (FileNotFoundError, ValueError) as e:
+                    print(f"{sample:<14}error: {e}")
+        return 0
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
