@@ -244,7 +244,7 @@ def balance(args):
             for name, loss in parts.items():
                 g_x, *g_p = torch.autograd.grad(loss, [grab["x"], *params], retain_graph=True, allow_unused=True)
                 grads[name] = g_x.flatten()
-                rows.append({"state": state, "part": name, "batch": step, "loss": float(loss),
+                rows.append({"state": state, "part": name, "batch": step, "loss": float(loss.detach()),
                              "grad_fusion_output": float(g_x.norm()),
                              "grad_fusion_params": float(torch.sqrt(sum((g.square().sum() for g in g_p if g is not None),
                                                                         torch.zeros(())))) })
@@ -254,7 +254,11 @@ def balance(args):
                     grads[n], grads[names[-1]], dim=0))
         hook.remove()
     df = pd.DataFrame(rows).groupby(["state", "part"], sort=False).mean(numeric_only=True).drop(columns="batch").reset_index()
-    write_table(df, Path(args.out))
+    regression = df.groupby("state", sort=False).grad_fusion_output.transform("last")  # the last part of each state
+    df["times_regression"] = df.grad_fusion_output / regression
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    evaluate.write_csv(df, Path(args.out))
+    print(f"\n{df.to_string(index=False, float_format='%.3g')}\n(written to {args.out})")
 
 
 def main(argv=None):
