@@ -121,13 +121,12 @@ def ridge_predict(x, w):
     return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) @ w
 
 
-def baselines(args, test, val, trainset):
-    """Training-mean and ridge predictions for one held-out section; metrics per method."""
+def baselines(args, test, val, trainset, genes):
+    """Training-mean and ridge predictions for one held-out section, on the model runs' genes; metrics per method."""
     device = torch.device("cpu")
     trunk = frozen_trunk(args.weights, device)
     cache = ArrayCache(args.cache_dir)
     sections = {n: data.load_section("her2st", args.root, n) for n in [*trainset, val, test]}
-    genes = data.select_genes([sections[n] for n in trainset], 250)
     split = {n: prepare_split([sections[n]], genes, 224, trunk, cache, device) for n in sections}
     feats = {n: split[n].context[0][0].double() for n in sections}          # (N, 512) frozen features
     labels = {n: torch.as_tensor(split[n].dataset.labels[0], dtype=torch.float64) for n in sections}
@@ -184,7 +183,9 @@ def her2st(args):
                               Path(args.out) / f"{slug(name)}-seed{seed}" / f"test-{test}", args.cache_dir)
                 rows.append({"test": test, "seed": seed, "method": name,
                              "pcc_m": summary["pcc_m_mean"], "mse": summary["mse_mean"]})
-        for method, m in baselines(args, test, val, trainset).items():  # deterministic: one row per seed
+        genes = evaluate.load_checkpoint(Path(args.out) / f"{slug(args.variants[0])}-seed{args.seeds[0]}"
+                                         / f"test-{test}" / "best.pt")["genes"]  # the same genes as the runs
+        for method, m in baselines(args, test, val, trainset, genes).items():  # deterministic: one row per seed
             rows += [{"test": test, "seed": seed, "method": method.split(" (")[0], **m} for seed in args.seeds]
         print(pd.DataFrame([r for r in rows if r["test"] == test]).to_string(index=False))
     runs = pd.DataFrame(rows)
