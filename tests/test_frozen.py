@@ -13,10 +13,10 @@ import features
 import train
 from cache import ArrayCache
 from model import GeneDML, GeneDMLConfig, LocalEncoder, build_trunk, preprocess
-from test_train import assert_same_tensors, cache_dir, demo_root, eval_argv, load, read_log, train_argv  # noqa: F401
+from test_train import (assert_resumed_like, assert_same_tensors, cache_dir, demo_root, eval_argv, load, read_log,  # noqa: F401
+                        train_argv)
 
 FROZEN = ("--local-encoder", "frozen")
-TIMING = ("seconds", "spots_per_s")
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +118,7 @@ def test_frozen_resume_continues_exactly(frozen_run, demo_root, cache_dir, tmp_p
     train.main(train_argv(demo_root, cache_dir, tmp_path, *FROZEN, epochs=1))
     train.main(train_argv(demo_root, cache_dir, tmp_path, *FROZEN, "--resume", str(tmp_path / "last.pt")))
     assert "=> loaded checkpoint" in capsys.readouterr().out
-    straight, resumed = load(frozen_run / "last.pt"), load(tmp_path / "last.pt")
-    for key in ("model", "frozen_trunk", "optimizer", "scheduler", "genes", "epoch", "best", "config"):
-        assert_same_tensors(straight[key], resumed[key], key)
-    drop = lambda lines: [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
-    assert drop(read_log(tmp_path / "log.jsonl")) == drop(read_log(frozen_run / "log.jsonl"))
+    assert_resumed_like(frozen_run, tmp_path, ("model", "frozen_trunk", "optimizer", "scheduler", "genes", "epoch", "best", "config"))
 
 
 def test_resume_refuses_the_other_mode(frozen_run, demo_root, cache_dir, tmp_path):

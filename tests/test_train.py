@@ -264,11 +264,16 @@ def test_resume_continues_exactly(run, stopped, demo_root, cache_dir, capsys):
         f.write(json.dumps({"epoch": 1, "train_total": 123.0}) + "\n")
     train.main(train_argv(demo_root, cache_dir, out, "--resume", str(out / "last.pt")))
     assert "=> loaded checkpoint" in capsys.readouterr().out
-    straight, resumed = load(run / "last.pt"), load(out / "last.pt")
-    for key in ("model", "frozen_trunk", "optimizer", "scheduler", "scaler", "genes", "epoch", "best"):
-        assert_same_tensors(straight[key], resumed[key], key)
+    assert_resumed_like(run, out, ("model", "frozen_trunk", "optimizer", "scheduler", "scaler", "genes", "epoch", "best"))
+
+
+def assert_resumed_like(straight, resumed, keys):
+    """The resumed run's last.pt (these keys) and log equal the straight run's, timing aside."""
+    a, b = load(straight / "last.pt"), load(resumed / "last.pt")
+    for key in keys:
+        assert_same_tensors(a[key], b[key], key)
     drop = lambda lines: [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
-    assert drop(read_log(out / "log.jsonl")) == drop(read_log(run / "log.jsonl"))
+    assert drop(read_log(resumed / "log.jsonl")) == drop(read_log(straight / "log.jsonl"))
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(stopped):
