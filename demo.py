@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from data import expression_labels  # the labels exactly as training sees them
+from data import expression_labels, top_genes  # labels and genes exactly as training makes them
 from evaluate import pearson_per_gene
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ def ceiling(root, genes=None, n_genes: int = 50, smooth: bool = True) -> dict[st
 
     counts = {s: read("ST-cnts", s) for s in sections}
     if genes is None:
-        genes = pd.concat(counts.values()).sum().sort_values(ascending=False, kind="stable").index[:n_genes]
+        genes = top_genes([c.sum(axis=0) for c in counts.values()], n_genes)  # ties by name, as training
     out = {}
     for s in sections:
         xy = np.array([i.split("x") for i in counts[s].index], dtype=np.int64)
