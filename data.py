@@ -422,7 +422,7 @@ def section_crops(section: Section, cache: ArrayCache, crop_size: int, progress=
                  **({"scale": round(scale, 9)} if scale != 1.0 else {})}
     tag = re.sub(r"[^A-Za-z0-9_.\-]", "_", f"{section.cohort}-{section.name}")  # a plain file name
     image = cache.get(f"{tag}-image" + (f"-x{scale:.4g}" if scale != 1.0 else ""), image_key,
-                      lambda: {"image": _decode(section.image_path, scale) if scale != 1.0 else _decode(section.image_path)})["image"]
+                      lambda: {"image": _decode(section.image_path, scale)})["image"]
     # pixel p's centre sits at p + 0.5 in continuous coordinates, which resampling multiplies by scale
     centres = np.ascontiguousarray((section.pixel_xy + 0.5) * scale - 0.5, np.float64)  # (N, 2) resampled px
     key = dict(image_key, centres=hashlib.sha1(centres.tobytes()).hexdigest(), spots=len(centres), crop=crop_size)
@@ -518,11 +518,11 @@ def _tiles_off_image(pixel_xy, size, crop, grid=5) -> tuple[float, float]:
     """Shares of the 5x5 neighbour tiles whose centre is off the image (masked, here and in the
     reference) and that are on it but partly off (kept and padded white here, masked in the reference)."""
     W, H = size
+    on = np.stack([neighbour_mask((H, W), c, crop, grid).reshape(grid, grid) for c in pixel_xy])  # (N, g, g)
     offsets = (np.arange(grid) - grid // 2) * crop
     c = np.floor(np.asarray(pixel_xy, np.float64) + 0.5)
     tx = (c[:, 0, None] + offsets)[:, None, :]  # (N, 1, g) tile centres
     ty = (c[:, 1, None] + offsets)[:, :, None]  # (N, g, 1)
-    on = (tx >= 0) & (tx < W) & (ty >= 0) & (ty < H)
     inside = (tx - crop // 2 >= 0) & (tx - crop // 2 + crop <= W) & (ty - crop // 2 >= 0) & (ty - crop // 2 + crop <= H)
     return float((~on).mean()), float((on & ~inside).mean())
 

@@ -65,7 +65,7 @@ def test_section_crops_rebuilt_only_when_source_changes(tmp_path, monkeypatch):
     write_her2st(root)
     decodes = []
     real_decode = data._decode
-    monkeypatch.setattr(data, "_decode", lambda p: decodes.append(p) or real_decode(p))
+    monkeypatch.setattr(data, "_decode", lambda p, *scale: decodes.append(p) or real_decode(p, *scale))
     cache = ArrayCache(tmp_path / "cache")
     s = data.load_section("her2st", root, "A1")
     first = data.section_crops(s, cache, 16, progress=False)
