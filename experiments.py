@@ -2,7 +2,7 @@
 Evidence: does each part of Gene-DML pull its weight? One command per table in README "Results".
 
     python experiments.py ablation                      # demo cohort: full model vs 5 ablations x 3 seeds
-    python experiments.py ablation --out runs/ablation-frozen -- --local-encoder frozen
+    python experiments.py ablation --out runs/ablation-trainable -- --local-encoder trainable
     python experiments.py her2st --root ../shared/data/her2st
                                                         # real sections with images, leave one out: the
                                                         # same ablation (frozen local encoder) x seeds,

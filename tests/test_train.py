@@ -31,8 +31,9 @@ TIMING = ("seconds", "spots_per_s")  # the only log fields allowed to differ bet
 
 
 def train_argv(root, cache, out, *extra, epochs=2):
+    """A tiny demo run; the trainable local encoder unless extra says otherwise (the demo recipe's is frozen)."""
     return ["--data", "demo", "--root", str(root), "--sections", SECTIONS, "--crop-size", "32", "--dim", "32",
-            "--batch-size", "32", "--epochs", str(epochs), "--cache-dir", str(cache), "--out", str(out),
+            "--local-encoder", "trainable", "--batch-size", "32", "--epochs", str(epochs), "--cache-dir", str(cache), "--out", str(out),
             "--workers", "0", "--device", "cpu", *extra]
 
 
@@ -126,17 +127,19 @@ def test_get_args_defaults_come_from_the_cohort_table_and_flags_override():
     spec = data.COHORTS["demo"]
     assert (demo_args.root, demo_args.crop_size, demo_args.k, demo_args.n_genes) == \
         (spec["root"], spec["crop"], spec["k"], spec["genes"])
-    assert (demo_args.epochs, demo_args.batch_size, demo_args.weights) == (10, 64, "none")
+    assert (demo_args.epochs, demo_args.batch_size, demo_args.weights, demo_args.local_encoder) == \
+        (10, 64, "none", "frozen")
     assert demo_args.out == "runs/demo" and demo_args.levels == ("local", "neighbour", "global")
     real = train.get_args(["--data", "her2st"])
     assert (real.root, real.crop_size, real.k, real.n_genes) == ("data/her2st", 224, 18, 250)
-    assert (real.epochs, real.batch_size, real.weights) == (200, 256, "imagenet")
+    assert (real.epochs, real.batch_size, real.weights, real.local_encoder) == (200, 256, "imagenet", "trainable")
     over = train.get_args(["--data", "her2st", "--root", "x", "--crop-size", "112", "--k", "5", "--n-genes", "20",
                            "--epochs", "3", "--batch-size", "8", "--weights", "none", "--out", "o",
                            "--levels", "local, global"])
     assert (over.root, over.crop_size, over.k, over.n_genes, over.epochs, over.batch_size, over.weights, over.out) == \
         ("x", 112, 5, 20, 3, 8, "none", "o")
     assert over.levels == ("local", "global")
+    assert train.get_args(["--data", "demo", "--local-encoder", "trainable"]).local_encoder == "trainable"
     with pytest.raises(SystemExit):
         train.get_args(["--fold", "first"])
 
