@@ -8,6 +8,8 @@ Evidence: does each part of Gene-DML pull its weight? One command per table in R
                                                         # same ablation (frozen local encoder) x seeds,
                                                         # vs two baselines (training mean, ridge), with
                                                         # paired differences to the full model
+    python experiments.py compare runs/her2st-ablation runs/her2st-trainable
+                                                        # two her2st experiments, paired by section and seed
     python experiments.py balance --ckpt RUN/best.pt    # each loss part's gradient at the fusion
 
 Both drive train.main / evaluate.main exactly as a user would, so the tables measure the code that
@@ -202,6 +204,28 @@ def her2st(args):
     write_table(table, Path(args.out) / "her2st.csv")
 
 
+def compare(args):
+    """Two her2st experiments side by side (e.g. frozen vs trainable local encoder): for every method
+    both ran, PCC(M) and MSE of each and the paired difference second − first over the (held-out
+    section, seed) pairs both have."""
+    a, b = (pd.read_csv(Path(d) / "her2st_runs.csv").set_index(["method", "test", "seed"]) for d in args.runs)
+    rows = []
+    both_ran = [m for m in dict.fromkeys(a.index.get_level_values("method")) if m in b.index.get_level_values("method")]
+    for method in both_ran:
+        both = a.loc[[method]].merge(b.loc[[method]], left_index=True, right_index=True, suffixes=("_a", "_b"))
+        if both.empty:
+            continue
+        row = {"method": method, "pairs": len(both)}
+        for metric in ("pcc_m", "mse"):
+            row[f"{metric}_a"], row[f"{metric}_b"] = both[f"{metric}_a"].mean(), both[f"{metric}_b"].mean()
+            row[f"d_{metric}"], row[f"d_{metric}_lo"], row[f"d_{metric}_hi"] = \
+                paired((both[f"{metric}_b"] - both[f"{metric}_a"]).dropna()) if both[f"{metric}_a"].notna().any() \
+                else (np.nan,) * 3
+        rows.append(row)
+    print(f"a = {args.runs[0]}\nb = {args.runs[1]}")
+    write_table(pd.DataFrame(rows), Path(args.out))
+
+
 # -----------------------------------------------------------------------------
 # the balance of the loss parts: how hard each one pulls on the layers they share
 
@@ -284,6 +308,9 @@ def main(argv=None):
     h.add_argument("--epochs", type=int, default=30)
     h.add_argument("--batch-size", type=int, default=32)
     h.add_argument("--out", default="runs/her2st-ablation")
+    c = sub.add_parser("compare", help="two her2st experiments' runs side by side, paired by section and seed")
+    c.add_argument("runs", nargs=2, metavar="DIR", help="two --out folders of experiments.py her2st")
+    c.add_argument("--out", default="runs/her2st-compare.csv", help="CSV to write")
     g = sub.add_parser("balance", help="gradient norm of each loss part at the fusion, at init and trained")
     g.add_argument("--ckpt", required=True, help="a best.pt of a full Gene-DML run")
     g.add_argument("--batches", type=int, default=8, help="training batches to average over")
@@ -294,9 +321,9 @@ def main(argv=None):
         s.add_argument("--cache-dir", default="cache")
         s.add_argument("extra", nargs=argparse.REMAINDER, help="further train.py flags, after --")
     args = p.parse_args(argv)
-    if args.experiment != "balance":
+    if args.experiment in ("ablation", "her2st"):
         args.extra = [x for x in args.extra if x != "--"]
-    {"ablation": ablation, "her2st": her2st, "balance": balance}[args.experiment](args)
+    {"ablation": ablation, "her2st": her2st, "compare": compare, "balance": balance}[args.experiment](args)
     return 0
 
 
