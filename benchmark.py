@@ -20,11 +20,9 @@ other jobs hold cores: torch's threads then wait on each other, up to 20x slower
          one (cached tokens), against a bare torchvision ResNet18 step on the same crops (default
          and channels-last layouts), all timed interleaved, round after round (median); where the
          trainable step's time goes: its local trunk, neighbour and global levels (forward + backward
-         timed alone), the Adam step, k-means (losses.kmeans timed by wrapping it) and the rest.
-  features  the one-off frozen-feature extraction (features.extract_features: the local crop + 25
-         tiles per spot) at --crop and at the demo's 64 px, in batches of 64 against the default
-         (a fixed pixel budget, features.images_per_batch), 3 rounds interleaved; the token rate
-         (features.extract_tokens: one crop per spot).
+         timed alone), the Adam step, k-means (losses.kmeans timed by wrapping it) and the rest;
+         the frozen-feature rate (features.extract_features: the local crop + 25 tiles per spot)
+         and the token rate (features.extract_tokens: one crop per spot).
   eval   evaluate.slide_metrics (vectorised) against a per-gene np.corrcoef loop; they must agree.
   ddp    training steps/s of one process and of two (torchrun's DDP on gloo, one thread each,
          the same global batch, embeddings gathered as train.py does): a smoke figure that the
@@ -55,7 +53,6 @@ import socket
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -71,10 +68,10 @@ import distributed
 import losses
 from cache import ArrayCache
 from evaluate import slide_metrics
-from features import extract_features, extract_tokens, images_per_batch
+from features import extract_features, extract_tokens
 from model import GeneDML, GeneDMLConfig, GlobalEncoder, build_trunk, preprocess
 
-SECTIONS = ("data", "step", "features", "eval", "ddp", "scale")
+SECTIONS = ("data", "step", "eval", "ddp", "scale")
 SPOT_PX = 256  # her2st: spots ~ 200-260 px apart on the full-resolution image
 QUICK = dict(slide_px="2000x2000", spots=64, items=32, decode_items=1, batch=8, crop=64, context=64,
              feat_spots=4, warmup=1, reps=2, eval_spots=500, eval_genes=50, scale_spots="100,300",
@@ -110,7 +107,7 @@ def get_args(argv=None):
     p.add_argument("--genes", type=int, default=250, help="step: genes predicted")
     p.add_argument("--k", type=int, default=18, help="step: k-means groups (her2st 18)")
     p.add_argument("--context", type=int, default=300, help="step: spots of the section the global level attends over")
-    p.add_argument("--feat-spots", type=int, default=16, help="features: spots at 224 px (26 images each; 3x as many at 64 px)")
+    p.add_argument("--feat-spots", type=int, default=16, help="step: spots for the frozen-feature rate (26 images each)")
     p.add_argument("--warmup", type=int, default=2, help="step: untimed steps first")
     p.add_argument("--reps", type=int, default=5, help="step: timed steps")
     p.add_argument("--ddp-processes", type=lambda t: [int(n) for n in t.split(",")], default="1,2",
@@ -451,6 +448,10 @@ def bench_step(args, device, amp):
     part_names = list(parts)
     del model, opt, steps, parts
 
+    trunk = build_trunk("none")
+    extract_features(trunk, FakeCrops(2, c), device=device, progress=False)  # warm-up
+    t = timed(lambda: extract_features(trunk, FakeCrops(args.feat_spots, c), device=device, progress=False), device)
+    t_tok = timed(lambda: extract_tokens(trunk, FakeCrops(4 * args.feat_spots, c), device=device, progress=False), device)
     rate = {k: B / seconds[k] for k in ("trainable", "frozen", "resnet18", "resnet18_channels_last")}
     share = {k: seconds[k] / seconds["trainable"] for k in part_names}
     fig = dict(batch=B, crop=c, context=N, amp=amp, reps=args.reps, seconds_per_step=seconds, spots_per_s=rate,
@@ -459,7 +460,8 @@ def bench_step(args, device, amp):
                trainable_over_resnet18_channels_last=rate["trainable"] / rate["resnet18_channels_last"],
                frozen_over_trainable=rate["frozen"] / rate["trainable"],
                kmeans_share=spent["kmeans"] / args.reps / seconds["trainable"], shares=share,
-               rest_share=1 - sum(share.values()))
+               rest_share=1 - sum(share.values()), feature_images_per_s=args.feat_spots * 26 / t,
+               token_spots_per_s=4 * args.feat_spots / t_tok)
     rows = [(f"trainable local encoder: GeneDML step, batch {B} at {c} px, context {N}", f"{rate['trainable']:.1f} spots/s"),
             ("frozen local encoder: GeneDML step on cached tokens", f"{rate['frozen']:.1f} spots/s"),
             ("bare ResNet18 step, same crops (torchvision, fused Adam)", f"{rate['resnet18']:.1f} spots/s"),
@@ -470,35 +472,9 @@ def bench_step(args, device, amp):
             ("frozen / trainable", f"{fig['frozen_over_trainable']:.1f}x")]
     rows += [(f"share of the trainable step: {k} (timed alone)", f"{100 * v:.1f} %") for k, v in share.items()]
     rows += [("share of the trainable step: k-means (2 calls)", f"{100 * fig['kmeans_share']:.2g} %"),
-             ("rest: fusion, heads, gene encoder, losses, dropout masks", f"{100 * fig['rest_share']:.1f} %")]
-    return fig, rows
-
-
-def bench_features(args, device):
-    """Frozen-feature extraction, once per slide: images/s of features.extract_features (the local crop
-    + 25 tiles per spot) at --crop and at the demo's 64 px, in batches of 64 against the default
-    pixel budget (features.images_per_batch), interleaved round after round (median); the token rate."""
-    trunk = build_trunk("none")
-    extract_features(trunk, FakeCrops(2, 64), device=device, progress=False)  # warm-up
-    fig, rows = {}, []
-    for c in dict.fromkeys((args.crop, 64)):
-        spots = args.feat_spots * max(1, (224 // c) ** 2 // 4)  # ~ the same work at every size
-        sizes = dict.fromkeys((64, images_per_batch(c)))
-        times = {bs: [] for bs in sizes}
-        for _ in range(3 if len(sizes) > 1 else 1):  # a round times each batch size once
-            for bs in sizes:
-                crops = FakeCrops(spots, c)
-                times[bs].append(timed(partial(extract_features, trunk, crops, bs, device, progress=False), device))
-        for bs, t in times.items():
-            fig[f"images_per_s_{c}px_batch{bs}"] = spots * 26 / float(np.median(t))
-            rows.append((f"frozen features at {c} px, batches of {bs}", f"{fig[f'images_per_s_{c}px_batch{bs}']:.1f} images/s"))
-        if len(sizes) > 1:
-            a, b = (fig[f"images_per_s_{c}px_batch{bs}"] for bs in sizes)
-            fig[f"speedup_{c}px"] = b / a
-            rows.append((f"default batch / batches of 64 at {c} px", f"{b / a:.2f}x"))
-    t_tok = timed(lambda: extract_tokens(trunk, FakeCrops(4 * args.feat_spots, args.crop), device=device, progress=False), device)
-    fig["token_spots_per_s"] = 4 * args.feat_spots / t_tok
-    rows.append((f"frozen tokens at {args.crop} px (the crop's feature map, float16)", f"{fig['token_spots_per_s']:.1f} spots/s"))
+             ("rest: fusion, heads, gene encoder, losses, dropout masks", f"{100 * fig['rest_share']:.1f} %"),
+             ("frozen features (local + 25 tiles per spot)", f"{fig['feature_images_per_s']:.1f} images/s"),
+             ("frozen tokens (the local crop's 7x7x512 map, float16)", f"{fig['token_spots_per_s']:.1f} spots/s")]
     return fig, rows
 
 
@@ -618,7 +594,6 @@ def main(argv=None):
             sub = Path(tmp) / name
             sub.mkdir()
             fig, rows = {"data": lambda: bench_data(args, device, sub), "step": lambda: bench_step(args, device, amp),
-                         "features": lambda: bench_features(args, device),
                          "eval": lambda: bench_eval(args, device), "ddp": lambda: bench_ddp(args, device, amp, sub),
                          "scale": lambda: bench_scale(args, device, amp, sub)}[name]()
             fig["wall_s"] = time.perf_counter() - t

@@ -42,42 +42,28 @@ def trunk_id(trunk):
     return h.hexdigest()[:16]
 
 
-def images_per_batch(crop_size, pixels=64 * 224 * 224):
-    """How many crops the frozen trunk reads at once: a fixed pixel budget (64 crops at 224 px, 784 at
-    the demo's 64 px). Small crops in batches of 64 leave the CPU's convolutions mostly idle:
-    `python benchmark.py --only features` times both."""
-    return max(1, pixels // (crop_size * crop_size))
-
-
-def _ready(trunk, device):
-    """The frozen trunk on the device, in eval mode (BatchNorm keeps its running statistics) and
-    channels-last (the faster layout for convolutions on the CPU and on tensor cores)."""
-    return trunk.to(device, memory_format=torch.channels_last).eval()
-
-
 @torch.no_grad()
-def extract_features(trunk, crops, batch_size=None, device="cpu", progress=True) -> dict[str, np.ndarray]:
+def extract_features(trunk, crops, batch_size=64, device="cpu", progress=True) -> dict[str, np.ndarray]:
     """Run the frozen trunk, global-average-pooled, once over every crop and on-image tile of a section.
 
     crops has .local (N,c,c,3) uint8 and .tiles(i) -> (tiles (g²,c,c,3) uint8, mask (g²,) bool).
     Returns {"local": (N, 512), "tiles": (N, g², 512)} float32, zeros where a tile is off the image.
     """
     device = torch.device(device)
-    trunk = _ready(trunk, device)
+    trunk = trunk.to(device).eval()  # eval: BatchNorm uses (and keeps) its running statistics
     cuda = device.type == "cuda"
     half = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     amp = (lambda: torch.autocast("cuda", dtype=half)) if cuda else nullcontext  # stored as float32 anyway
     n = len(crops.local)
     assert n > 0, "a section without spots has no features"
-    batch_size = batch_size or images_per_batch(crops.local.shape[1])
     g2 = len(crops.tiles(0)[1])  # tiles per window (25)
     out = {"local": np.zeros((n, FEAT_DIM), np.float32), "tiles": np.zeros((n, g2, FEAT_DIM), np.float32)}
     todo, where = [], []  # images waiting for the trunk, and (spot, tile) each one belongs to; tile -1 = local
 
     def run(k):
-        x = torch.from_numpy(np.stack(todo[:k])).to(device).permute(0, 3, 1, 2)  # (k, 3, c, c) uint8, channels-last
+        x = torch.from_numpy(np.stack(todo[:k])).to(device).permute(0, 3, 1, 2)  # (k, 3, c, c) uint8
         with amp():
-            f = trunk(preprocess(x).contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3)).float().cpu().numpy()
+            f = trunk(preprocess(x)).mean(dim=(2, 3)).float().cpu().numpy()  # (k, 512)
         for (i, j), fi in zip(where[:k], f):
             if j < 0:
                 out["local"][i] = fi
@@ -105,7 +91,7 @@ def section_features(trunk, weights_id: str, crops, cache, name: str, **kw) -> d
 
 
 @torch.no_grad()
-def extract_tokens(trunk, crops, batch_size=None, device="cpu", progress=True) -> dict[str, np.ndarray]:
+def extract_tokens(trunk, crops, batch_size=64, device="cpu", progress=True) -> dict[str, np.ndarray]:
     """The frozen trunk's last feature map of every local crop, not pooled: the frozen local level's input.
 
     Returns {"tokens": (N, h, w, 512) float16} (h = w = 7 at 224 px), rows and columns as in the crop,
@@ -113,14 +99,13 @@ def extract_tokens(trunk, crops, batch_size=None, device="cpu", progress=True) -
     halves the disk: ReLU features of a few units lose nothing a trained projection can use.
     """
     device = torch.device(device)
-    trunk = _ready(trunk, device)
+    trunk = trunk.to(device).eval()
     n = len(crops.local)
     assert n > 0, "a section without spots has no tokens"
-    batch_size = batch_size or images_per_batch(crops.local.shape[1])
     out = None
     for a in tqdm(range(0, n, batch_size), desc="frozen tokens", unit="batch", disable=not progress):
         x = torch.from_numpy(np.array(crops.local[a:a + batch_size])).to(device).permute(0, 3, 1, 2)
-        fmap = trunk(preprocess(x).contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1).half().cpu().numpy()
+        fmap = trunk(preprocess(x)).permute(0, 2, 3, 1).half().cpu().numpy()  # (b, h, w, 512)
         if out is None:
             out = np.zeros((n, *fmap.shape[1:]), np.float16)
         out[a:a + len(fmap)] = fmap
