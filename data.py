@@ -499,7 +499,7 @@ class SpotDataset(torch.utils.data.Dataset):
         if self.tokens is None:
             item = {"local": torch.from_numpy(np.ascontiguousarray(local.transpose(2, 0, 1)))}  # (3, c, c) uint8
         else:
-            item = {"local": torch.from_numpy(np.ascontiguousarray(local).reshape(-1, local.shape[-1]))}  # (h*w, 512) float16
+            item = {"local": torch.from_numpy(np.array(local).reshape(-1, local.shape[-1]))}  # (h*w, 512) float16, copied
         if tiles is not None:
             tiles = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))  # (25, 3, c, c)
             item["neighbour_tiles"] = torch.from_numpy(tiles)

@@ -1,6 +1,7 @@
 """The frozen local encoder (train.py --local-encoder frozen): its token cache, the token-grid
 augmentation, and train / evaluate / resume / predict end to end at tiny size (test_train.py's cohort)."""
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -61,8 +62,11 @@ def test_augmentation_turns_the_token_grid_like_the_crop(demo_root, tmp_path):
     n = len(section.spot_ids)
     grid = np.random.default_rng(0).random((n, 3, 3, 512)).astype(np.float16)  # distinct per cell
     feats = [{"tiles": np.zeros((n, 25, 512), np.float32)}]
+    grid.flags.writeable = False  # as the memory-mapped cache serves it: items are copies, and torch says nothing
     plain = data.SpotDataset([section], [crops], ["TUM01"], features=feats, tokens=[grid])
-    assert plain[0]["local"].shape == (9, 512) and plain[0]["local"].dtype == torch.float16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plain[0]["local"].shape == (9, 512) and plain[0]["local"].dtype == torch.float16
     assert np.array_equal(plain[0]["local"].numpy(), grid[0].reshape(9, 512))
     augmented = data.SpotDataset([section], [crops], ["TUM01"], features=feats, tokens=[grid], augment=True)
     seen = set()
