@@ -35,7 +35,7 @@ def test_tokens_are_the_unpooled_map_and_are_cached_by_trunk(demo_root, tmp_path
     tokens = features.section_tokens(trunk, wid, crops, cache, "demo-A1-tokens", progress=False)["tokens"]
     assert tokens.shape == (len(section.spot_ids), 2, 2, 512) and tokens.dtype == np.float16  # 64 px -> 2x2
     with torch.no_grad():
-        fmap = trunk(preprocess(torch.from_numpy(np.asarray(crops.local[:3])).permute(0, 3, 1, 2)))
+        fmap = trunk(preprocess(torch.from_numpy(np.array(crops.local[:3])).permute(0, 3, 1, 2)))
     assert np.allclose(tokens[:3], fmap.permute(0, 2, 3, 1).numpy(), rtol=1e-2, atol=1e-2)
     # their mean over the grid is the pooled frozen feature the other levels read
     pooled = features.extract_features(trunk, crops, progress=False)["local"]
