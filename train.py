@@ -250,7 +250,8 @@ def train_fold(args, fold):
     select_part = "test" if args.select_on_test else "val"
     if main_process:
         print(f"fold {fold}: train {names['train']}  val {names['val']}  test {names['test']}  "
-              f"| {len(splits['train'].dataset)} training spots, {len(genes)} genes ({genes_from}), selection on {select_part}")
+              f"| {len(splits['train'].dataset)} training spots, {len(genes)} genes ({genes_from}), selection on {select_part}, "
+              f"{args.local_encoder} local encoder")
     # --batch-size is the global batch: under torchrun each process loads its 1/N share of every one.
     world, train_set = distributed.world_size(), splits["train"].dataset
     if args.batch_size % world or len(train_set) < world:
