@@ -44,7 +44,7 @@ log = logging.getLogger("train")
 
 # Training recipe per cohort; explicit flags override. The reference used 200 epochs with early
 # stopping and batches of 256-512; the demo is sized to finish in minutes on a laptop CPU, so it
-# runs the Gene-DML reference's frozen local encoder (README: The demo; trainable: ~1.5x the time).
+# runs the Gene-DML reference's frozen local encoder (README: The demo; trainable: ~2x the time).
 RECIPES = {
     "demo": dict(epochs=10, batch_size=64, weights="none", local_encoder="frozen"),
     "default": dict(epochs=200, batch_size=256, weights="imagenet", local_encoder="trainable"),
