@@ -34,8 +34,7 @@ def train_argv(root, cache, out, *extra, epochs=2):
     """A tiny demo run; the trainable local encoder unless extra says otherwise (the demo recipe's is frozen)."""
     return ["--data", "demo", "--root", str(root), "--sections", SECTIONS, "--crop-size", "32", "--dim", "32",
             "--local-encoder", "trainable", "--batch-size", "32", "--epochs", str(epochs), "--cache-dir", str(cache),
-            "--out", str(out),
-            "--workers", "0", "--device", "cpu", *extra]
+            "--out", str(out), "--workers", "0", "--device", "cpu", *extra]
 
 
 def eval_argv(ckpts, cache, out, *extra):
