@@ -158,8 +158,11 @@ _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 
 def paired(diffs):
-    """Mean of paired differences and its 95 % t-interval (mean ± t·sd/√n); NaN bounds for one pair."""
+    """Mean of paired differences and its 95 % t-interval (mean ± t·sd/√n); NaN bounds for one pair,
+    all NaN for none (a metric a method does not have, e.g. the training mean's PCC)."""
     d = np.asarray(diffs, np.float64)
+    if len(d) == 0:
+        return (float("nan"),) * 3
     if len(d) < 2:
         return float(d.mean()), float("nan"), float("nan")
     half = (_T95[len(d) - 2] if len(d) - 1 <= len(_T95) else 1.96) * d.std(ddof=1) / np.sqrt(len(d))
@@ -198,8 +201,7 @@ def her2st(args):
     full = runs[runs.method == args.variants[0]].set_index(["test", "seed"])
     for metric in ("pcc_m", "mse"):
         diffs = [paired((runs[runs.method == m].set_index(["test", "seed"])[metric] - full[metric]).dropna())
-                 if m != args.variants[0] and runs[runs.method == m][metric].notna().any() else (np.nan,) * 3
-                 for m in table.method]
+                 if m != args.variants[0] else (np.nan,) * 3 for m in table.method]
         table[f"d_{metric}"], table[f"d_{metric}_lo"], table[f"d_{metric}_hi"] = zip(*diffs)
     write_table(table, Path(args.out) / "her2st.csv")
 
@@ -219,8 +221,7 @@ def compare(args):
         for metric in ("pcc_m", "mse"):
             row[f"{metric}_a"], row[f"{metric}_b"] = both[f"{metric}_a"].mean(), both[f"{metric}_b"].mean()
             row[f"d_{metric}"], row[f"d_{metric}_lo"], row[f"d_{metric}_hi"] = \
-                paired((both[f"{metric}_b"] - both[f"{metric}_a"]).dropna()) if both[f"{metric}_a"].notna().any() \
-                else (np.nan,) * 3
+                paired((both[f"{metric}_b"] - both[f"{metric}_a"]).dropna())
         rows.append(row)
     print(f"a = {args.runs[0]}\nb = {args.runs[1]}")
     write_table(pd.DataFrame(rows), Path(args.out))

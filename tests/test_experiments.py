@@ -18,6 +18,7 @@ def test_paired_difference_and_its_t_interval():
     assert mean == pytest.approx(0.014) and lo == pytest.approx(0.014 - half) and hi == pytest.approx(0.014 + half)
     one = experiments.paired([0.2])
     assert one[0] == pytest.approx(0.2) and math.isnan(one[1]) and math.isnan(one[2])
+    assert all(math.isnan(v) for v in experiments.paired([]))  # no pair: nothing to say, and no warning
 
 
 def test_ridge_recovers_a_linear_map_and_leaves_the_intercept_unpenalised():
