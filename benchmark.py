@@ -69,13 +69,18 @@ import losses
 from cache import ArrayCache
 from evaluate import slide_metrics
 from features import extract_features, extract_tokens
-from model import GeneDML, GeneDMLConfig, GlobalEncoder, build_trunk, preprocess
+import fold_benchmark
+from fold_benchmark import grid_xy
+from model import GeneDML, GeneDMLConfig, GlobalContext, build_trunk, preprocess
 
-SECTIONS = ("data", "step", "eval", "ddp", "scale")
+SECTIONS = ("data", "step", "fold", "eval", "ddp", "scale")
 SPOT_PX = 256  # her2st: spots ~ 200-260 px apart on the full-resolution image
 QUICK = dict(slide_px="2000x2000", spots=64, items=32, decode_items=1, batch=8, crop=64, context=64,
              feat_spots=4, warmup=1, reps=2, eval_spots=500, eval_genes=50, scale_spots="100,300",
-             cohort_sections=4, cohort_px="800x800", cohort_spots=36)
+             cohort_sections=4, cohort_px="800x800", cohort_spots=36, step_sections="1,3", loader_batches=2,
+             fold_sections=3, fold_spots=96, fold_steps=None)
+GPU_CHECK = dict(only="step,fold", batch=256, step_sections="24", amp=True, reps=5)  # her2st's sizes otherwise
+GPU_CHECK_CPU = dict(only="step,fold", step_sections="3", reps=1)
 
 
 def _px(text):
@@ -106,7 +111,18 @@ def get_args(argv=None):
     p.add_argument("--crop", type=int, default=224, help="crop / tile size in pixels (data and step)")
     p.add_argument("--genes", type=int, default=250, help="step: genes predicted")
     p.add_argument("--k", type=int, default=18, help="step: k-means groups (her2st 18)")
-    p.add_argument("--context", type=int, default=300, help="step: spots of the section the global level attends over")
+    p.add_argument("--context", type=int, default=400, help="step: mean spots per section (her2st: ~400, 176-712)")
+    p.add_argument("--step-sections", type=lambda t: [int(n) for n in t.split(",")], default="1,24",
+                   help="step: sections of the fold the batch is drawn from, one shape each (her2st fold: 24)")
+    p.add_argument("--loader-batches", type=int, default=4, help="step: batches read to time the loader")
+    # fold (an epoch through train.py's loader)
+    p.add_argument("--fold-sections", type=int, default=24, help="fold: sections (her2st fold 0: 24)")
+    p.add_argument("--fold-spots", type=int, default=9866, help="fold: spots in all (her2st fold 0: 9,866)")
+    p.add_argument("--fold-steps", type=int, default=None, help="fold: time only this many steps (default: the whole epoch)")
+    p.add_argument("--workers", type=int, default=None, help="fold: loader workers (default: as train.py, 0 on the CPU)")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="the one prepared GPU check (< 5 min on one GPU): step and fold at batch 256 in bf16; on the "
+                        "CPU the same at a small size")
     p.add_argument("--feat-spots", type=int, default=16, help="step: spots for the frozen-feature rate (26 images each)")
     p.add_argument("--warmup", type=int, default=2, help="step: untimed steps first")
     p.add_argument("--reps", type=int, default=5, help="step: timed steps")
@@ -123,7 +139,11 @@ def get_args(argv=None):
     p.add_argument("--cohort-px", type=_px, default="3000x3000", help="scale: image size per cohort section (real: ~10k x 9k, slower)")
     p.add_argument("--cohort-spots", type=int, default=400, help="scale: spots per cohort section")
     args = p.parse_args(argv)
-    if args.quick:  # quick sizes become the defaults; flags given explicitly still win
+    if args.gpu_check:  # her2st's real step and fold on a GPU; a small one on the CPU, so that it is tested
+        cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+        p.set_defaults(**(GPU_CHECK if cuda else {**QUICK, **GPU_CHECK_CPU}))
+        args = p.parse_args(argv)
+    elif args.quick:  # quick sizes become the defaults; flags given explicitly still win
         p.set_defaults(**QUICK)
         args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -227,7 +247,7 @@ def _ddp_worker(rank, world, port, args, device_type, amp, result):
     local = torch.randint(0, 256, (b, 3, c, c), dtype=torch.uint8, device=device)
     neighbour, mask = torch.randn(b, 25, 512, device=device), torch.ones(b, 25, dtype=torch.bool, device=device)
     section, index = torch.zeros(b, dtype=torch.long, device=device), torch.randperm(N)[:b].to(device)
-    context = [(torch.randn(N, 512, device=device), torch.as_tensor(grid_xy(N), device=device))]
+    context = GlobalContext.of([(torch.randn(N, 512), grid_xy(N))], device)
     label = 3 * torch.rand(b, G, device=device)
     torch.manual_seed(0)
     model = GeneDML(GeneDMLConfig.for_cohort("her2st", G)).to(device).train()
@@ -273,13 +293,6 @@ def bench_ddp(args, device, amp, tmp):
 
 
 # ----------------------------------------------------------------------------- synthetic inputs
-def grid_xy(n):
-    """(n, 2) array x, y of n spots filling a square grid row by row."""
-    side = math.ceil(math.sqrt(n))
-    i = np.arange(n)
-    return np.stack([i % side, i // side], 1).astype(np.int64)
-
-
 def write_slide(path, width, height, rng):
     """A pink H&E-like JPEG: low-resolution noise blown up 16x (writes fast, decodes like a real slide)."""
     small = rng.integers(0, 60, (height // 16 + 1, width // 16 + 1, 3)) + np.array([190, 130, 170])
@@ -373,16 +386,29 @@ def bench_data(args, device, tmp):
 
 
 def bench_step(args, device, amp):
-    B, c, G, N = args.batch, args.crop, args.genes, args.context
+    """The training step at her2st's shape, for each --step-sections S: a fold of S sections of her2st
+    sizes (~400 spots each, fold_benchmark), a batch of --batch spots drawn from all of it."""
+    fig, rows = {"shapes": {}}, []
+    for S in args.step_sections:
+        f, r = _step_at(args, device, amp, S)
+        fig["shapes"][S] = f
+        rows += r
+    return fig, rows
+
+
+def _step_at(args, device, amp, S):
+    B, c, G = args.batch, args.crop, args.genes
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
-    local = torch.randint(0, 256, (B, 3, c, c), dtype=torch.uint8, device=device)
-    tokens = torch.randn(B, (c // 32) ** 2, 512, device=device).abs().half()  # what the frozen mode reads
-    neighbour = torch.randn(B, 25, 512, device=device)  # frozen tile features
-    mask = torch.ones(B, 25, dtype=torch.bool, device=device)
-    section = torch.zeros(B, dtype=torch.long, device=device)
-    index = torch.randperm(N)[:B].to(device)
-    context = [(torch.randn(N, 512, device=device), torch.as_tensor(grid_xy(N), device=device))]
-    label = 3 * torch.rand(B, G, device=device)
+    split = fold_benchmark.synthetic_fold(S, S * args.context, c, tokens=True, device=device, genes=G)
+    batch = next(iter(fold_benchmark.loader(split, B, torch.device("cpu"), workers=0)))
+    on = lambda x: x.to(device)
+    local, tokens = on(batch["local"]), None  # the loader serves tokens (frozen) or crops: take both
+    tokens = on(torch.stack([torch.from_numpy(np.array(split.tokens[s][j, 0]).reshape(-1, 512))
+                             for s, j in zip(batch["section"].tolist(), batch["index"].tolist())]))
+    local = on(torch.stack([torch.from_numpy(split.dataset.crops[s].local[j]).permute(2, 0, 1)
+                            for s, j in zip(batch["section"].tolist(), batch["index"].tolist())]))
+    neighbour, mask, label = on(batch["neighbour_feats"]), on(batch["neighbour_mask"]), on(batch["label"])
+    section, index, layout, context = on(batch["section"]), on(batch["index"]), batch["layout"].to(device), split.context
     fused = dict(fused=device.type in ("cpu", "cuda"))  # as train.py builds its Adam
 
     def gene_dml(mode):
@@ -392,8 +418,8 @@ def bench_step(args, device, amp):
 
         def step():
             with autocast():
-                out = model(inputs, neighbour, mask, section, index, context, expression=label)
-            loss, _ = losses.gene_dml_loss(out, label, k=args.k)
+                out = model(inputs, neighbour, mask, section, index, context, expression=label, layout=layout)
+            loss, _ = losses.gene_dml_loss(out, label, k=args.k, sync=False)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -428,7 +454,7 @@ def bench_step(args, device, amp):
     parts = {  # where the trainable step's time goes
         "local trunk": fwd_bwd(lambda: model.local_encoder(local)),
         "neighbour level": fwd_bwd(lambda: model.neighbour_encoder(neighbour, mask)),
-        "global level": fwd_bwd(lambda: model.global_encoder(*context[0], rows=index)),
+        "global level": fwd_bwd(lambda: model.global_tokens(section, index, context, layout)),
         "Adam step": opt.step,  # on the gradients the parts above left behind
     }
     # Interleaved: every round times each step once, so a neighbour's load on a shared machine hits
@@ -443,38 +469,71 @@ def bench_step(args, device, amp):
             with counting_kmeans(device, spent) if name == "trainable" else nullcontext():
                 times[name].append(timed(step, device))
     seconds = {name: float(np.median(t)) for name, t in times.items()}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     part_names = list(parts)
     del model, opt, steps, parts
 
     trunk = build_trunk("none")
     extract_features(trunk, FakeCrops(2, c), device=device, progress=False)  # warm-up
     t = timed(lambda: extract_features(trunk, FakeCrops(args.feat_spots, c), device=device, progress=False), device)
-    t_tok = timed(lambda: extract_tokens(trunk, FakeCrops(4 * args.feat_spots, c), device=device, progress=False), device)
+    t_tok = timed(lambda: extract_tokens(trunk, FakeCrops(args.feat_spots, c), device=device, progress=False), device)
+    loader_rates = {"trainable": fold_benchmark.items_per_s(_without_tokens(split), B, args.loader_batches),
+                    "frozen": fold_benchmark.items_per_s(split, B, args.loader_batches)}
     rate = {k: B / seconds[k] for k in ("trainable", "frozen", "resnet18", "resnet18_channels_last")}
     share = {k: seconds[k] / seconds["trainable"] for k in part_names}
-    fig = dict(batch=B, crop=c, context=N, amp=amp, reps=args.reps, seconds_per_step=seconds, spots_per_s=rate,
+    fig = dict(sections=S, sections_in_batch=int(layout.pad.shape[0]), spots_in_fold=len(split.dataset),
+               batch=B, crop=c, amp=amp, reps=args.reps, seconds_per_step=seconds, spots_per_s=rate,
                trainable_over_resnet18=rate["trainable"] / rate["resnet18"],
                frozen_over_resnet18=rate["frozen"] / rate["resnet18"],
                trainable_over_resnet18_channels_last=rate["trainable"] / rate["resnet18_channels_last"],
                frozen_over_trainable=rate["frozen"] / rate["trainable"],
                kmeans_share=spent["kmeans"] / args.reps / seconds["trainable"], shares=share,
                rest_share=1 - sum(share.values()), feature_images_per_s=args.feat_spots * 26 / t,
-               token_spots_per_s=4 * args.feat_spots / t_tok)
-    rows = [(f"trainable local encoder: GeneDML step, batch {B} at {c} px, context {N}", f"{rate['trainable']:.1f} spots/s"),
-            ("frozen local encoder: GeneDML step on cached tokens", f"{rate['frozen']:.1f} spots/s"),
-            ("bare ResNet18 step, same crops (torchvision, fused Adam)", f"{rate['resnet18']:.1f} spots/s"),
-            ("bare ResNet18 step, channels-last", f"{rate['resnet18_channels_last']:.1f} spots/s"),
-            ("trainable / bare ResNet18 (spots/s)", f"{fig['trainable_over_resnet18']:.2f}x"),
-            ("frozen / bare ResNet18 (spots/s)", f"{fig['frozen_over_resnet18']:.1f}x"),
-            ("trainable / channels-last bare ResNet18", f"{fig['trainable_over_resnet18_channels_last']:.2f}x"),
-            ("frozen / trainable", f"{fig['frozen_over_trainable']:.1f}x")]
-    rows += [(f"share of the trainable step: {k} (timed alone)", f"{100 * v:.1f} %") for k, v in share.items()]
-    rows += [("share of the trainable step: k-means (2 calls)", f"{100 * fig['kmeans_share']:.2g} %"),
-             ("rest: fusion, heads, gene encoder, losses, dropout masks", f"{100 * fig['rest_share']:.1f} %"),
-             ("frozen features (local + 25 tiles per spot)", f"{fig['feature_images_per_s']:.1f} images/s"),
-             ("frozen tokens (the local crop's 7x7x512 map, float16)", f"{fig['token_spots_per_s']:.1f} spots/s")]
+               token_spots_per_s=args.feat_spots / t_tok, loader_items_per_s=loader_rates)
+    where = f"{S} section{'s' if S > 1 else ''} ({len(split.dataset)} spots), batch {B} from {fig['sections_in_batch']} of them"
+    rows = [(f"[{where}] trainable local encoder, GeneDML step at {c} px", f"{rate['trainable']:.1f} spots/s"),
+            ("  frozen local encoder: GeneDML step on cached tokens", f"{rate['frozen']:.1f} spots/s"),
+            ("  bare ResNet18 step, same crops (torchvision, fused Adam)", f"{rate['resnet18']:.1f} spots/s"),
+            ("  bare ResNet18 step, channels-last", f"{rate['resnet18_channels_last']:.1f} spots/s"),
+            ("  trainable / bare ResNet18 (spots/s)", f"{fig['trainable_over_resnet18']:.2f}x"),
+            ("  frozen / bare ResNet18 (spots/s)", f"{fig['frozen_over_resnet18']:.1f}x"),
+            ("  trainable / channels-last bare ResNet18", f"{fig['trainable_over_resnet18_channels_last']:.2f}x"),
+            ("  frozen / trainable", f"{fig['frozen_over_trainable']:.1f}x")]
+    rows += [(f"  share of the trainable step: {k} (timed alone)", f"{100 * v:.1f} %") for k, v in share.items()]
+    rows += [("  share of the trainable step: k-means (2 calls)", f"{100 * fig['kmeans_share']:.2g} %"),
+             ("  rest: fusion, heads, gene encoder, losses, dropout masks", f"{100 * fig['rest_share']:.1f} %"),
+             ("  loader, one process: trainable items (crop + 25 features)", f"{loader_rates['trainable']:.0f} items/s"),
+             ("  loader, one process: frozen items (tokens + 25 features)", f"{loader_rates['frozen']:.0f} items/s"),
+             ("  frozen features (local + 25 tiles per spot)", f"{fig['feature_images_per_s']:.1f} images/s"),
+             ("  frozen tokens (8 transforms of the local crop, float16)", f"{fig['token_spots_per_s']:.1f} spots/s")]
+    return fig, rows
+
+
+def _without_tokens(split):
+    """The same fold served as the trainable mode reads it: crops, not tokens."""
+    d = split.dataset
+    plain = data.SpotDataset.__new__(data.SpotDataset)
+    plain.__dict__.update(d.__dict__, tokens=None)
+    return dataclasses.replace(split, dataset=plain, tokens=None)
+
+
+def bench_fold(args, device, amp):
+    """One epoch of a synthetic her2st-sized fold per local-encoder mode, through train.py's loader."""
+    workers = args.workers if args.workers is not None else \
+        min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+    split = fold_benchmark.synthetic_fold(args.fold_sections, args.fold_spots, args.crop, tokens=True, device=device,
+                                          genes=args.genes)
+    fig, rows = {"sections": args.fold_sections, "spots": len(split.dataset), "batch": args.batch, "workers": workers}, []
+    for mode, s in (("trainable", _without_tokens(split)), ("frozen", split)):
+        r = fold_benchmark.train_epoch(s, mode, args.batch, device, amp, workers, warmup=args.warmup,
+                                       max_steps=args.fold_steps)
+        fig[mode] = r
+        mem = f", peak {r['peak_gb']:.1f} GB" if r["peak_gb"] is not None else ""
+        rows.append((f"{mode}: epoch of {r['steps']} steps x {args.batch} ({args.fold_sections} sections, {workers} workers)",
+                     f"{r['seconds']:.1f} s, {r['spots_per_s']:.0f} spots/s, data wait {100 * r['data_wait_share']:.0f} %{mem}"))
+        if r["steps"] < len(split.dataset) // args.batch:
+            full = r["seconds"] * (len(split.dataset) // args.batch) / r["steps"]
+            fig[mode]["epoch_s_extrapolated"] = full
+            rows.append((f"  {mode}: the full epoch ({len(split.dataset) // args.batch} steps), extrapolated", f"{full:.1f} s"))
     return fig, rows
 
 
@@ -502,11 +561,14 @@ def bench_eval(args, device):
 
 def bench_scale(args, device, amp, tmp):
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
-    encoder = GlobalEncoder(GeneDMLConfig.for_cohort("her2st", args.genes)).to(device).train()  # dropout on, as in training
+    model = GeneDML(GeneDMLConfig.for_cohort("her2st", args.genes, levels=("global",))).to(device).train()  # dropout on
 
     def fwd_bwd(n):
-        feats, xy = torch.randn(n, 512, device=device), torch.as_tensor(grid_xy(n), device=device)
-        encoder.zero_grad(set_to_none=True)
+        context = GlobalContext.of([(torch.randn(n, 512), grid_xy(n))], device)
+        section, index = torch.zeros(n, dtype=torch.long), torch.arange(n)  # every spot's row, as prediction needs
+        layout = context.grids.layout(section, index).to(device)
+        section, index = section.to(device), index.to(device)
+        model.zero_grad(set_to_none=True)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -517,7 +579,7 @@ def bench_scale(args, device, amp, tmp):
 
         def run():
             with autocast():
-                out = encoder(feats, xy)
+                out = model.global_tokens(section, index, context, layout)
             out.float().sum().backward()
 
         t = timed(run, device)
@@ -541,7 +603,7 @@ def bench_scale(args, device, amp, tmp):
         (n1, t1), (n2, t2) = times[-2:]
         fig["time_exponent"] = math.log(t2 / t1) / math.log(n2 / n1)
         rows.append((f"time grows as N^{fig['time_exponent']:.2f} from {n1} to {n2}", "attention: O(N²) per section"))
-    del encoder
+    del model
 
     # caching a cohort: one section after another, as data.cohort_crops does
     rng = np.random.default_rng(1)
@@ -594,6 +656,7 @@ def main(argv=None):
             sub = Path(tmp) / name
             sub.mkdir()
             fig, rows = {"data": lambda: bench_data(args, device, sub), "step": lambda: bench_step(args, device, amp),
+                         "fold": lambda: bench_fold(args, device, amp),
                          "eval": lambda: bench_eval(args, device), "ddp": lambda: bench_ddp(args, device, amp, sub),
                          "scale": lambda: bench_scale(args, device, amp, sub)}[name]()
             fig["wall_s"] = time.perf_counter() - t

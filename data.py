@@ -442,20 +442,25 @@ def cohort_crops(sections: list[Section], cache: ArrayCache, crop_size: int, pro
 
 
 # ----------------------------------------------------------------------------- dataset
-def _dihedral(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
-    """Rotate the first two axes by k * 90 degrees, then mirror left-right if flip."""
-    a = np.rot90(a, k, axes=(0, 1))
-    return a[:, ::-1] if flip else a
+N_DIHEDRAL = 8  # the flips and 90-degree rotations of a square: the crop augmentation's transforms
+
+
+def dihedral(a: np.ndarray, t: int, axes=(0, 1)) -> np.ndarray:
+    """Transform t in 0..7 of the square's symmetries on two axes (rows, columns): rotate by
+    (t // 2) * 90 degrees, then mirror left-right if t is odd. t = 0 leaves the array as it is."""
+    assert 0 <= t < N_DIHEDRAL, f"transform must be in 0..{N_DIHEDRAL - 1}, got {t}"
+    a = np.rot90(a, t // 2, axes=axes)
+    return np.flip(a, axis=axes[1]) if t % 2 else a
 
 
 class SpotDataset(torch.utils.data.Dataset):
     """Every spot of the given sections: its local crop (or, given tokens, the frozen trunk's token map
-    of it), its neighbour tiles (or their frozen features), its label and raw counts. With augment=True
-    the local crop gets a random flip / 90-degree rotation; a token map gets the same flip / rotation of
-    its h x w grid (each token's 512 channels are kept: not exactly the tokens of the rotated crop, as a
-    convolution's features are not rotation-equivariant, but the same spatial layout); served tiles get
-    the same transform as a whole window (the tile grid is rotated with them); frozen tile features
-    describe the unaugmented tiles and are left as they are."""
+    of it), its neighbour tiles (or their frozen features) and its label, with its section and row.
+    With augment=True the local crop gets a random flip / 90-degree rotation (one of 8, data.dihedral);
+    token maps are served for that same transform of the crop (features.extract_tokens caches all 8);
+    served tiles get the same transform as a whole window (the tile grid is rotated with them); frozen
+    tile features describe the unaugmented tiles and are left as they are. An item holds only what a
+    step reads; the raw counts, coordinates and spot ids stay on the dataset (counts, sections)."""
 
     def __init__(self, sections: list[Section], crops: list[SectionCrops], genes: list[str],
                  smooth: bool = True, augment: bool = False, features: list[dict] | None = None,
@@ -470,7 +475,8 @@ class SpotDataset(torch.utils.data.Dataset):
         for s, c in zip(sections, crops):
             assert len(c.local) == len(s.spot_ids), f"{s.name}: {len(c.local)} crops for {len(s.spot_ids)} spots"
         for s, t in zip(sections, tokens or []):
-            assert t.ndim == 4 and len(t) == len(s.spot_ids), f"{s.name}: tokens {t.shape} for {len(s.spot_ids)} spots"
+            assert t.ndim == 5 and t.shape[:2] == (len(s.spot_ids), N_DIHEDRAL), \
+                f"{s.name}: tokens {t.shape}, expected ({len(s.spot_ids)}, {N_DIHEDRAL}, h, w, F)"
         # (total spots, 2): section index, row within the section
         self.rows = np.concatenate([np.stack([np.full(len(s.spot_ids), k), np.arange(len(s.spot_ids))], 1)
                                     for k, s in enumerate(sections)]).astype(np.int64)
@@ -480,36 +486,28 @@ class SpotDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i) -> dict:
         s, j = (int(v) for v in self.rows[i])
-        section, crops = self.sections[s], self.crops[s]
-        local = np.asarray(crops.local[j] if self.tokens is None else self.tokens[s][j])  # (c, c, 3) or (h, w, 512)
-        tiles = feats = None
+        crops = self.crops[s]
+        t = int(torch.randint(N_DIHEDRAL, ())) if self.augment else 0  # which flip / rotation
+        if self.tokens is None:
+            local = dihedral(np.asarray(crops.local[j]), t)  # (c, c, 3)
+            item = {"local": torch.from_numpy(np.ascontiguousarray(local.transpose(2, 0, 1)))}  # (3, c, c) uint8
+        else:  # the trunk's tokens of the transformed crop, copied out of the read-only cache
+            local = self.tokens[s][j, t]  # (h, w, F)
+            item = {"local": torch.from_numpy(np.array(local).reshape(-1, local.shape[-1]))}  # (h*w, F) float16
         if self.features is None:
             tiles, mask = crops.tiles(j)  # (25, c, c, 3), (25,)
-        else:
-            feats, mask = self.features[s]["tiles"][j], crops.mask(j)  # (25, F), (25,)
-        if self.augment:
-            k, flip = int(torch.randint(4, ())), bool(torch.randint(2, ()))
-            local = _dihedral(local, k, flip)
-            if tiles is not None:
+            if t:
                 g, c = crops.grid, crops.crop_size
                 window = tiles.reshape(g, g, c, c, 3).transpose(0, 2, 1, 3, 4).reshape(g * c, g * c, 3)
-                window = _dihedral(window, k, flip)
+                window = dihedral(window, t)
                 tiles = window.reshape(g, c, g, c, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, c, c, 3)
-                mask = _dihedral(mask.reshape(g, g), k, flip).reshape(-1)
-        if self.tokens is None:
-            item = {"local": torch.from_numpy(np.ascontiguousarray(local.transpose(2, 0, 1)))}  # (3, c, c) uint8
+                mask = dihedral(mask.reshape(g, g), t).reshape(-1)
+            item["neighbour_tiles"] = torch.from_numpy(np.ascontiguousarray(tiles.transpose(0, 3, 1, 2)))  # (25, 3, c, c)
         else:
-            item = {"local": torch.from_numpy(np.array(local).reshape(-1, local.shape[-1]))}  # (h*w, 512) float16, copied
-        if tiles is not None:
-            tiles = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))  # (25, 3, c, c)
-            item["neighbour_tiles"] = torch.from_numpy(tiles)
-        else:
+            feats, mask = self.features[s]["tiles"][j], crops.mask(j)  # (25, F), (25,)
             item["neighbour_feats"] = torch.tensor(np.asarray(feats), dtype=torch.float32)  # (25, F)
         item.update(neighbour_mask=torch.from_numpy(np.ascontiguousarray(mask)),
-                    label=torch.tensor(self.labels[s][j]), counts=torch.tensor(self.counts[s][j]),
-                    array_xy=torch.from_numpy(section.array_xy[j].astype(np.int64)),
-                    pixel_xy=torch.from_numpy(section.pixel_xy[j].astype(np.float32)),
-                    section=s, index=j, spot_id=section.spot_ids[j])
+                    label=torch.tensor(self.labels[s][j]), section=s, index=j)
         return item
 
 

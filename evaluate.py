@@ -137,13 +137,18 @@ def load_checkpoint(path):
 
 @torch.no_grad()
 def predict(model, loader, context, device):
-    """Run the image side over a loader; returns {section index: (predictions (N, G), rows (N,))}."""
+    """Run the image side over a loader (bf16 autocast on CUDA, as in training); returns
+    {section index: (predictions (N, G), rows (N,))}. Batches of Split.loader carry their global layout."""
     model.eval()
+    device = torch.device(device)
+    half = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
     out = {}
     for batch in loader:
-        pred = model(batch["local"].to(device), batch["neighbour_feats"].to(device),
-                     batch["neighbour_mask"].to(device), batch["section"].to(device),
-                     batch["index"].to(device), context).prediction.float().cpu()
+        layout = batch["layout"].to(device) if "layout" in batch else None
+        with torch.autocast(device.type, dtype=half, enabled=device.type == "cuda"):
+            pred = model(batch["local"].to(device), batch["neighbour_feats"].to(device),
+                         batch["neighbour_mask"].to(device), batch["section"].to(device),
+                         batch["index"].to(device), context, layout=layout).prediction.float().cpu()
         for s in batch["section"].unique().tolist():
             m = batch["section"] == s
             p, r = out.get(s, (torch.empty(0, pred.shape[1]), torch.empty(0, dtype=torch.long)))
@@ -153,8 +158,7 @@ def predict(model, loader, context, device):
 
 def evaluate_split(model, split, device, batch_size=64):
     """Per-slide metrics of a model on one prepared split (see features.prepare_split)."""
-    loader = torch.utils.data.DataLoader(split.dataset, batch_size=batch_size, shuffle=False)
-    preds = predict(model, loader, split.context, device)
+    preds = predict(model, split.loader(batch_size), split.context, device)
     per_slide = {}
     for s, (pred, rows) in sorted(preds.items()):
         assert len(rows) == len(split.sections[s].spot_ids), "every spot of a slide must be predicted"
@@ -313,8 +317,7 @@ def evaluate_checkpoint(path, args, device, sub=""):
         sections = [data.load_section(cohort, root, n) for n in d["sections"]["test"]]
     split = prepare_split(sections, genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"],
                           local_tokens=model.cfg.local_encoder == "frozen")
-    per_slide, preds = ({}, predict(model, torch.utils.data.DataLoader(split.dataset, batch_size=args.batch_size),
-                                    split.context, device)) if args.predict else \
+    per_slide, preds = ({}, predict(model, split.loader(args.batch_size), split.context, device)) if args.predict else \
         evaluate_split(model, split, device, args.batch_size)
     # Scored genes: all of the checkpoint's, or in an external test those the other cohort has.
     present = set().union(*(s.counts.columns for s in sections)) if args.external else set(genes)

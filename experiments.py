@@ -130,7 +130,7 @@ def baselines(args, test, val, trainset, genes):
     cache = ArrayCache(args.cache_dir)
     sections = {n: data.load_section("her2st", args.root, n) for n in [*trainset, val, test]}
     split = {n: prepare_split([sections[n]], genes, 224, trunk, cache, device) for n in sections}
-    feats = {n: split[n].context[0][0].double() for n in sections}          # (N, 512) frozen features
+    feats = {n: split[n].context.feats.double() for n in sections}          # (N, 512) frozen features
     labels = {n: torch.as_tensor(split[n].dataset.labels[0], dtype=torch.float64) for n in sections}
     x_tr, y_tr = torch.cat([feats[n] for n in trainset]), torch.cat([labels[n] for n in trainset])
     mu, sd = x_tr.mean(0), x_tr.std(0).clamp(min=1e-6)

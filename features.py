@@ -2,11 +2,12 @@
 
 The neighbour level reads the frozen ResNet18 feature of each of the 5x5 tiles around a spot, and
 the global level the frozen feature of every spot of the slide (model.py). With the local encoder
-frozen (train.py --local-encoder frozen), the local level reads the frozen trunk's whole token map of
-the spot's crop (7x7x512 at 224 px, kept in float16). None of these change during training, so they
-are computed once, cached on disk next to the crops (cache.py) and keyed by the crops and a hash of
-the trunk's weights. `prepare_split` turns a list of sections into what the
-model reads: crops -> frozen features -> a `data.SpotDataset` plus the global level's context.
+frozen (train.py --local-encoder frozen), the local level reads the frozen trunk's whole token map
+of the spot's crop under each of the crop's 8 flips / rotations (8 x 7x7x512 at 224 px, float16),
+so that the augmentation reaches the model. None of these change during training, so they are
+computed once, cached on disk next to the crops (cache.py) and keyed by the crops and a hash of the
+trunk's weights. `prepare_split` turns a list of sections into what the model reads: crops ->
+frozen features -> a `data.SpotDataset` plus the global level's context; `Split.loader` batches it.
 
 Imports run one way: cache -> data -> model -> features -> evaluate -> train.
 """
@@ -19,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import FEAT_DIM, build_trunk, preprocess
+from model import FEAT_DIM, GlobalContext, SpotGrids, build_trunk, preprocess
 
 
 def frozen_trunk(weights, device):
@@ -31,6 +32,22 @@ def frozen_trunk(weights, device):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return build_trunk(weights).to(device).eval()
+
+
+def precision(device) -> str:
+    """The precision the frozen trunk runs in on this device: mixed bfloat16 (or float16) on CUDA,
+    float32 on the CPU. It keys the feature caches: features of one precision are not the other's."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def autocast(device):
+    """A context-manager factory: autocast to precision(device) on CUDA, nothing on the CPU."""
+    device = torch.device(device)
+    half = getattr(torch, precision(device))
+    return (lambda: torch.autocast("cuda", dtype=half)) if device.type == "cuda" else nullcontext
 
 
 def trunk_id(trunk):
@@ -51,9 +68,7 @@ def extract_features(trunk, crops, batch_size=64, device="cpu", progress=True) -
     """
     device = torch.device(device)
     trunk = trunk.to(device).eval()  # eval: BatchNorm uses (and keeps) its running statistics
-    cuda = device.type == "cuda"
-    half = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-    amp = (lambda: torch.autocast("cuda", dtype=half)) if cuda else nullcontext  # stored as float32 anyway
+    amp = autocast(device)  # stored as float32 anyway
     n = len(crops.local)
     assert n > 0, "a section without spots has no features"
     g2 = len(crops.tiles(0)[1])  # tiles per window (25)
@@ -86,44 +101,55 @@ def extract_features(trunk, crops, batch_size=64, device="cpu", progress=True) -
 
 def section_features(trunk, weights_id: str, crops, cache, name: str, **kw) -> dict[str, np.ndarray]:
     """extract_features, built once and then read from the cache (keyed by the crops and the weights)."""
-    return cache.get(name, {"crops": crops.key, "weights": weights_id},
-                     lambda: extract_features(trunk, crops, **kw))
+    key = {"crops": crops.key, "weights": weights_id, "precision": precision(kw.get("device", "cpu"))}
+    return cache.get(name, key, lambda: extract_features(trunk, crops, **kw))
 
 
 @torch.no_grad()
 def extract_tokens(trunk, crops, batch_size=64, device="cpu", progress=True) -> dict[str, np.ndarray]:
-    """The frozen trunk's last feature map of every local crop, not pooled: the frozen local level's input.
+    """The frozen trunk's last feature map of every local crop under each of the 8 flips / 90-degree
+    rotations the training augmentation draws: the frozen local level's input.
 
-    Returns {"tokens": (N, h, w, 512) float16} (h = w = 7 at 224 px), rows and columns as in the crop,
-    so a flip or rotation of the crop can be mirrored on the token grid (data.SpotDataset). float16
-    halves the disk: ReLU features of a few units lose nothing a trained projection can use.
+    Returns {"tokens": (N, 8, h, w, 512) float16} (h = w = 7 at 224 px); tokens[i, t] is the trunk's
+    map of data.dihedral(crop_i, t), exactly what the Gene-DML reference's frozen encoder computes
+    on the augmented crop (a convolution is not rotation-equivariant, so rotating the token grid of
+    the plain crop would not be), and t = 0 is the crop as it is. The fusion gives the local tokens
+    no position, so their order is irrelevant and only the trunk's response to the transformed crop
+    carries the augmentation. float16 halves the disk: ReLU features lose nothing a projection can use.
     """
     device = torch.device(device)
     trunk = trunk.to(device).eval()
+    amp = autocast(device)
     n = len(crops.local)
     assert n > 0, "a section without spots has no tokens"
     out = None
-    for a in tqdm(range(0, n, batch_size), desc="frozen tokens", unit="batch", disable=not progress):
-        x = torch.from_numpy(np.array(crops.local[a:a + batch_size])).to(device).permute(0, 3, 1, 2)
-        fmap = trunk(preprocess(x)).permute(0, 2, 3, 1).half().cpu().numpy()  # (b, h, w, 512)
-        if out is None:
-            out = np.zeros((n, *fmap.shape[1:]), np.float16)
-        out[a:a + len(fmap)] = fmap
+    for a in tqdm(range(0, n, batch_size), desc="frozen tokens (8 transforms)", unit="batch", disable=not progress):
+        crop = np.asarray(crops.local[a:a + batch_size])  # (b, c, c, 3)
+        for t in range(data.N_DIHEDRAL):
+            x = torch.from_numpy(np.array(data.dihedral(crop, t, axes=(1, 2))))  # a copy: the cache is read-only
+            with amp():
+                fmap = trunk(preprocess(x.to(device).permute(0, 3, 1, 2))).permute(0, 2, 3, 1)  # (b, h, w, 512)
+            if out is None:
+                out = np.zeros((n, data.N_DIHEDRAL, *fmap.shape[1:]), np.float16)
+            out[a:a + len(fmap), t] = fmap.half().cpu().numpy()
     return {"tokens": out}
 
 
 def section_tokens(trunk, weights_id: str, crops, cache, name: str, **kw) -> dict[str, np.ndarray]:
     """extract_tokens, built once and then read from the cache (keyed by the crops and the weights)."""
-    return cache.get(name, {"crops": crops.key, "weights": weights_id, "dtype": "float16"},
-                     lambda: extract_tokens(trunk, crops, **kw))
+    key = {"crops": crops.key, "weights": weights_id, "dtype": "float16", "transforms": data.N_DIHEDRAL,
+           "precision": precision(kw.get("device", "cpu"))}
+    return cache.get(name, key, lambda: extract_tokens(trunk, crops, **kw))
 
 
-def token_statistics(tokens: list) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std (512,) over every token of every spot, one section at a time (float64 sums)."""
+def token_statistics(tokens: list, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (512,) over every token of every spot and transform, a chunk of spots at
+    a time (float64 sums; the arrays are memory-mapped and need not fit in memory)."""
     total, square, count = 0.0, 0.0, 0
-    for t in tokens:  # (N, h, w, 512) float16, memory-mapped
-        x = np.asarray(t, np.float64).reshape(-1, t.shape[-1])
-        total, square, count = total + x.sum(0), square + (x * x).sum(0), count + len(x)
+    for t in tokens:  # (N, 8, h, w, 512) float16, memory-mapped
+        for a in range(0, len(t), chunk):
+            x = np.asarray(t[a:a + chunk], np.float64).reshape(-1, t.shape[-1])
+            total, square, count = total + x.sum(0), square + (x * x).sum(0), count + len(x)
     mean = total / count
     return mean.astype(np.float32), np.sqrt(np.maximum(square / count - mean ** 2, 0)).astype(np.float32)
 
@@ -134,8 +160,26 @@ def token_statistics(tokens: list) -> tuple[np.ndarray, np.ndarray]:
 class Split:
     sections: list       # data.Section, one per slide
     dataset: object      # data.SpotDataset over those sections
-    context: list        # per section: (frozen features (N, 512), array coords (N, 2)) on the device
-    tokens: list | None = None  # per section: frozen local tokens (N, h, w, 512) float16, if asked for
+    context: GlobalContext  # every spot's frozen feature (on the device) and where it lies, for the global level
+    tokens: list | None = None  # per section: frozen local tokens (N, 8, h, w, 512) float16, if asked for
+
+    def loader(self, batch_size: int, **kw) -> torch.utils.data.DataLoader:
+        """A DataLoader over the split whose batches carry their global-level layout (Collate)."""
+        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, collate_fn=Collate(self.context.grids), **kw)
+
+
+class Collate:
+    """The DataLoader's collate function: stack the items, then lay out the step's global level
+    (model.SpotGrids.layout) as batch["layout"]. It runs in the loader's workers, ahead of the step,
+    so the model's forward pass needs no host-device round trip to find the step's sections."""
+
+    def __init__(self, grids: SpotGrids):
+        self.grids = grids
+
+    def __call__(self, items: list) -> dict:
+        batch = torch.utils.data.default_collate(items)
+        batch["layout"] = self.grids.layout(batch["section"].numpy(), batch["index"].numpy())
+        return batch
 
 
 def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True, augment=False, local_tokens=False):
@@ -148,6 +192,5 @@ def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True,
     tokens = [section_tokens(trunk, wid, c, cache, f"{s.cohort}-{s.name}-tokens", device=device)["tokens"]
               for s, c in zip(sections, crops)] if local_tokens else None
     dataset = data.SpotDataset(sections, crops, genes, smooth=smooth, augment=augment, features=feats, tokens=tokens)
-    context = [(torch.tensor(np.asarray(f["local"]), dtype=torch.float32, device=device),
-                torch.as_tensor(s.array_xy, dtype=torch.long, device=device)) for f, s in zip(feats, sections)]
+    context = GlobalContext.of([(np.asarray(f["local"]), s.array_xy) for f, s in zip(feats, sections)], device)
     return Split(sections, dataset, context, tokens)

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -196,13 +197,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
 
-    def forward(self, x, bias=None, key_mask=None, rows=None):
-        """rows: compute the output at these query positions only (keys and values: every token)."""
+    def forward(self, x, bias=None, key_mask=None):  # (B, n, C) -> (B, n, C)
         B, n, C = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B,h,n,C/h)
-        if rows is not None:
-            assert bias is None, "query rows with a position bias are not needed anywhere"
-            q = q[:, :, rows]  # (B, h, r, C/h)
         mask = None  # additive logits mask, broadcast to (B, h, n_q, n)
         if bias is not None:
             mask = bias.unsqueeze(0)  # (1, h, n, n)
@@ -212,8 +209,24 @@ class Attention(nn.Module):
             mask = pad if mask is None else mask + pad
         if mask is not None:
             mask = mask.to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, n_q, C/h)
-        return self.proj(y.transpose(1, 2).reshape(B, q.shape[2], C))  # (B, n_q, C)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, n, C/h)
+        return self.proj(y.transpose(1, 2).reshape(B, n, C))  # (B, n, C)
+
+    def packed(self, x, layout, queries=False):
+        """Self-attention within each section of a GlobalLayout: x (T, C) packed tokens -> (T, C), or,
+        with queries, the output at the batch's own spots only (B, C). The T tokens are laid out as an
+        (S, n) padded batch for one attention call; padded keys are masked, padded queries discarded."""
+        T, C = x.shape
+        S, n = layout.pad.shape
+        qkv = F.pad(self.qkv(x), (0, 0, 0, 1))  # (T + 1, 3C): the last row is what padded slots read
+        q, k, v = qkv[layout.pad].view(S, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (S,h,n,C/h)
+        if queries:
+            r = layout.query.shape[1]
+            q = qkv[layout.query].view(S, r, 3, self.heads, C // self.heads)[:, :, 0].transpose(1, 2)  # (S,h,r,C/h)
+        mask = torch.zeros(S, 1, 1, n, device=x.device).masked_fill(~layout.key_mask[:, None, None, :], float("-inf"))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))  # (S, h, n_q, C/h)
+        y = y.transpose(1, 2).reshape(-1, C)[layout.order if queries else layout.unpad]  # (B, C) or (T, C)
+        return self.proj(y)
 
 
 class Block(nn.Module):
@@ -226,11 +239,112 @@ class Block(nn.Module):
         self.mlp = feed_forward(dim, int(dim * mlp_ratio), dropout)
         self.bias = RelativePositionBias(grid, heads) if grid else None
 
-    def forward(self, x, key_mask=None, rows=None):
-        """rows: return only these tokens' outputs (B, r, D); they still attend to every token."""
+    def forward(self, x, key_mask=None):  # (B, n, D) -> (B, n, D)
         bias = self.bias() if self.bias is not None else None
-        x = (x if rows is None else x[:, rows]) + self.attn(self.norm1(x), bias, key_mask, rows)
+        x = x + self.attn(self.norm1(x), bias, key_mask)
         return x + self.mlp(self.norm2(x))
+
+    def packed(self, x, layout, queries=False):
+        """The same layer over the packed tokens of several sections (Attention.packed): (T, D) -> (T, D),
+        or with queries the batch's own spots only (B, D)."""
+        x = (x[layout.rows] if queries else x) + self.attn.packed(self.norm1(x), layout, queries)
+        return x + self.mlp(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------- the global level's inputs
+@dataclass
+class SpotGrids:
+    """Where every spot of a split lies, for the global level: built once on the CPU when the split is
+    prepared, so that all checks and all index arithmetic happen there and the forward pass has none.
+
+    start (S+1,): section s owns rows start[s]:start[s+1] of the split's stacked features;
+    cell (N,): each spot's cell row * W + col on its section's array grid (origin at the section's
+    smallest x and y); grid (H, W): the largest section's grid, which every section's grid is padded to.
+    """
+    start: np.ndarray       # (S+1,) int64
+    cell: np.ndarray        # (N,) int64
+    grid: tuple             # (H, W)
+
+    @classmethod
+    def of(cls, coords: list) -> "SpotGrids":
+        """From each section's array coordinates (N_s, 2) as (x, y); refuses two spots on one cell."""
+        assert coords, "a split without sections has no global level"
+        xy = [np.asarray(c, np.int64).reshape(-1, 2) for c in coords]
+        xy = [c - c.min(axis=0) for c in xy]
+        W = max(int(c[:, 0].max()) + 1 for c in xy)
+        H = max(int(c[:, 1].max()) + 1 for c in xy)
+        cell = [c[:, 1] * W + c[:, 0] for c in xy]  # row-major: row = array y, column = array x
+        for s, c in enumerate(cell):
+            assert len(np.unique(c)) == len(c), f"section {s}: two spots share an array position"
+        start = np.concatenate([[0], np.cumsum([len(c) for c in cell])]).astype(np.int64)
+        return cls(start, np.concatenate(cell), (H, W))
+
+    def layout(self, section, index) -> "GlobalLayout":
+        """Lay out one step's global level (see GlobalLayout) from the batch's section and row (B,),
+        in numpy: called by the loader's collate function, ahead of the step."""
+        section, index = np.asarray(section, np.int64), np.asarray(index, np.int64)
+        S_all = len(self.start) - 1
+        assert section.ndim == 1 and section.shape == index.shape, "section and index must both be (B,)"
+        assert ((section >= 0) & (section < S_all)).all(), f"section outside the split's {S_all} sections"
+        size_all = np.diff(self.start)
+        assert ((index >= 0) & (index < size_all[section])).all(), "index outside its section's spots"
+        secs, slot = np.unique(section, return_inverse=True)   # the step's S sections; each spot's slot
+        size = size_all[secs]                                  # (S,) spots per section
+        first = np.concatenate([[0], np.cumsum(size)[:-1]])    # where each section starts in the packed tokens
+        n, T = int(size.max()), int(size.sum())
+        valid = np.arange(n)[None] < size[:, None]             # (S, n) slots holding a spot
+        pad = np.where(valid, first[:, None] + np.arange(n)[None], T)  # T: the zero row past the end
+        tokens = (self.start[secs][:, None] + np.arange(n)[None])[valid]  # (T,) rows of the features
+        H, W = self.grid
+        cell = np.repeat(np.arange(len(secs)), size) * (H * W) + self.cell[tokens]  # (T,) in the (S, H, W) stack
+        # the batch's own spots, the only queries of the last layer: per section, padded to r
+        rows = first[slot] + index                             # (B,) packed position of each batch spot
+        by_slot = np.argsort(slot, kind="stable")
+        count = np.bincount(slot, minlength=len(secs))
+        rank = np.empty_like(slot)
+        rank[by_slot] = np.arange(len(slot)) - np.repeat(np.concatenate([[0], np.cumsum(count)[:-1]]), count)
+        r = int(count.max())
+        query = np.repeat(first[:, None], r, axis=1)           # (S, r): spare queries read the section's first spot
+        query[slot, rank] = rows
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+        return GlobalLayout(tokens=t(tokens), cell=t(cell), pad=t(pad), key_mask=t(valid),
+                            unpad=t(np.flatnonzero(valid)), query=t(query), order=t(slot * r + rank), rows=t(rows))
+
+
+@dataclass
+class GlobalLayout:
+    """One step's global level as one padded batch: the step's S sections are S sequences of up to n
+    spots. Linear layers run on the T packed tokens (no padding: sections differ ~4x in size); only
+    attention sees the padded (S, n) batch, with a key mask. Every field is an index built on the CPU
+    (SpotGrids.layout), so the forward pass never waits for the device to say how many there are."""
+    tokens: torch.Tensor    # (T,) rows of the stacked features: every spot of the step's sections
+    cell: torch.Tensor      # (T,) PEG cell of each token in the (S, H, W) stack of grids
+    pad: torch.Tensor       # (S, n) packed position of each slot; T (a zero row) past a section's end
+    key_mask: torch.Tensor  # (S, n) True where a slot holds a spot
+    unpad: torch.Tensor     # (T,) flat slot s * n + j of each packed token
+    query: torch.Tensor     # (S, r) packed positions of the batch's spots, per section, padded
+    order: torch.Tensor     # (B,) flat query s * r + j of each batch spot, in batch order
+    rows: torch.Tensor      # (B,) packed position of each batch spot
+
+    def to(self, device, non_blocking=False) -> "GlobalLayout":
+        return GlobalLayout(**{k: v.to(device, non_blocking=non_blocking) for k, v in vars(self).items()})
+
+    def pin_memory(self) -> "GlobalLayout":  # called by a DataLoader with pin_memory=True
+        return GlobalLayout(**{k: v.pin_memory() for k, v in vars(self).items()})
+
+
+@dataclass
+class GlobalContext:
+    """What the global level reads: the frozen features of every spot of a split's sections, stacked
+    (on the model's device), and where those spots lie (SpotGrids, on the CPU)."""
+    feats: torch.Tensor     # (N, F) float32
+    grids: SpotGrids
+
+    @classmethod
+    def of(cls, sections: list, device=None) -> "GlobalContext":
+        """From one (features (N_s, F), array_xy (N_s, 2)) pair per section."""
+        feats = torch.cat([torch.tensor(np.asarray(f), dtype=torch.float32) for f, _ in sections]).to(device)  # copies
+        return cls(feats, SpotGrids.of([np.asarray(torch.as_tensor(xy).cpu()) for _, xy in sections]))
 
 
 # ----------------------------------------------------------------------------- the three levels
@@ -276,12 +390,13 @@ class NeighbourEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
 
     def forward(self, feats, mask):  # (B, g², 512) float, (B, g²) bool (True = on the image)
+        """The centre tile is the spot itself, on the image by construction (data.load_section checks the
+        spot centres): every row attends to at least that tile. (Not asserted here: that would wait for the device.)"""
         g2 = self.grid ** 2
         assert feats.ndim == 3 and feats.shape[1:] == (g2, FEAT_DIM), \
             f"expected neighbour features (B,{g2},{FEAT_DIM}), got {tuple(feats.shape)}"
         assert mask.dtype == torch.bool and mask.shape == feats.shape[:2], \
             f"expected a bool neighbour mask (B,{g2}), got {mask.dtype} {tuple(mask.shape)}"
-        assert mask[:, g2 // 2].all(), "the centre tile (the spot itself) must always be on the image"
         x = self.proj(feats)  # (B, g², D)
         for block in self.blocks:
             x = block(x, key_mask=mask)  # masked tiles are never attended to
@@ -293,27 +408,29 @@ class PEG(nn.Module):
 
     Scatter the spot tokens onto the dense array grid, run a depthwise 3x3 conv, gather the result
     back at each spot and add it: a token learns about its array neighbours' content and position.
+    The step's S sections are S grids of one (S, D, H, W) batch; a section smaller than H x W sits in
+    its top-left corner, and the zeros around it are what the conv's own zero padding would give.
     """
 
     def __init__(self, dim: int, kernel: int = 3):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
 
-    def forward(self, x, xy):  # (N, D), (N, 2) array (x, y)
-        N, D = x.shape
-        xy = xy - xy.min(dim=0).values
-        W, H = (int(v) + 1 for v in xy.max(dim=0).values)
-        cell = xy[:, 1] * W + xy[:, 0]  # (N,) row-major index of each spot's grid cell
-        assert cell.unique().numel() == N, "two spots of one section share an array position"
-        grid = x.new_zeros(H * W, D)
-        grid[cell] = x  # empty cells stay 0
-        grid = grid.T.reshape(1, D, H, W)
-        pos = self.conv(grid).reshape(D, H * W).T[cell]  # (N, D)
+    def forward(self, x, cell, sections: int, grid: tuple):  # (T, D), (T,) cell in the (S, H, W) stack
+        H, W = grid
+        D = x.shape[1]
+        g = x.new_zeros(sections * H * W, D)
+        g[cell] = x  # empty cells stay 0
+        g = g.view(sections, H, W, D).permute(0, 3, 1, 2)  # (S, D, H, W)
+        pos = self.conv(g).permute(0, 2, 3, 1).reshape(-1, D)[cell]  # (T, D)
         return x + pos
 
 
 class GlobalEncoder(nn.Module):
-    """Frozen features of every spot of a section -> layer -> PEG -> depth-1 layers -> one row per spot."""
+    """Frozen features of every spot of the step's sections -> layer -> PEG -> depth-1 layers -> the
+    batch's own spots. Each section is one sequence (its spots attend to each other, not to other
+    sections); all of them run as one padded batch (GlobalLayout). Only the last layer can skip the
+    other spots (they are still its keys and values), so it computes the batch's rows alone."""
 
     def __init__(self, cfg: GeneDMLConfig):
         super().__init__()
@@ -323,18 +440,17 @@ class GlobalEncoder(nn.Module):
         self.peg = PEG(cfg.dim)
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, feats, xy, rows=None):  # (N, 512) float, (N, 2) long, (r,) long or None
-        """Every spot's output (N, D), or only those of `rows` (r, D). Only the last layer can skip the
-        other spots (they are still its keys and values), so asking for rows gives the same numbers cheaper."""
-        assert feats.ndim == 2 and feats.shape[1] == FEAT_DIM and xy.shape == (len(feats), 2), \
-            f"expected features (N,{FEAT_DIM}) and array_xy (N,2), got {tuple(feats.shape)}, {tuple(xy.shape)}"
-        x = self.blocks[0](self.proj(feats)[None])  # (1, N, D): the section is one sequence
-        x = self.peg(x[0], xy)[None]  # (1, N, D)
+    def forward(self, feats, layout: GlobalLayout, grid: tuple):  # (T, 512) packed features -> (B, D)
+        assert feats.ndim == 2 and feats.shape == (len(layout.tokens), FEAT_DIM), \
+            f"expected the layout's {len(layout.tokens)} packed features (T,{FEAT_DIM}), got {tuple(feats.shape)}"
+        S = layout.pad.shape[0]
+        x = self.blocks[0].packed(self.proj(feats), layout)  # (T, D)
+        x = self.peg(x, layout.cell, S, grid)  # (T, D)
         if len(self.blocks) == 1:
-            return self.norm(x[0] if rows is None else x[0, rows])
+            return self.norm(x[layout.rows])  # (B, D)
         for block in self.blocks[1:-1]:
-            x = block(x)
-        return self.norm(self.blocks[-1](x, rows=rows)[0])  # (N, D) or (r, D)
+            x = block.packed(x, layout)
+        return self.norm(self.blocks[-1].packed(x, layout, queries=True))  # (B, D)
 
 
 # ----------------------------------------------------------------------------- genes, fusion, model
@@ -392,7 +508,7 @@ class GeneDML(nn.Module):
 
         local crop (B,3,c,c) or tokens    LocalEncoder     (B, (c/32)², 512) --+
         neighbour (B,25,512), mask (B,25) NeighbourEncoder (B, 25, D)       ---+-- Fusion -> v_local, v_neighbour,
-        context[section] (N_s,512), xy    GlobalEncoder    (N_s, D)[index]  ---+           v_global, mean token
+        context: the step's sections      GlobalEncoder    (B, D)           ---+           v_global, mean token
     Each level can be switched off (cfg.levels); its module is then not built and its inputs may be None.
     """
 
@@ -443,23 +559,20 @@ class GeneDML(nn.Module):
         if self.local_encoder is not None and self.local_encoder.mode == "trainable":
             self.local_encoder.trunk.load_state_dict(state)
 
-    def global_tokens(self, section, index, context):
-        """Run the global encoder once per section present in the batch; return each spot's row (B, D)."""
-        rows, order = [], []
-        for s in section.unique().tolist():
-            at = (section == s).nonzero().squeeze(1)  # batch positions of this section's spots
-            assert 0 <= s < len(context) and context[s] is not None, f"no context for section {s}"
-            feats, xy = context[s]
-            assert isinstance(feats, torch.Tensor) and isinstance(xy, torch.Tensor), \
-                f"context[{s}] must be a pair of tensors (feats (N,512), array_xy (N,2))"
-            assert 0 <= int(index[at].min()) and int(index[at].max()) < len(feats), \
-                f"index outside the {len(feats)} spots of section {s}"
-            feats = (feats.to(section.device, torch.float32) - self.feat_mean) / self.feat_std
-            rows.append(self.global_encoder(feats, xy.to(section.device), rows=index[at]))  # (b_s, D)
-            order.append(at)
-        return torch.cat(rows)[torch.cat(order).argsort()]  # (B, D), back in batch order
+    def global_tokens(self, section, index, context, layout=None):
+        """Each batch spot's row of the global encoder (B, D), all of the step's sections in one pass.
+        context: a GlobalContext (or a list of (features, array_xy) pairs, one per section); layout: the
+        step's GlobalLayout, built ahead by the loader (features.Collate). Without it, it is built here from
+        section and index, which waits for them on the CPU: fine for tests and scripts, not for training."""
+        if not isinstance(context, GlobalContext):
+            context = GlobalContext.of(context, section.device)
+        if layout is None:
+            layout = context.grids.layout(section.cpu(), index.cpu()).to(section.device)
+        feats = (context.feats[layout.tokens].float() - self.feat_mean) / self.feat_std  # (T, 512)
+        return self.global_encoder(feats, layout, context.grids.grid)  # (B, D)
 
-    def forward(self, local, neighbour, neighbour_mask, section, index, context, expression=None) -> GeneDMLOutput:
+    def forward(self, local, neighbour, neighbour_mask, section, index, context, expression=None,
+                layout=None) -> GeneDMLOutput:
         tokens, valid = {}, {}  # level -> (B, n, d) tokens, (B, n) bool: False = leave out of the fusion
         if self.local_encoder is not None:
             assert local is not None, "the local level is on: pass the uint8 crops (B,3,c,c) or frozen tokens (B,n,512)"
@@ -475,7 +588,7 @@ class GeneDML(nn.Module):
             assert section is not None and index is not None and context is not None, \
                 "the global level is on: pass section (B,), index (B,) and context"
             assert section.ndim == 1 and section.shape == index.shape, "section and index must both be (B,)"
-            tokens["global"] = self.global_tokens(section, index, context).unsqueeze(1)  # (B, 1, D)
+            tokens["global"] = self.global_tokens(section, index, context, layout).unsqueeze(1)  # (B, 1, D)
             valid["global"] = torch.ones(len(section), 1, dtype=torch.bool, device=section.device)
         B = next(iter(tokens.values())).shape[0]
         assert all(t.shape[0] == B for t in tokens.values()), \

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import demo
 import distributed
 import evaluate
 from evaluate import HelpFormatter, evaluate_split, load_checkpoint, summarise
-from features import frozen_trunk, prepare_split, token_statistics
+from features import Collate, frozen_trunk, prepare_split, token_statistics
 from losses import gene_dml_loss
 from model import GeneDML, GeneDMLConfig
 import visium
@@ -101,7 +102,9 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default: runs/<data>)")
     p.add_argument("--resume", default=None, help="continue from a last.pt")
     p.add_argument("--seed", type=int, default=2021)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes, which load and lay out the next "
+                   "batches while the device trains on this one (default: 0 on the CPU, where they would take the "
+                   "step's cores; on CUDA min(8, cores - 1), persistent)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (default: on for CUDA)")
     p.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates of the loss parts")
@@ -179,6 +182,48 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+class CheckpointWriter:
+    """Writes a checkpoint in a background thread, so the next epoch trains while it is written: the
+    loop waits only for a copy of the tensors to the host (the snapshot of this epoch; training then
+    changes the originals) and, if the previous write is still going, for that. A write that failed
+    raises at the next save or at wait(); the file appears only when complete (save_atomic)."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def save(self, obj, path):
+        self.wait()
+        snapshot = _to_host(obj)
+
+        def write():
+            try:
+                save_atomic(snapshot, path)
+            except BaseException as e:  # re-raised in the training loop by wait()
+                self.error = e
+
+        self.thread = threading.Thread(target=write, name=f"write {Path(path).name}", daemon=False)
+        self.thread.start()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def _to_host(obj):
+    """A copy of every tensor in a nested dict / list on the CPU (a copy even when it is already there)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
 def plain(x):
     """Arguments as checkpoint-safe primitives (weights_only=True loads no Path or Namespace)."""
     return {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v) for k, v in vars(x).items()}
@@ -206,6 +251,10 @@ def train_fold(args, fold):
         logging.getLogger().setLevel(logging.WARNING)
     amp = (device.type == "cuda") if args.amp is None else args.amp
     amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True        # the trunk sees one crop size: pick its fastest kernels once
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for what stays in float32 (e.g. the losses)
+        torch.backends.cudnn.allow_tf32 = True
     resume = load_checkpoint(args.resume) if args.resume else None
     seed_everything(args.seed)
 
@@ -217,6 +266,8 @@ def train_fold(args, fold):
     if resume and resume["config"].get("local_encoder", "trainable") != args.local_encoder:
         raise SystemExit(f"--resume {args.resume} has a {resume['config'].get('local_encoder', 'trainable')} "
                          f"local encoder, not {args.local_encoder}: pass the same --local-encoder")
+    if resume and "optimizer" not in resume:
+        raise SystemExit(f"--resume {args.resume} holds the model only (a best.pt): resume from the run's last.pt")
     if resume and resume["data"]["sections"] != names:
         raise SystemExit(f"--resume {args.resume} was trained on {resume['data']['sections']}, not {names}")
     everything = names["train"] + names["val"] + names["test"]
@@ -259,8 +310,15 @@ def train_fold(args, fold):
                          f"spots must split into {world} equal shares, one per process")
     batches = distributed.ShardedBatchSampler(len(train_set), args.batch_size, drop_last=len(train_set) > args.batch_size,
                                               seed=args.seed, rank=distributed.rank(), world=world)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda")
+    workers = args.workers if args.workers is not None else \
+        min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+    # Workers stack each batch and lay out its global level (features.Collate) ahead of the step; pinned
+    # memory lets the copies to the GPU overlap the step (non_blocking). Persistent workers keep their
+    # own random streams across epochs: exact --resume is a property of --workers 0 (the CPU default).
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=workers,
+                                         collate_fn=Collate(splits["train"].context.grids),
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                         prefetch_factor=4 if workers else None)
 
     # ---- model
     sizes = data.COHORTS[args.data].get("sizes", args.data)  # a cohort table borrows a built-in cohort's encoder sizes
@@ -269,7 +327,7 @@ def train_fold(args, fold):
     model = GeneDML(cfg).to(device)
     model.load_trunk_weights(trunk.state_dict())    # the trainable local trunk starts where the frozen one is
     model.set_statistics(np.concatenate(splits["train"].dataset.labels),
-                         torch.cat([feats for feats, _ in splits["train"].context]).cpu(),
+                         splits["train"].context.feats.cpu(),
                          tokens=token_statistics(splits["train"].tokens) if splits["train"].tokens else None)
     freeze_unreached(model, args)
     use_genes = bool(args.w_inst or args.lam)       # regression only: the gene side is not run at all
@@ -305,13 +363,15 @@ def train_fold(args, fold):
                                              if sections[names["train"][0]].geometry == "hex" else ", 3x3 array-grid mean")},
                 "selection": "test (published protocol: best epoch chosen on the held-out fold; optimistic)"
                              if args.select_on_test else "validation",
-                "args": plain(args), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch,
-                "best": {"metric": best, "epoch": best_epoch, "bad_epochs": bad}}
+                "args": plain(args), "epoch": epoch, "best": {"metric": best, "epoch": best_epoch, "bad_epochs": bad}}
+
+    def resumable(ckpt):  # last.pt: best.pt's contents plus what --resume needs (Adam's state is 2x the model)
+        return {**ckpt, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict()}
 
     ddp = distributed.wrap(model, device)            # DDP under torchrun; the model itself in one process
 
     # ---- loop
+    writer = CheckpointWriter()                      # last.pt is written in the background, during the next epoch
     for epoch in range(start, args.epochs):
         if bad >= args.patience:  # also when resuming a run that had already stopped early
             if main_process:
@@ -324,20 +384,25 @@ def train_fold(args, fold):
         seed_everything(args.seed * 1000 + epoch + 10**9 * distributed.rank())
         model.train()
         sums, seen, t0 = {}, 0, time.time()
+        # The step never waits for the device: the loss parts are summed where they are, and the loss is
+        # checked for being finite at each progress update (the first step's included), not every step.
+        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not main_process)
         for step, batch in enumerate(bar):
-            label = batch["label"].to(device, non_blocking=True)
+            on = lambda x: x.to(device, non_blocking=True)
+            label = on(batch["label"])
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                outputs = ddp(batch["local"].to(device), batch["neighbour_feats"].to(device),
-                              batch["neighbour_mask"].to(device), batch["section"].to(device),
-                              batch["index"].to(device), splits["train"].context,
-                              expression=label if use_genes else None)
+                outputs = ddp(on(batch["local"]), on(batch["neighbour_feats"]), on(batch["neighbour_mask"]),
+                              on(batch["section"]), on(batch["index"]), splits["train"].context,
+                              expression=label if use_genes else None, layout=batch["layout"].to(device, non_blocking=True))
             if args.gather == "global" and use_genes:    # under torchrun: InfoNCE and k-means over the global batch
                 outputs = distributed.gather_outputs(outputs)
             loss, parts = gene_dml_loss(outputs, label, tau=args.tau, tau_group=args.tau_group, k=args.k,
-                                        lam=args.lam, w_inst=args.w_inst, w_mse=args.w_mse)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"epoch {epoch} step {step}: non-finite loss {parts}; stopping. "
+                                        lam=args.lam, w_inst=args.w_inst, w_mse=args.w_mse, sync=False)
+            nonfinite |= ~torch.isfinite(loss.detach())
+            if step % args.log_every == 0 and bool(nonfinite):
+                raise SystemExit(f"epoch {epoch} step {step}: non-finite loss "
+                                 f"{ {k: float(v) for k, v in parts.items()} }; stopping. "
                                  f"The last good checkpoint is {out / 'last.pt'} (lower --lr or disable --amp).")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -350,10 +415,14 @@ def train_fold(args, fold):
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value * n
             if step % args.log_every == 0:
-                bar.set_postfix_str(" ".join(f"{k} {sums[k] / seen:.3f}" for k in ("total", "inst", "group", "mse"))
+                bar.set_postfix_str(" ".join(f"{k} {float(sums[k]) / seen:.3f}" for k in ("total", "inst", "group", "mse"))
                                     + f" {seen / (time.time() - t0):.0f} spots/s")
+        if bool(nonfinite):
+            raise SystemExit(f"epoch {epoch}: non-finite loss in the epoch's last steps; stopping. "
+                             f"The last good checkpoint is {out / 'last.pt'} (lower --lr or disable --amp).")
         sched.step()
         train_time = time.time() - t0
+        sums = {k: float(v) for k, v in sums.items()}
         totals = distributed.sum_over_processes([seen, *sums.values()], device)   # log every process's spots
         seen, sums = totals[0], dict(zip(sums, totals[1:]))
 
@@ -374,14 +443,17 @@ def train_fold(args, fold):
                   f"(inst {record.get('train_inst', 0):.3f} group {record.get('train_group', 0):.3f} "
                   f"mse {record.get('train_mse', 0):.4f}) | {select_part} PCC(M) {metric['pcc_m']:.4f} "
                   f"MSE {metric['mse']:.4f}{' *' if improved else ''} | {record['spots_per_s']:.0f} spots/s")
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            t1 = time.time()
             ckpt = checkpoint(epoch)
             if improved:
-                save_atomic(ckpt, out / "best.pt")
-            save_atomic(ckpt, out / "last.pt")
+                save_atomic(ckpt, out / "best.pt")  # the model, no optimiser: what evaluation reads
+            writer.save(resumable(ckpt), out / "last.pt")
+            record["checkpoint_seconds"] = time.time() - t1  # what checkpointing kept the loop waiting
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         bad = distributed.broadcast(bad, device)   # rank 0's count everywhere: every process stops at the same epoch
 
+    writer.wait()
     if main_process:
         print(f"best {select_part} PCC(M) {best:.4f} at epoch {best_epoch}; checkpoint {out / 'best.pt'}")
     return out / "best.pt"

@@ -6,13 +6,27 @@ import benchmark
 
 def test_quick_benchmark_runs_and_reports(tmp_path):
     figures = benchmark.main(["--quick", "--only", "step,eval", "--json", str(tmp_path / "bench.json")])
-    step, ev = figures["step"], figures["eval"]
-    assert all(step["spots_per_s"][k] > 0 for k in ("trainable", "frozen", "resnet18", "resnet18_channels_last"))
-    assert step["trainable_over_resnet18"] > 0 and step["frozen_over_trainable"] > 0
-    assert 0 <= step["kmeans_share"] < 1 and all(0 <= v < 1.5 for v in step["shares"].values())
-    assert step["feature_images_per_s"] > 0 and step["token_spots_per_s"] > 0
+    ev = figures["eval"]
+    assert sorted(figures["step"]["shapes"]) == [1, 3]  # a one-slide fold and a several-slide fold
+    for S, step in figures["step"]["shapes"].items():
+        assert all(step["spots_per_s"][k] > 0 for k in ("trainable", "frozen", "resnet18", "resnet18_channels_last"))
+        assert step["trainable_over_resnet18"] > 0 and step["frozen_over_trainable"] > 0
+        assert 0 <= step["kmeans_share"] < 1 and all(0 <= v < 1.5 for v in step["shares"].values())
+        assert step["feature_images_per_s"] > 0 and step["token_spots_per_s"] > 0
+        assert all(v > 0 for v in step["loader_items_per_s"].values())
+        assert 1 <= step["sections_in_batch"] <= S
     assert ev["max_abs_diff"] < 1e-9          # the vectorised metrics equal the per-gene loop
     assert json.loads((tmp_path / "bench.json").read_text())["eval"]["max_abs_diff"] == ev["max_abs_diff"]
+
+
+def test_gpu_check_runs_on_the_cpu_at_a_small_size():
+    figures = benchmark.main(["--gpu-check", "--device", "cpu"])
+    assert list(figures["step"]["shapes"]) == [3]
+    fold = figures["fold"]
+    for mode in ("trainable", "frozen"):
+        r = fold[mode]
+        assert r["steps"] == fold["spots"] // fold["batch"] and r["spots"] == r["steps"] * fold["batch"]
+        assert r["seconds"] > 0 and 0 <= r["data_wait_share"] <= 1 and r["peak_gb"] is None  # no GPU memory on a CPU
 
 
 def test_quick_ddp_benchmark_times_two_processes():

@@ -320,14 +320,13 @@ def test_dataset_keys_and_shapes(her2st_tiny, tmp_path):
     s, crops, ds = _dataset(her2st_tiny, tmp_path / "cache")
     assert len(ds) == 2 * len(s.spot_ids) and len(ds.labels) == 2 and ds.labels[0].shape == (len(s.spot_ids), 3)
     item = ds[len(s.spot_ids) + 1]
-    assert item["section"] == 1 and item["index"] == 1 and item["spot_id"] == s.spot_ids[1]
+    assert item["section"] == 1 and item["index"] == 1  # the spot is ds.sections[1].spot_ids[1]
     shapes = {k: (tuple(v.shape), v.dtype) for k, v in item.items() if torch.is_tensor(v)}
     assert shapes == {"local": ((3, 16, 16), torch.uint8), "neighbour_tiles": ((25, 3, 16, 16), torch.uint8),
-                      "neighbour_mask": ((25,), torch.bool), "label": ((3,), torch.float32),
-                      "counts": ((3,), torch.float32), "array_xy": ((2,), torch.int64),
-                      "pixel_xy": ((2,), torch.float32)}
+                      "neighbour_mask": ((25,), torch.bool), "label": ((3,), torch.float32)}  # what a step reads
+    assert set(item) == set(shapes) | {"section", "index"}
     assert np.array_equal(item["local"].permute(1, 2, 0).numpy(), crops.local[1])
-    assert item["counts"].tolist() == [s.counts.loc[s.spot_ids[1], "G3"], s.counts.loc[s.spot_ids[1], "G1"], 0]
+    assert ds.counts[1][1].tolist() == [s.counts.loc[s.spot_ids[1], "G3"], s.counts.loc[s.spot_ids[1], "G1"], 0]
     feats = [{"tiles": np.random.rand(len(s.spot_ids), 25, 7).astype(np.float32)}] * 2
     fitem = data.SpotDataset([s, s], [crops, crops], ["G1"], features=feats)[3]
     assert "neighbour_tiles" not in fitem

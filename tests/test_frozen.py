@@ -27,19 +27,21 @@ def frozen_run(demo_root, cache_dir, tmp_path_factory):
     return out
 
 
-def test_tokens_are_the_unpooled_map_and_are_cached_by_trunk(demo_root, tmp_path):
+def test_tokens_are_the_maps_of_each_transformed_crop_and_are_cached_by_trunk(demo_root, tmp_path):
     section = data.load_section("demo", demo_root, "A1")
     crops = data.section_crops(section, ArrayCache(tmp_path), 64, progress=False)
     trunk = build_trunk("none").eval()
     cache, wid = ArrayCache(tmp_path), features.trunk_id(trunk)
     tokens = features.section_tokens(trunk, wid, crops, cache, "demo-A1-tokens", progress=False)["tokens"]
-    assert tokens.shape == (len(section.spot_ids), 2, 2, 512) and tokens.dtype == np.float16  # 64 px -> 2x2
-    with torch.no_grad():
-        fmap = trunk(preprocess(torch.from_numpy(np.array(crops.local[:3])).permute(0, 3, 1, 2)))
-    assert np.allclose(tokens[:3], fmap.permute(0, 2, 3, 1).numpy(), rtol=1e-2, atol=1e-2)
-    # their mean over the grid is the pooled frozen feature the other levels read
+    assert tokens.shape == (len(section.spot_ids), 8, 2, 2, 512) and tokens.dtype == np.float16  # 64 px -> 2x2
+    for t in range(8):  # tokens[:, t] is the trunk's map of the crop under transform t, not a turned grid
+        crop = np.ascontiguousarray(data.dihedral(np.array(crops.local[:3]), t, axes=(1, 2)))
+        with torch.no_grad():
+            fmap = trunk(preprocess(torch.from_numpy(crop).permute(0, 3, 1, 2))).permute(0, 2, 3, 1).numpy()
+        assert np.allclose(tokens[:3, t], fmap, rtol=1e-2, atol=1e-2), t
+    # the untransformed map's mean over the grid is the pooled frozen feature the other levels read
     pooled = features.extract_features(trunk, crops, progress=False)["local"]
-    assert np.allclose(np.asarray(tokens, np.float32).mean((1, 2)), pooled, rtol=1e-2, atol=1e-2)
+    assert np.allclose(np.asarray(tokens[:, 0], np.float32).mean((1, 2)), pooled, rtol=1e-2, atol=1e-2)
     # a second call is a cache hit; another trunk is another key, and the stale entry goes
     again = features.section_tokens(None, wid, crops, cache, "demo-A1-tokens", progress=False)["tokens"]
     assert np.array_equal(again, tokens)
@@ -50,36 +52,62 @@ def test_tokens_are_the_unpooled_map_and_are_cached_by_trunk(demo_root, tmp_path
 
 def test_token_statistics_match_numpy():
     rng = np.random.default_rng(0)
-    parts = [rng.gamma(1.0, 1.0, (n, 2, 2, 512)).astype(np.float16) for n in (3, 5)]
-    mean, std = features.token_statistics(parts)
+    parts = [rng.gamma(1.0, 1.0, (n, 8, 2, 2, 512)).astype(np.float16) for n in (3, 5)]
+    mean, std = features.token_statistics(parts, chunk=2)
     flat = np.concatenate([p.reshape(-1, 512) for p in parts]).astype(np.float64)
     assert np.allclose(mean, flat.mean(0), atol=1e-5) and np.allclose(std, flat.std(0), atol=1e-4)
 
 
-def test_augmentation_turns_the_token_grid_like_the_crop(demo_root, tmp_path):
+def test_an_augmented_item_serves_the_tokens_of_its_transform(demo_root, tmp_path):
     section = data.load_section("demo", demo_root, "A1")
     crops = data.section_crops(section, ArrayCache(tmp_path), 32, progress=False)
     n = len(section.spot_ids)
-    grid = np.random.default_rng(0).random((n, 3, 3, 512)).astype(np.float16)  # distinct per cell
+    grid = np.random.default_rng(0).random((n, 8, 3, 3, 512)).astype(np.float16)  # distinct per transform
     feats = [{"tiles": np.zeros((n, 25, 512), np.float32)}]
     grid.flags.writeable = False  # as the memory-mapped cache serves it: items are copies, and torch says nothing
     plain = data.SpotDataset([section], [crops], ["TUM01"], features=feats, tokens=[grid])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert plain[0]["local"].shape == (9, 512) and plain[0]["local"].dtype == torch.float16
-    assert np.array_equal(plain[0]["local"].numpy(), grid[0].reshape(9, 512))
+    assert np.array_equal(plain[0]["local"].numpy(), grid[0, 0].reshape(9, 512))
     augmented = data.SpotDataset([section], [crops], ["TUM01"], features=feats, tokens=[grid], augment=True)
     seen = set()
     for seed in range(40):
         torch.manual_seed(seed)
-        k, flip = int(torch.randint(4, ())), bool(torch.randint(2, ()))  # what __getitem__ draws
+        t = int(torch.randint(8, ()))  # what __getitem__ draws
         torch.manual_seed(seed)
-        got = augmented[0]["local"].numpy().reshape(3, 3, 512)
-        want = np.rot90(grid[0], k, axes=(0, 1))
-        want = want[:, ::-1] if flip else want
-        assert np.array_equal(got, want), (k, flip)
-        seen.add((k, flip))
+        assert np.array_equal(augmented[0]["local"].numpy(), grid[0, t].reshape(9, 512)), t
+        seen.add(t)
     assert len(seen) == 8, "all eight flips / rotations should occur"
+
+
+def test_the_frozen_model_sees_the_augmentation(demo_root, tmp_path):
+    """The fusion gives local tokens no position, so turning the token grid of the plain crop (as the
+    frozen mode once did) left the output unchanged. Served tokens are the trunk's tokens of the
+    transformed crop: the output changes, and equals the output on those tokens computed afresh."""
+    section = data.load_section("demo", demo_root, "A1")
+    crops = data.section_crops(section, ArrayCache(tmp_path), 64, progress=False)
+    trunk = build_trunk("none").eval()
+    tokens = features.extract_tokens(trunk, crops, progress=False)["tokens"]
+    feats = [{"tiles": np.zeros((len(section.spot_ids), 25, 512), np.float32)}]
+    ds = data.SpotDataset([section], [crops], ["TUM01"], features=feats, tokens=[tokens], augment=True)
+    torch.manual_seed(0)
+    model = GeneDML(GeneDMLConfig(n_genes=1, dim=32, levels=("local",), local_encoder="frozen", head_hidden=48)).eval()
+    model.set_statistics(np.zeros((2, 1)), torch.zeros(2, 512), tokens=features.token_statistics([tokens]))
+    run = lambda local: model(local[None], None, None, None, None, None).prediction[0, 0]
+    outputs = {}
+    with torch.no_grad():
+        for seed in range(40):
+            torch.manual_seed(seed)
+            t = int(torch.randint(8, ()))
+            torch.manual_seed(seed)
+            outputs[t] = run(ds[0]["local"])
+            crop = np.ascontiguousarray(data.dihedral(np.array(crops.local[0]), t))
+            fresh = trunk(preprocess(torch.from_numpy(crop).permute(2, 0, 1)[None]))[0].flatten(1).T  # (4, 512)
+            assert torch.allclose(outputs[t], run(fresh), rtol=1e-3, atol=1e-3), t
+    assert len(outputs) == 8
+    spread = max(abs(float(v - outputs[0])) for v in outputs.values())
+    assert spread > 1e-3 * (abs(float(outputs[0])) + 1e-3), "the augmentation does not reach the output"
 
 
 def test_frozen_local_encoder_reads_tokens_only():
@@ -138,16 +166,6 @@ def test_no_augment_switch_is_recorded(demo_root, cache_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the faster step computes the same
-
-def test_global_level_at_the_batch_rows_equals_the_full_pass():
-    from benchmark import grid_xy
-    from model import GlobalEncoder
-    torch.manual_seed(0)
-    enc = GlobalEncoder(GeneDMLConfig.for_cohort("demo", 10, dim=32)).eval()
-    feats, xy = torch.randn(40, 512), torch.as_tensor(grid_xy(40))
-    rows = torch.tensor([7, 0, 33, 7])
-    assert torch.allclose(enc(feats, xy, rows=rows), enc(feats, xy)[rows], atol=1e-5)
-
 
 def test_channels_last_local_trunk_equals_the_plain_trunk():
     torch.manual_seed(0)

@@ -130,9 +130,12 @@ def test_module_shapes():
     b = make_batch()
     assert M.LocalEncoder()(b["local"]).shape == (4, 4, 512)  # 64 px -> 2x2 map -> 4 tokens
     assert M.NeighbourEncoder(cfg)(b["neighbour"], b["neighbour_mask"]).shape == (4, 25, D)
-    feats, xy = b["context"][0]
-    assert M.PEG(D)(torch.randn(7, D), xy).shape == (7, D)
-    assert M.GlobalEncoder(cfg)(feats, xy).shape == (7, D)
+    context = M.GlobalContext.of(b["context"])
+    layout = context.grids.layout(b["section"], b["index"])
+    T = len(layout.tokens)
+    assert T == 12 and layout.pad.shape == (2, 7) and layout.query.shape == (2, 2)  # both sections, 7 + 5 spots
+    assert M.PEG(D)(torch.randn(T, D), layout.cell, 2, context.grids.grid).shape == (T, D)
+    assert M.GlobalEncoder(cfg)(context.feats[layout.tokens], layout, context.grids.grid).shape == (4, D)
     g = M.GeneEncoder(cfg)(torch.rand(4, G))
     assert g.shape == (4, D) and torch.allclose(g.norm(dim=-1), torch.ones(4))
     fusion = M.Fusion(cfg, {"local": 512, "global": D})
@@ -140,10 +143,6 @@ def test_module_shapes():
     pooled, mean = fusion({"local": torch.randn(4, 4, 512), "global": torch.randn(4, 1, D)},
                           {"local": ones[:, :4], "global": ones[:, :1]})
     assert set(pooled) == {"local", "global"} and pooled["local"].shape == mean.shape == (4, D)
-    with pytest.raises(AssertionError, match="centre tile"):
-        mask = b["neighbour_mask"].clone()
-        mask[0, 12] = False
-        M.NeighbourEncoder(cfg)(b["neighbour"], mask)
 
 
 @pytest.mark.parametrize("levels", [c for r in (1, 2, 3) for c in combinations(M.LEVELS, r)])
@@ -205,10 +204,67 @@ def test_spot_order_in_a_section_does_not_change_global_output():
     # old row r now sits at new row where(p == r)
     b["index"] = torch.stack([(perms[s] == r).nonzero()[0, 0] for s, r in zip(b["section"], b["index"])])
     assert torch.allclose(net(**b).embeddings["global"], before, atol=1e-5)
-    # grouping by section equals running each spot's section on its own
-    enc = net.global_encoder
-    alone = torch.stack([enc(*b["context"][s])[r] for s, r in zip(b["section"], b["index"])])
-    assert torch.allclose(net.global_tokens(b["section"], b["index"], b["context"]), alone, atol=1e-5)
+
+
+def global_level_one_section_at_a_time(enc, feats, xy, rows):
+    """An independent reference for GlobalEncoder: one section as one (1, N, D) sequence through the
+    layers' plain forward, and the PEG on the section's own grid, as TRIPLEX computes it."""
+    x = enc.blocks[0](enc.proj(feats)[None])[0]  # (N, D)
+    xy = xy - xy.min(0).values
+    W, H = (int(v) + 1 for v in xy.max(0).values)
+    grid = x.new_zeros(H, W, x.shape[1])
+    grid[xy[:, 1], xy[:, 0]] = x
+    x = x + enc.peg.conv(grid.permute(2, 0, 1)[None])[0].permute(1, 2, 0)[xy[:, 1], xy[:, 0]]
+    for block in enc.blocks[1:]:
+        x = block(x[None])[0]
+    return enc.norm(x)[rows]
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_batched_global_level_equals_each_section_on_its_own(depth):
+    """Four sections of different sizes and grid shapes, a batch that visits three of them unevenly (one
+    spot twice): the padded, packed pass gives each spot its section's row, values and gradients."""
+    torch.manual_seed(0)
+    net = M.GeneDML(tiny_cfg(levels=("global",), global_depth=depth)).eval()
+    rng = np.random.default_rng(0)
+    context = []
+    for n, (w, h) in zip((9, 4, 13, 6), ((4, 3), (2, 5), (6, 6), (3, 2))):
+        cells = rng.permutation(w * h)[:n]
+        context.append((torch.randn(n, 512), torch.as_tensor(np.stack([cells % w, cells // w], 1) + 3 * n)))
+    section, index = torch.tensor([2, 0, 2, 2, 3, 0, 2]), torch.tensor([12, 8, 0, 5, 1, 0, 12])
+    got = net.global_tokens(section, index, context)
+    want = torch.stack([global_level_one_section_at_a_time(net.global_encoder, *context[s], r)
+                        for s, r in zip(section.tolist(), index.tolist())])
+    assert torch.allclose(got, want, atol=1e-5)
+    weights = torch.randn_like(got)
+    grads = []
+    for out in (got, want):
+        net.zero_grad()
+        (out * weights).sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in net.global_encoder.named_parameters()})
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_a_batch_from_several_sections_runs_the_global_encoder_once():
+    torch.manual_seed(0)
+    net = M.GeneDML(tiny_cfg()).eval()
+    b = make_batch()
+    assert len(set(b["section"].tolist())) == 2
+    calls = []
+    net.global_encoder.register_forward_hook(lambda *a: calls.append(1))
+    net(**b)
+    assert len(calls) == 1
+
+
+def test_global_layout_is_checked_when_it_is_built():
+    grids = M.SpotGrids.of([np.array([[0, 0], [1, 0]]), np.array([[0, 0]])])
+    with pytest.raises(AssertionError, match="index outside"):
+        grids.layout(np.array([1]), np.array([1]))  # section 1 has one spot
+    with pytest.raises(AssertionError, match="section outside"):
+        grids.layout(np.array([2]), np.array([0]))
+    with pytest.raises(AssertionError, match="share an array position"):
+        M.SpotGrids.of([np.array([[0, 0], [0, 0]])])
 
 
 def test_optimiser_step_changes_trainable_not_frozen():

@@ -1,0 +1,126 @@
+"""A synthetic her2st-shaped fold in memory, and one training epoch over it, timed: what
+`python benchmark.py --gpu-check` runs, and the shape benchmark.py's step takes.
+
+A her2st training fold is 24 sections of 176-712 spots (9,866 spots in fold 0: `python data.py
+folds her2st`); a batch of 256 spots drawn from it holds ~24 sections, so the global level runs
+over every spot of ~24 sections at each step. The fold here has the real sizes (HER2ST_SIZES,
+scaled to the asked total), random crops, frozen features and token maps of the real shapes, and
+goes through the code that trains: data.SpotDataset, features.Collate, a DataLoader as train.py
+builds it, GeneDML and gene_dml_loss, fused Adam. Only the pixels and counts are random.
+"""
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+import data
+import losses
+from features import Collate, Split
+from model import FEAT_DIM, GeneDML, GeneDMLConfig, GlobalContext
+
+# Spots per her2st section (counts joined with the spot file), all 36 sections, sorted.
+HER2ST_SIZES = [176, 178, 180, 181, 184, 187, 270, 277, 283, 289, 295, 298, 301, 302, 303, 306, 306, 315,
+                325, 332, 343, 346, 359, 360, 441, 463, 467, 510, 570, 572, 587, 603, 613, 691, 695, 712]
+
+
+def grid_xy(n):
+    """(n, 2) array x, y of n spots filling a square grid row by row."""
+    side = int(np.ceil(np.sqrt(n)))
+    i = np.arange(n)
+    return np.stack([i % side, i // side], 1).astype(np.int64)
+
+
+def section_sizes(sections: int, total: int, seed: int = 0) -> list[int]:
+    """`sections` sizes drawn from HER2ST_SIZES, scaled so that they sum to about `total`."""
+    sizes = np.random.default_rng(seed).choice(HER2ST_SIZES, sections)
+    return [max(2, int(round(s))) for s in sizes * total / sizes.sum()]
+
+
+def synthetic_fold(sections: int, total: int, crop: int, tokens: bool, device, genes: int = 250, seed: int = 0) -> Split:
+    """A features.Split of `sections` her2st-sized sections (`total` spots): crops (N, c, c, 3) uint8,
+    tile features (N, 25, 512), and with tokens the 8 token maps per crop (N, 8, c/32, c/32, 512) float16."""
+    rng = np.random.default_rng(seed)
+    names = [f"G{j}" for j in range(genes)]
+    secs, crops, feats, toks = [], [], [], []
+    for k, n in enumerate(section_sizes(sections, total, seed)):
+        xy = grid_xy(n)
+        pixel = (xy * 256 + 1200).astype(np.float64)  # 256 px apart, every 5x5 window on the image
+        ids = [f"{x}x{y}" for x, y in xy]
+        counts = pd.DataFrame(rng.poisson(5, (n, genes)).astype(np.float32), index=ids, columns=names)
+        secs.append(data.Section("her2st", f"S{k}", f"P{k}", None, ids, xy, pixel, counts))
+        side = int(pixel.max()) + 1200
+        image = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (side, side, 3))  # shape only: no tiles are cut
+        crops.append(data.SectionCrops(rng.integers(0, 256, (n, crop, crop, 3), dtype=np.uint8), image, crop, {}, pixel))
+        feats.append({"local": rng.random((n, FEAT_DIM), dtype=np.float32),
+                      "tiles": rng.random((n, 25, FEAT_DIM), dtype=np.float32)})
+        if tokens:
+            h = max(1, crop // 32)
+            toks.append(rng.random((n, data.N_DIHEDRAL, h, h, FEAT_DIM), dtype=np.float32).astype(np.float16))
+    dataset = data.SpotDataset(secs, crops, names, augment=True, features=feats, tokens=toks if tokens else None)
+    context = GlobalContext.of([(f["local"], s.array_xy) for f, s in zip(feats, secs)], device)
+    return Split(secs, dataset, context, toks if tokens else None)
+
+
+def loader(split: Split, batch: int, device, workers: int, seed: int = 0):
+    """The training loader as train.py builds it: shuffled full batches, laid out by Collate in workers."""
+    sampler = torch.utils.data.BatchSampler(
+        torch.utils.data.RandomSampler(split.dataset, generator=torch.Generator().manual_seed(seed)), batch, drop_last=True)
+    return torch.utils.data.DataLoader(split.dataset, batch_sampler=sampler, num_workers=workers,
+                                       collate_fn=Collate(split.context.grids), pin_memory=device.type == "cuda",
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+
+def items_per_s(split: Split, batch: int, batches: int) -> float:
+    """Items/s the loader serves in this process (stacking and the global layout included)."""
+    it = iter(loader(split, batch, torch.device("cpu"), workers=0))
+    t = time.perf_counter()
+    n = sum(len(next(it)["label"]) for _ in range(batches))
+    return n / (time.perf_counter() - t)
+
+
+def train_epoch(split: Split, mode: str, batch: int, device, amp: bool, workers: int, warmup: int = 2,
+                max_steps: int | None = None) -> dict:
+    """One epoch of training steps as train.py runs them (after `warmup` untimed steps): seconds, spots/s,
+    the share of the epoch the loop waited for the loader, and peak device memory."""
+    torch.manual_seed(0)
+    G = split.dataset.labels[0].shape[1]
+    model = GeneDML(GeneDMLConfig.for_cohort("her2st", G, local_encoder=mode)).to(device).train()
+    model.set_statistics(np.concatenate(split.dataset.labels), split.context.feats.cpu(),
+                         tokens=(np.zeros(FEAT_DIM, np.float32), np.ones(FEAT_DIM, np.float32)) if mode == "frozen" else None)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
+    on = lambda x: x.to(device, non_blocking=True)
+
+    def step(b):
+        label = on(b["label"])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(on(b["local"]), on(b["neighbour_feats"]), on(b["neighbour_mask"]), on(b["section"]),
+                        on(b["index"]), split.context, expression=label, layout=b["layout"].to(device, non_blocking=True))
+        loss, _ = losses.gene_dml_loss(out, label, k=18, sync=False)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    batches = loader(split, batch, device, workers)
+    it = iter(batches)
+    for _ in range(warmup):
+        step(next(it))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    steps = len(batches) if max_steps is None else min(max_steps, len(batches))
+    it = iter(batches)  # a full epoch, timed
+    waited, seen = 0.0, 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        b = next(it)
+        waited += time.perf_counter() - t
+        step(b)
+        seen += len(b["label"])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return dict(mode=mode, steps=steps, spots=seen, seconds=seconds, spots_per_s=seen / seconds,
+                data_wait_share=waited / seconds, peak_gb=peak, workers=workers)
