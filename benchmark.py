@@ -1,9 +1,10 @@
 """
 What Gene-DML costs: data serving, a training step, evaluation, and how cost grows with slide size.
 
-    python benchmark.py                          # every section, CPU defaults (< 10 min on 2 cores)
+    python benchmark.py                          # every section but fold, CPU defaults (the step: ~30+ min on 2 cores)
     python benchmark.py --only step,scale --device cuda --json bench.json
     python benchmark.py --quick                  # every size shrunk: a smoke run under a minute
+    python benchmark.py --gpu-check              # the GPU check: her2st's step and epoch at batch 256, bf16
 
 Everything runs on synthetic inputs of real sizes, so no data is needed. Each comparison is timed
 in the same run and reported as a ratio, which survives a busy machine better than the absolute
@@ -15,14 +16,23 @@ other jobs hold cores: torch's threads then wait on each other, up to 20x slower
          neighbour tiles from the cache, against cutting the crops per item from an in-memory
          decoded image (both read twice: the first pass maps the cache's pages, the second is what
          later epochs see) and against decoding the JPEG per item. Peak RSS of the section.
-  step   spots/s of a full training step (GeneDML with all three levels, gene_dml_loss with all
-         losses, fused Adam as train.py) with the trainable local encoder (crops) and with the frozen
-         one (cached tokens), against a bare torchvision ResNet18 step on the same crops (default
-         and channels-last layouts), all timed interleaved, round after round (median); where the
-         trainable step's time goes: its local trunk, neighbour and global levels (forward + backward
-         timed alone), the Adam step, k-means (losses.kmeans timed by wrapping it) and the rest;
-         the frozen-feature rate (features.extract_features: the local crop + 25 tiles per spot)
-         and the token rate (features.extract_tokens: one crop per spot).
+  step   spots/s of a full training step at her2st's shape: a fold of --step-sections sections of
+         her2st sizes (~400 spots each; fold_benchmark), a batch of --batch spots drawn from all of
+         it, so the global level runs over every spot of every section the batch touches (one
+         padded pass). GeneDML with all three levels, gene_dml_loss with all losses, fused Adam as
+         train.py, with the trainable local encoder (crops) and with the frozen one (cached tokens),
+         against a bare torchvision ResNet18 step on the same crops (default and channels-last
+         layouts), all timed interleaved, round after round (median); where the trainable step's
+         time goes: its local trunk, neighbour and global levels (forward + backward timed alone),
+         the Adam step, k-means (losses.kmeans timed by wrapping it) and the rest; the loader's
+         items/s in one process (items, stacking and the global layout); the frozen-feature rate
+         (features.extract_features: the local crop + 25 tiles per spot) and the token rate
+         (features.extract_tokens: 8 transforms of one crop per spot).
+  fold   one training epoch per local-encoder mode over a synthetic her2st-sized fold (--fold-spots
+         spots in --fold-sections sections) through train.py's loader (workers as train.py picks
+         them): seconds, spots/s, the share of the epoch spent waiting for data, peak GPU memory.
+  --gpu-check  the one prepared check for a lent GPU (under 5 minutes): step (24 sections) and fold
+         at batch 256 in bf16, her2st's sizes. On a CPU it runs the same code at a small size.
   eval   evaluate.slide_metrics (vectorised) against a per-gene np.corrcoef loop; they must agree.
   ddp    training steps/s of one process and of two (torchrun's DDP on gloo, one thread each,
          the same global batch, embeddings gathered as train.py does): a smoke figure that the
@@ -80,7 +90,7 @@ QUICK = dict(slide_px="2000x2000", spots=64, items=32, decode_items=1, batch=8, 
              cohort_sections=4, cohort_px="800x800", cohort_spots=36, step_sections="1,3", loader_batches=2,
              fold_sections=3, fold_spots=96, fold_steps=None)
 GPU_CHECK = dict(only="step,fold", batch=256, step_sections="24", amp=True, reps=5)  # her2st's sizes otherwise
-GPU_CHECK_CPU = dict(only="step,fold", step_sections="3", reps=1)
+GPU_CHECK_CPU = dict(only="step,fold", step_sections="3", reps=1, warmup=1, fold_spots=24)
 
 
 def _px(text):
@@ -92,7 +102,8 @@ def _px(text):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Measure what Gene-DML costs (see the module docstring).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections to run")
+    p.add_argument("--only", default=",".join(s for s in SECTIONS if s != "fold"),
+                   help=f"comma list of sections to run, of {','.join(SECTIONS)} (fold: an epoch of 9,866 spots, for a GPU)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
