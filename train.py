@@ -37,7 +37,7 @@ import evaluate
 from evaluate import HelpFormatter, evaluate_split, load_checkpoint, summarise
 from features import frozen_trunk, prepare_split, token_statistics
 from losses import gene_dml_loss
-from model import GeneDML, GeneDMLConfig
+from model import LEVELS, GeneDML, GeneDMLConfig
 import visium
 
 log = logging.getLogger("train")
@@ -99,7 +99,8 @@ def get_args(argv=None):
     p.add_argument("--select-on-test", action="store_true", help="published protocol: train on every non-test patient and choose the best epoch on the held-out fold itself (optimistic; labelled as such)")
     # run
     p.add_argument("--out", default=None, help="output folder (default: runs/<data>)")
-    p.add_argument("--resume", default=None, help="continue from a last.pt")
+    p.add_argument("--resume", default=None, help="continue from a last.pt, with the same flags (--epochs and --patience may change); "
+                   "the frozen trunk comes from the checkpoint, so no weights are downloaded")
     p.add_argument("--seed", type=int, default=2021)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
@@ -123,9 +124,18 @@ def get_args(argv=None):
     for name, value in defaults.items():       # an explicit flag wins, even an explicit 0
         if getattr(args, name) is None:
             setattr(args, name, value)
+    # flags are checked here, before any slide is read or cropped
     args.levels = tuple(l.strip() for l in args.levels.split(",") if l.strip())
+    unknown = [l for l in args.levels if l not in LEVELS]
+    if unknown or not args.levels:
+        p.error(f"--levels takes a non-empty comma list of {', '.join(LEVELS)}; got {', '.join(unknown) or 'none'}")
     if args.fold != "all" and not args.fold.isdigit():
         p.error(f"--fold must be a number or 'all', got {args.fold!r}")
+    folds = len(data.COHORTS[args.data]["folds"])
+    if args.fold != "all" and int(args.fold) >= folds:
+        p.error(f"--fold {args.fold}: {args.data} has {folds} folds, 0..{folds - 1} (or 'all')")
+    if args.n_genes < 1:
+        p.error(f"--n-genes must be at least 1, got {args.n_genes}")
     if args.fold == "all" and args.resume:
         p.error("--resume continues one fold; a --fold all run resumes by running the same command again")
     if args.select_on_test and args.val_sections:
@@ -219,6 +229,8 @@ def train_fold(args, fold):
                          f"local encoder, not {args.local_encoder}: pass the same --local-encoder")
     if resume and resume["data"]["sections"] != names:
         raise SystemExit(f"--resume {args.resume} was trained on {resume['data']['sections']}, not {names}")
+    if resume:  # as --fold all's re-run does: other settings would silently change the run mid-way
+        refuse_other_settings(resume["args"], args, args.resume, RUN_ONLY | {"epochs", "patience"})
     everything = names["train"] + names["val"] + names["test"]
     data.check_cohort(args.data, args.root, everything)
     sections = {n: data.load_section(args.data, args.root, n) for n in everything}
@@ -240,7 +252,8 @@ def train_fold(args, fold):
     # Rank 0 fetches the weights and fills the caches (crops, frozen features) first; the other processes
     # wait, then read them. Only rank 0 validates, so only it prepares the validation and test sections.
     with distributed.main_process_first():
-        trunk = frozen_trunk(args.weights, device)
+        # a resumed run's frozen trunk is the checkpoint's: nothing downloaded (GPU nodes are often offline)
+        trunk = frozen_trunk("none" if resume else args.weights, device)
         if resume:
             trunk.load_state_dict(resume["frozen_trunk"])
         splits = {part: prepare_split([sections[n] for n in ns], genes, args.crop_size, trunk, cache, device,
@@ -336,9 +349,12 @@ def train_fold(args, fold):
                 outputs = distributed.gather_outputs(outputs)
             loss, parts = gene_dml_loss(outputs, label, tau=args.tau, tau_group=args.tau_group, k=args.k,
                                         lam=args.lam, w_inst=args.w_inst, w_mse=args.w_mse)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"epoch {epoch} step {step}: non-finite loss {parts}; stopping. "
-                                 f"The last good checkpoint is {out / 'last.pt'} (lower --lr or disable --amp).")
+            # every process takes the decision together (one stopping alone leaves the others in a collective)
+            failed = distributed.ranks_where(~torch.isfinite(loss.detach()), device)
+            if failed:
+                raise SystemExit(f"epoch {epoch} step {step}: non-finite loss on process(es) {failed} of {world} "
+                                 f"(this process's parts: {parts}); stopping. The last good checkpoint is "
+                                 f"{out / 'last.pt'} (lower --lr or disable --amp).")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if epoch == start and step == 0 and world > 1:
@@ -391,6 +407,15 @@ def train_fold(args, fold):
 RUN_ONLY = {"out", "fold", "resume", "root", "cache_dir", "workers", "device", "log_every"}
 
 
+def refuse_other_settings(saved: dict, args, source, allowed=RUN_ONLY):
+    """Stop, naming the flags, when args differ from the saved run's (a checkpoint's "args") outside `allowed`."""
+    now = plain(args)
+    changed = sorted(k for k in now if k not in allowed and saved.get(k) != now[k])
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in changed)
+        raise SystemExit(f"{source} was trained with other settings ({was}); re-run with those, or give another --out")
+
+
 def train_all_folds(args):
     """Every fold into <out>/fold<i>/, then the cohort table into <out>/eval/.
 
@@ -404,11 +429,7 @@ def train_all_folds(args):
         last = Path(fold_args.out) / "last.pt"
         if last.is_file():
             ckpt = load_checkpoint(last)
-            now = plain(fold_args)
-            changed = sorted(k for k in now if k not in RUN_ONLY and ckpt["args"].get(k) != now[k])
-            if changed:
-                was = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'].get(k)!r}" for k in changed)
-                raise SystemExit(f"{last} was trained with other settings ({was}); re-run with those, or give another --out")
+            refuse_other_settings(ckpt["args"], fold_args, last)
             if ckpt["epoch"] + 1 >= args.epochs or ckpt["best"]["bad_epochs"] >= args.patience:
                 if distributed.is_main():
                     print(f"fold {fold}: finished earlier (best epoch {ckpt['best']['epoch']}), {last.parent / 'best.pt'}")
