@@ -421,3 +421,19 @@ def test_info_lists_every_slide(cohort, capsys):
     assert visium.main(["info", str(table)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5 and all(" 20 " in l and "4.167" in l and " hex " in l for l in lines[1:])
+
+
+def test_info_exits_non_zero_when_a_slide_fails(cohort, tmp_path, capsys):
+    """A pre-flight check: the readable slides are listed, the broken one says why, and the exit is 1."""
+    _, root = cohort
+    rows = [{"sample": f"S{i}", "patient": f"P{i}", "spaceranger": str(root / f"s{i}"), "image": str(root / f"s{i}/fullres.png")}
+            for i in range(2)]
+    broken = tmp_path / "fullres.png"
+    broken.write_bytes(b"not an image")
+    rows[1]["image"] = str(broken)
+    table = write_table(tmp_path / "broken.csv", rows)
+    assert visium.main(["info", str(table)]) == 1
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert len(out) == 3 and " hex " in out[1] and out[2].startswith("S1") and "fullres.png: not an image" in out[2]
+    assert "1 of 2 slides" in captured.err and "S1" in captured.err
