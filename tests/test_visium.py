@@ -20,6 +20,8 @@ import train
 import visium
 from cache import ArrayCache
 
+NO_H5PY = "h5py is an optional extra: pip install -r requirements-extras.txt (or pip install h5py)"
+
 GENES = [f"G{i}" for i in range(12)]
 PITCH_PX = 24.0  # centre-to-centre spot distance in pixels: 100 µm / 24 px = 4.17 µm/px
 X0, Y0, W, H = 60, 50, 280, 200
@@ -118,7 +120,7 @@ def test_mex_and_both_position_files(tmp_path, version):
 
 
 def test_h5_matrix_equals_mex(tmp_path):
-    pytest.importorskip("h5py")
+    pytest.importorskip("h5py", reason=NO_H5PY)
     truth = write_slide(tmp_path / "a", mex=False, h5=True)
     s = visium.load_spaceranger("mine", "S1", "P1", truth["outs"], truth["image"])
     assert s.files["counts"].name == "filtered_feature_bc_matrix.h5"
@@ -363,7 +365,7 @@ def write_h5ad(path, truth, layout="csr"):
 
 @pytest.mark.parametrize("layout", ["csr", "csc", "dense"])
 def test_hest_sample_read_with_h5py_alone(tmp_path, layout):
-    pytest.importorskip("h5py")
+    pytest.importorskip("h5py", reason=NO_H5PY)
     truth = write_slide(tmp_path)
     Image.open(truth["image"]).save(tmp_path / "S.tif")  # HEST's wsis/<id>.tif
     write_h5ad(tmp_path / "S.h5ad", truth, layout)
@@ -378,7 +380,7 @@ def test_hest_sample_read_with_h5py_alone(tmp_path, layout):
 
 
 def test_truncated_h5ad_names_the_file(tmp_path):
-    pytest.importorskip("h5py")
+    pytest.importorskip("h5py", reason=NO_H5PY)
     truth = write_slide(tmp_path)
     write_h5ad(tmp_path / "S.h5ad", truth)
     import h5py
