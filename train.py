@@ -352,9 +352,9 @@ def train_fold(args, fold):
             # every process takes the decision together (one stopping alone leaves the others in a collective)
             failed = distributed.ranks_where(~torch.isfinite(loss.detach()), device)
             if failed:
-                raise SystemExit(f"epoch {epoch} step {step}: non-finite loss on process(es) {failed} of {world} "
-                                 f"(this process's parts: {parts}); stopping. The last good checkpoint is "
-                                 f"{out / 'last.pt'} (lower --lr or disable --amp).")
+                where = f" on process(es) {failed} of {world} (this process's parts: {parts})" if world > 1 else f" {parts}"
+                raise SystemExit(f"epoch {epoch} step {step}: non-finite loss{where}; stopping. The last good "
+                                 f"checkpoint is {out / 'last.pt'} (lower --lr or disable --amp).")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if epoch == start and step == 0 and world > 1:
