@@ -9,8 +9,8 @@ both are done once and stored. An entry is a folder
 `ArrayCache.get(name, key, build)` returns the stored arrays when an entry with exactly this key
 exists; otherwise it calls `build()`, writes the arrays into a temporary folder and renames it into
 place (atomic), then deletes the stale entries of the same name. If `build()` raises, nothing is
-left behind. A key holds the fingerprints of the source files (`fingerprint`), so editing or
-touching a source makes the entry stale.
+left behind. A key holds the fingerprints of the source files (`fingerprint`: what the file is, not
+where it lies), so editing or touching a source makes the entry stale, and moving or copying it does not.
 """
 
 import hashlib
@@ -28,11 +28,27 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+SAMPLE = 64 * 1024  # bytes hashed at each end of a source file
+
+
 def fingerprint(path) -> dict:
-    """What identifies a source file's content cheaply: resolved path, size, modification time."""
-    path = Path(path).resolve()
+    """What identifies a source file's content cheaply, wherever it lies: its name, size, modification
+    time (whole seconds) and a SHA-1 of its first and last 64 KiB.
+
+    Not its path: a copy that keeps modification times (`cp -a`, `rsync -a`), another mount point of
+    the same files or a second checkout finds the entries valid, so two of them sharing one cache
+    never evict each other's. Seconds, not nanoseconds, so a file system that keeps coarser times
+    still matches; the hash catches a same-size rewrite within one second that changes either end,
+    the size and time the rest (hashing a 9k x 10k JPEG whole would cost a good part of decoding it)."""
+    path = Path(path)
     st = path.stat()
-    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        h.update(f.read(SAMPLE))
+        if st.st_size > 2 * SAMPLE:
+            f.seek(-SAMPLE, os.SEEK_END)
+        h.update(f.read(SAMPLE))
+    return {"name": path.name, "size": st.st_size, "mtime": st.st_mtime_ns // 10**9, "sha1": h.hexdigest()}
 
 
 def _canonical(key: dict) -> str:

@@ -279,13 +279,16 @@ def load_section(cohort: str, root, name: str) -> Section:
 # ----------------------------------------------------------------------------- genes and labels
 def select_genes(sections: list[Section], n: int = 250) -> list[str]:
     """The n genes with the highest total raw count over these sections; ties by name."""
-    return top_genes([s.counts.sum(axis=0) for s in sections], n)
+    names = ", ".join(s.name for s in sections[:5]) + (", ..." if len(sections) > 5 else "")
+    return top_genes([s.counts.sum(axis=0) for s in sections], n, where=f"{sections[0].cohort} sections {names}")
 
 
-def top_genes(totals: list[pd.Series], n: int) -> list[str]:
+def top_genes(totals: list[pd.Series], n: int, where: str = "the sections") -> list[str]:
     """The n genes with the highest sum over these per-section totals (gene -> count); ties by name."""
     total = pd.concat(totals, axis=1).fillna(0).sum(axis=1)
-    assert n <= len(total), f"asked for {n} genes, the sections have {len(total)}"
+    if n > len(total):  # a small gene panel, say: a clear error before any image is read
+        raise ValueError(f"asked for the top {n} genes, but {where} hold only {len(total)} genes: "
+                         f"ask for at most {len(total)} (--n-genes {len(total)})")
     return total.sort_index().sort_values(ascending=False, kind="stable").index[:n].tolist()
 
 

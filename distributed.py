@@ -22,6 +22,7 @@ What changes with N processes (train.py):
   regression loss is a mean over the local rows, and the average of N equal-sized local means is
   the global mean. (tests/test_distributed.py: 2 processes against 1, to 1e-5.)
 - One process (rank 0) validates and writes; the others wait for its early-stopping count (`broadcast`).
+  A non-finite loss on any process stops every process at the same step (`ranks_where`).
 
 Imports nothing of the project.
 """
@@ -103,6 +104,18 @@ def broadcast(value: int, device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+def ranks_where(flag: torch.Tensor, device) -> list[int]:
+    """The ranks whose boolean scalar `flag` is true, the same list on every process. A decision that one
+    process alone would take (stopping on its non-finite loss) is taken on this by all of them, so none
+    is left waiting in the next collective. One all_reduce of N integers; without torchrun, [0] or []."""
+    if not dist.is_initialized():
+        return [0] if bool(flag) else []
+    t = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
+    t[dist.get_rank()] = flag.to(device=device, dtype=torch.int32)
+    dist.all_reduce(t)
+    return t.nonzero().flatten().tolist()
 
 
 def sum_over_processes(values: list[float], device) -> list[float]:

@@ -123,13 +123,17 @@ def ridge_predict(x, w):
     return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) @ w
 
 
-def baselines(args, test, val, trainset, genes):
-    """Training-mean and ridge predictions for one held-out section, on the model runs' genes; metrics per method."""
+def baselines(args, test, val, trainset, ckpt):
+    """Training-mean and ridge predictions for one held-out section; metrics per method. Everything the
+    labels and features depend on comes from a model run's checkpoint (its genes, crop size, smoothing
+    and frozen trunk), so the baselines are scored on the model runs' labels whatever flags followed `--`."""
     device = torch.device("cpu")
-    trunk = frozen_trunk(args.weights, device)
-    cache = ArrayCache(args.cache_dir)
+    trunk = frozen_trunk("none", device)
+    trunk.load_state_dict(ckpt["frozen_trunk"])
+    cache, genes, d = ArrayCache(args.cache_dir), ckpt["genes"], ckpt["data"]
     sections = {n: data.load_section("her2st", args.root, n) for n in [*trainset, val, test]}
-    split = {n: prepare_split([sections[n]], genes, 224, trunk, cache, device) for n in sections}
+    split = {n: prepare_split([sections[n]], genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"])
+             for n in sections}
     feats = {n: split[n].context.feats.double() for n in sections}          # (N, 512) frozen features
     labels = {n: torch.as_tensor(split[n].dataset.labels[0], dtype=torch.float64) for n in sections}
     x_tr, y_tr = torch.cat([feats[n] for n in trainset]), torch.cat([labels[n] for n in trainset])
@@ -169,10 +173,36 @@ def paired(diffs):
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
+def by_section(diff: pd.Series):
+    """Paired difference over held-out sections: the mean over seeds per section first, then the
+    t-interval of those section means. The seeds of one section share its data (and a deterministic
+    baseline repeats one value per seed), so the (section, seed) pairs are not independent; the
+    sections are the units of the interval."""
+    return paired(diff.dropna().groupby(level="test").mean())
+
+
+def paired_table(runs: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Per method: PCC(M) and MSE (mean, std over runs), and the paired difference to `reference`
+    twice: pooled over the (section, seed) pairs (d_*, d_*_lo, d_*_hi) and over the section means
+    (d_*_sec, d_*_sec_lo, d_*_sec_hi; the interval to read, see by_section)."""
+    table = runs.groupby("method", sort=False).agg(pcc_m=("pcc_m", "mean"), pcc_m_std=("pcc_m", "std"),
+                                                   mse=("mse", "mean"), mse_std=("mse", "std"),
+                                                   pairs=("pcc_m", "size"), sections=("test", "nunique")).reset_index()
+    ref = runs[runs.method == reference].set_index(["test", "seed"])
+    for metric in ("pcc_m", "mse"):
+        diff = {m: runs[runs.method == m].set_index(["test", "seed"])[metric] - ref[metric] for m in table.method}
+        none = (np.nan,) * 3
+        table[f"d_{metric}"], table[f"d_{metric}_lo"], table[f"d_{metric}_hi"] = \
+            zip(*[paired(diff[m].dropna()) if m != reference else none for m in table.method])
+        table[f"d_{metric}_sec"], table[f"d_{metric}_sec_lo"], table[f"d_{metric}_sec_hi"] = \
+            zip(*[by_section(diff[m]) if m != reference else none for m in table.method])
+    return table
+
+
 def her2st(args):
     """Leave one section out (validation: the next section in the list) for every variant and seed,
     plus the two baselines; each variant's PCC(M) and MSE, and its paired difference to the full model
-    over (held-out section, seed) pairs."""
+    over (held-out section, seed) pairs and over sections (paired_table)."""
     names = args.sections.split(",")
     rows = []
     for i, test in enumerate(names):
@@ -188,28 +218,20 @@ def her2st(args):
                               Path(args.out) / f"{slug(name)}-seed{seed}" / f"test-{test}", args.cache_dir)
                 rows.append({"test": test, "seed": seed, "method": name,
                              "pcc_m": summary["pcc_m_mean"], "mse": summary["mse_mean"]})
-        genes = evaluate.load_checkpoint(Path(args.out) / f"{slug(args.variants[0])}-seed{args.seeds[0]}"
-                                         / f"test-{test}" / "best.pt")["genes"]  # the same genes as the runs
-        for method, m in baselines(args, test, val, trainset, genes).items():  # deterministic: one row per seed
+        ckpt = evaluate.load_checkpoint(Path(args.out) / f"{slug(args.variants[0])}-seed{args.seeds[0]}"
+                                        / f"test-{test}" / "best.pt")  # the runs' genes, labels and trunk
+        for method, m in baselines(args, test, val, trainset, ckpt).items():  # deterministic: one row per seed
             rows += [{"test": test, "seed": seed, "method": method.split(" (")[0], **m} for seed in args.seeds]
         print(pd.DataFrame([r for r in rows if r["test"] == test]).to_string(index=False))
     runs = pd.DataFrame(rows)
     write_table(runs, Path(args.out) / "her2st_runs.csv")
-    table = runs.groupby("method", sort=False).agg(pcc_m=("pcc_m", "mean"), pcc_m_std=("pcc_m", "std"),
-                                                   mse=("mse", "mean"), mse_std=("mse", "std"),
-                                                   pairs=("pcc_m", "size")).reset_index()
-    full = runs[runs.method == args.variants[0]].set_index(["test", "seed"])
-    for metric in ("pcc_m", "mse"):
-        diffs = [paired((runs[runs.method == m].set_index(["test", "seed"])[metric] - full[metric]).dropna())
-                 if m != args.variants[0] else (np.nan,) * 3 for m in table.method]
-        table[f"d_{metric}"], table[f"d_{metric}_lo"], table[f"d_{metric}_hi"] = zip(*diffs)
-    write_table(table, Path(args.out) / "her2st.csv")
+    write_table(paired_table(runs, args.variants[0]), Path(args.out) / "her2st.csv")
 
 
 def compare(args):
     """Two her2st experiments side by side (e.g. frozen vs trainable local encoder): for every method
     both ran, PCC(M) and MSE of each and the paired difference second − first over the (held-out
-    section, seed) pairs both have."""
+    section, seed) pairs both have, and over their sections (by_section)."""
     a, b = (pd.read_csv(Path(d) / "her2st_runs.csv").set_index(["method", "test", "seed"]) for d in args.runs)
     rows = []
     both_ran = [m for m in dict.fromkeys(a.index.get_level_values("method")) if m in b.index.get_level_values("method")]
@@ -217,11 +239,12 @@ def compare(args):
         both = a.loc[[method]].merge(b.loc[[method]], left_index=True, right_index=True, suffixes=("_a", "_b"))
         if both.empty:
             continue
-        row = {"method": method, "pairs": len(both)}
+        row = {"method": method, "pairs": len(both), "sections": both.index.get_level_values("test").nunique()}
         for metric in ("pcc_m", "mse"):
+            diff = both[f"{metric}_b"] - both[f"{metric}_a"]
             row[f"{metric}_a"], row[f"{metric}_b"] = both[f"{metric}_a"].mean(), both[f"{metric}_b"].mean()
-            row[f"d_{metric}"], row[f"d_{metric}_lo"], row[f"d_{metric}_hi"] = \
-                paired((both[f"{metric}_b"] - both[f"{metric}_a"]).dropna())
+            row[f"d_{metric}"], row[f"d_{metric}_lo"], row[f"d_{metric}_hi"] = paired(diff.dropna())
+            row[f"d_{metric}_sec"], row[f"d_{metric}_sec_lo"], row[f"d_{metric}_sec_hi"] = by_section(diff)
         rows.append(row)
     print(f"a = {args.runs[0]}\nb = {args.runs[1]}")
     write_table(pd.DataFrame(rows), Path(args.out))

@@ -38,7 +38,7 @@ import evaluate
 from evaluate import HelpFormatter, evaluate_split, load_checkpoint, summarise
 from features import Collate, frozen_trunk, prepare_split, token_statistics
 from losses import gene_dml_loss
-from model import GeneDML, GeneDMLConfig
+from model import LEVELS, GeneDML, GeneDMLConfig
 import visium
 
 log = logging.getLogger("train")
@@ -100,7 +100,8 @@ def get_args(argv=None):
     p.add_argument("--select-on-test", action="store_true", help="published protocol: train on every non-test patient and choose the best epoch on the held-out fold itself (optimistic; labelled as such)")
     # run
     p.add_argument("--out", default=None, help="output folder (default: runs/<data>)")
-    p.add_argument("--resume", default=None, help="continue from a last.pt")
+    p.add_argument("--resume", default=None, help="continue from a last.pt, with the same flags (--epochs and --patience may change); "
+                   "the frozen trunk comes from the checkpoint, so no weights are downloaded")
     p.add_argument("--seed", type=int, default=2021)
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes, which load and lay out the next "
                    "batches while the device trains on this one (default: 0 on the CPU, where they would take the "
@@ -126,9 +127,18 @@ def get_args(argv=None):
     for name, value in defaults.items():       # an explicit flag wins, even an explicit 0
         if getattr(args, name) is None:
             setattr(args, name, value)
+    # flags are checked here, before any slide is read or cropped
     args.levels = tuple(l.strip() for l in args.levels.split(",") if l.strip())
+    unknown = [l for l in args.levels if l not in LEVELS]
+    if unknown or not args.levels:
+        p.error(f"--levels takes a non-empty comma list of {', '.join(LEVELS)}; got {', '.join(unknown) or 'none'}")
     if args.fold != "all" and not args.fold.isdigit():
         p.error(f"--fold must be a number or 'all', got {args.fold!r}")
+    folds = len(data.COHORTS[args.data]["folds"])
+    if args.fold != "all" and int(args.fold) >= folds:
+        p.error(f"--fold {args.fold}: {args.data} has {folds} folds, 0..{folds - 1} (or 'all')")
+    if args.n_genes < 1:
+        p.error(f"--n-genes must be at least 1, got {args.n_genes}")
     if args.fold == "all" and args.resume:
         p.error("--resume continues one fold; a --fold all run resumes by running the same command again")
     if args.select_on_test and args.val_sections:
@@ -270,6 +280,8 @@ def train_fold(args, fold):
         raise SystemExit(f"--resume {args.resume} holds the model only (a best.pt): resume from the run's last.pt")
     if resume and resume["data"]["sections"] != names:
         raise SystemExit(f"--resume {args.resume} was trained on {resume['data']['sections']}, not {names}")
+    if resume:  # as --fold all's re-run does: other settings would silently change the run mid-way
+        refuse_other_settings(resume["args"], args, args.resume, RUN_ONLY | {"epochs", "patience"})
     everything = names["train"] + names["val"] + names["test"]
     data.check_cohort(args.data, args.root, everything)
     sections = {n: data.load_section(args.data, args.root, n) for n in everything}
@@ -291,7 +303,8 @@ def train_fold(args, fold):
     # Rank 0 fetches the weights and fills the caches (crops, frozen features) first; the other processes
     # wait, then read them. Only rank 0 validates, so only it prepares the validation and test sections.
     with distributed.main_process_first():
-        trunk = frozen_trunk(args.weights, device)
+        # a resumed run's frozen trunk is the checkpoint's: nothing downloaded (GPU nodes are often offline)
+        trunk = frozen_trunk("none" if resume else args.weights, device)
         if resume:
             trunk.load_state_dict(resume["frozen_trunk"])
         splits = {part: prepare_split([sections[n] for n in ns], genes, args.crop_size, trunk, cache, device,
@@ -370,6 +383,15 @@ def train_fold(args, fold):
 
     ddp = distributed.wrap(model, device)            # DDP under torchrun; the model itself in one process
 
+    def stop_if_nonfinite(flag, when):
+        """Stop on a non-finite loss; every process takes the decision together (one process stopping
+        alone would leave the others waiting in the next collective)."""
+        failed = distributed.ranks_where(flag, device)
+        if failed:
+            where = f" on process(es) {failed} of {world}" if world > 1 else ""
+            raise SystemExit(f"{when}: non-finite loss{where}; stopping. The last good checkpoint is "
+                             f"{out / 'last.pt'} (lower --lr or disable --amp).")
+
     # ---- loop
     writer = CheckpointWriter()                      # last.pt is written in the background, during the next epoch
     for epoch in range(start, args.epochs):
@@ -400,10 +422,8 @@ def train_fold(args, fold):
             loss, parts = gene_dml_loss(outputs, label, tau=args.tau, tau_group=args.tau_group, k=args.k,
                                         lam=args.lam, w_inst=args.w_inst, w_mse=args.w_mse, sync=False)
             nonfinite |= ~torch.isfinite(loss.detach())
-            if step % args.log_every == 0 and bool(nonfinite):
-                raise SystemExit(f"epoch {epoch} step {step}: non-finite loss "
-                                 f"{ {k: float(v) for k, v in parts.items()} }; stopping. "
-                                 f"The last good checkpoint is {out / 'last.pt'} (lower --lr or disable --amp).")
+            if step % args.log_every == 0:
+                stop_if_nonfinite(nonfinite, f"epoch {epoch} step {step}")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if epoch == start and step == 0 and world > 1:
@@ -417,9 +437,7 @@ def train_fold(args, fold):
             if step % args.log_every == 0:
                 bar.set_postfix_str(" ".join(f"{k} {float(sums[k]) / seen:.3f}" for k in ("total", "inst", "group", "mse"))
                                     + f" {seen / (time.time() - t0):.0f} spots/s")
-        if bool(nonfinite):
-            raise SystemExit(f"epoch {epoch}: non-finite loss in the epoch's last steps; stopping. "
-                             f"The last good checkpoint is {out / 'last.pt'} (lower --lr or disable --amp).")
+        stop_if_nonfinite(nonfinite, f"epoch {epoch} (its last steps)")
         sched.step()
         train_time = time.time() - t0
         sums = {k: float(v) for k, v in sums.items()}
@@ -463,6 +481,15 @@ def train_fold(args, fold):
 RUN_ONLY = {"out", "fold", "resume", "root", "cache_dir", "workers", "device", "log_every"}
 
 
+def refuse_other_settings(saved: dict, args, source, allowed=RUN_ONLY):
+    """Stop, naming the flags, when args differ from the saved run's (a checkpoint's "args") outside `allowed`."""
+    now = plain(args)
+    changed = sorted(k for k in now if k not in allowed and saved.get(k) != now[k])
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in changed)
+        raise SystemExit(f"{source} was trained with other settings ({was}); re-run with those, or give another --out")
+
+
 def train_all_folds(args):
     """Every fold into <out>/fold<i>/, then the cohort table into <out>/eval/.
 
@@ -476,11 +503,7 @@ def train_all_folds(args):
         last = Path(fold_args.out) / "last.pt"
         if last.is_file():
             ckpt = load_checkpoint(last)
-            now = plain(fold_args)
-            changed = sorted(k for k in now if k not in RUN_ONLY and ckpt["args"].get(k) != now[k])
-            if changed:
-                was = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'].get(k)!r}" for k in changed)
-                raise SystemExit(f"{last} was trained with other settings ({was}); re-run with those, or give another --out")
+            refuse_other_settings(ckpt["args"], fold_args, last)
             if ckpt["epoch"] + 1 >= args.epochs or ckpt["best"]["bad_epochs"] >= args.patience:
                 if distributed.is_main():
                     print(f"fold {fold}: finished earlier (best epoch {ckpt['best']['epoch']}), {last.parent / 'best.pt'}")

@@ -27,7 +27,9 @@ What is read, and how:
 Geometry. The Visium array is hexagonal: array_row + array_col is even, neighbours sit at
 Δcol = ±2 in a row and Δrow = ±1, Δcol = ±1 between rows. We store it in axial coordinates,
 x = (array_col - array_row) / 2, y = array_row, where the six neighbours are (±1, 0), (0, ±1),
-(+1, -1), (-1, +1): a dense grid with no empty cells, on which a lattice shift is an integer shift.
+(+1, -1), (-1, +1): a lattice without holes, on which a lattice shift is an integer shift. The
+array's rectangle becomes a parallelogram, so its bounding box (the grid the PEG convolves) is not
+full: a whole Visium array, 4,992 spots, fills 62.7 % of its 102 x 78 box (README: Geometry).
 The label smoothing averages the spot and those six (data.SMOOTH_OFFSETS["hex"]); the global level's
 PEG runs its 3x3 depthwise conv on the same grid, so it sees all six neighbours plus the two
 second-ring spots on one diagonal (Δcol = ±3, Δrow = ±1), the same two for every spot.
@@ -542,7 +544,8 @@ def main(argv=None) -> int:
     h.add_argument("--meta", required=True, help="HEST's metadata CSV (e.g. HEST_v1_1_0.csv): columns id, patient, st_technology")
     h.add_argument("--hest-root", required=True, help="the HEST-1k folder holding st/ and wsis/")
     h.add_argument("--out", default=None, help="the table to write (default: hest-<cohort>.csv)")
-    i = sub.add_parser("info", help="list the slides of a cohort table: spots, genes, µm/px, image")
+    i = sub.add_parser("info", help="list the slides of a cohort table: spots, genes, µm/px, image; "
+                                    "exits 1 when any slide cannot be read (a pre-flight check)")
     i.add_argument("table")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -555,14 +558,19 @@ def main(argv=None) -> int:
             return 0
         name = register_cohort(args.table)
         print(f"{'sample':<14}{'patient':<10}{'spots':>6}{'genes':>7}{'µm/px':>8}  grid  image")
-        for s in data.COHORTS[name]["patients"].values():
-            for sample in s:
-                try:
-                    sec = data.load_section(name, None, sample)
-                    print(f"{sample:<14}{sec.patient:<10}{len(sec.spot_ids):>6}{sec.counts.shape[1]:>7}"
-                          f"{sec.um_per_px:>8.3f}  {sec.geometry:<5} {sec.image_path}")
-                except (FileNotFoundError, ValueError) as e:
-                    print(f"{sample:<14}error: {e}")
+        failed, samples = [], [sample for s in data.COHORTS[name]["patients"].values() for sample in s]
+        for sample in samples:
+            try:
+                sec = data.load_section(name, None, sample)
+                print(f"{sample:<14}{sec.patient:<10}{len(sec.spot_ids):>6}{sec.counts.shape[1]:>7}"
+                      f"{sec.um_per_px:>8.3f}  {sec.geometry:<5} {sec.image_path}")
+            except (FileNotFoundError, ValueError) as e:
+                print(f"{sample:<14}error: {e}")
+                failed.append(sample)
+        if failed:  # non-zero, so `visium.py info` can gate a script before a long run
+            print(f"error: {len(failed)} of {len(samples)} slides of {args.table} cannot be read: "
+                  f"{', '.join(failed)} (reasons above)", file=sys.stderr)
+            return 1
         return 0
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """cache.py: build once, reuse, rebuild when stale, leave nothing behind on failure; and the crop cache
-of data.py on top of it (a touched or modified source JPEG is decoded again, an unchanged one is not)."""
+of data.py on top of it (a touched or modified source JPEG is decoded again, an unchanged one is not,
+wherever it lies: a copy of the data finds the entries of the original)."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -51,12 +53,23 @@ def test_failed_build_leaves_nothing(tmp_path):
     assert len(calls) == 2
 
 
-def test_fingerprint_changes_on_touch(tmp_path):
-    f = tmp_path / "f.txt"
-    f.write_text("x")
+def test_fingerprint_changes_on_touch_and_rewrite_not_on_copy(tmp_path):
+    f = tmp_path / "f.bin"
+    f.write_bytes(bytes(300_000))
     a = fingerprint(f)
-    os.utime(f, ns=(a["mtime_ns"] + 10**9, a["mtime_ns"] + 10**9))
-    assert fingerprint(f)["mtime_ns"] != a["mtime_ns"] and fingerprint(f)["size"] == 1
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert fingerprint(f)["mtime"] != a["mtime"] and fingerprint(f)["size"] == 300_000
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    for where in (10, 300_000 - 10):  # a same-size rewrite at either end, modification time put back
+        with open(f, "r+b") as g:
+            g.seek(where)
+            g.write(b"x")
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert fingerprint(f) != a and fingerprint(f)["mtime"] == a["mtime"]
+    (tmp_path / "elsewhere").mkdir()
+    copy = shutil.copy2(f, tmp_path / "elsewhere" / "f.bin")  # cp -a keeps the modification time
+    assert fingerprint(copy) == fingerprint(f), "the key must not depend on where the file lies"
 
 
 def test_section_crops_rebuilt_only_when_source_changes(tmp_path, monkeypatch):
@@ -82,3 +95,23 @@ def test_section_crops_rebuilt_only_when_source_changes(tmp_path, monkeypatch):
     assert len(decodes) == 3 and (modified.local == 0).all()
     entries = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir())
     assert entries == ["her2st-A1-crops16", "her2st-A1-crops8", "her2st-A1-image"]  # stale ones removed
+
+
+def test_copied_data_and_two_checkouts_share_one_cache(tmp_path, monkeypatch):
+    """A cp -a copy of the data (or a second checkout holding one) reads the original's entries and
+    leaves them in place; used in turn, the two never rebuild or evict each other's."""
+    from test_data import write_her2st
+    write_her2st(tmp_path / "one" / "her2st")
+    shutil.copytree(tmp_path / "one", tmp_path / "two")  # copy2 keeps modification times, as cp -a does
+    decodes = []
+    real_decode = data._decode
+    monkeypatch.setattr(data, "_decode", lambda p, *scale: decodes.append(p) or real_decode(p, *scale))
+    cache = ArrayCache(tmp_path / "shared-cache")
+    keys = []
+    for checkout in ("one", "two", "one", "two"):
+        s = data.load_section("her2st", tmp_path / checkout / "her2st", "A1")
+        keys.append(data.section_crops(s, cache, 16, progress=False).key)
+    assert len(decodes) == 1, f"decoded {len(decodes)} times: the copy did not find the original's entries"
+    assert all(k == keys[0] for k in keys)
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "shared-cache").iterdir()) == \
+        ["her2st-A1-crops16", "her2st-A1-image"]

@@ -287,3 +287,38 @@ def test_killed_two_process_run_resumes_to_the_same_weights(ddp_run, demo_root, 
     timing = ("seconds", "spots_per_s")
     drop = lambda lines: [{k: v for k, v in line.items() if k not in timing} for line in lines]
     assert drop(read_log(out / "log.jsonl")) == drop(read_log(straight / "log.jsonl"))
+
+
+NAN_ON_ONE = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import train
+real, calls = train.gene_dml_loss, []
+
+def loss(*a, **kw):  # rank 1 alone gets a NaN loss at its {step}th step: mid-epoch 1 (4 steps an epoch)
+    calls.append(1)
+    total, parts = real(*a, **kw)
+    if os.environ["RANK"] == "1" and len(calls) == {step}:
+        return total * float("nan"), {{**parts, "total": float("nan")}}
+    return total, parts
+
+train.gene_dml_loss = loss
+try:
+    train.main(sys.argv[1:])
+finally:
+    train.distributed.shutdown()
+"""
+
+
+def test_a_nonfinite_loss_on_one_process_stops_every_process(demo_root, cache_dir, tmp_path):
+    """The decision is agreed first: both processes stop at the same step with the message (not one
+    process alone, leaving the others in the next collective), and last.pt keeps the last finished epoch."""
+    script = tmp_path / "nan_on_one.py"
+    script.write_text(NAN_ON_ONE.format(repo=str(REPO), step=6))
+    out = tmp_path / "run"
+    run = torchrun(script, ddp_argv(demo_root, cache_dir, out))
+    assert run.returncode != 0, "a NaN loss must stop the run"
+    said = "epoch 1 (its last steps): non-finite loss on process(es) [1] of 2"  # checked at each log step and epoch end
+    assert run.stderr.count(said) == 2, f"every process should stop with the message:\n{run.stderr[-3000:]}"
+    assert load(out / "last.pt")["epoch"] == 0
+    assert [line["epoch"] for line in read_log(out / "log.jsonl")] == [0]

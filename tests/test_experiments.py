@@ -1,5 +1,7 @@
-"""experiments.py's arithmetic: paired differences and their interval, the ridge baseline, and the
-side-by-side comparison of two her2st experiments (the training runs themselves are train.py's tests)."""
+"""experiments.py's arithmetic: paired differences and their interval (pooled and per section), the
+ridge baseline and what it is scored on, and the side-by-side comparison of two her2st experiments
+(the training runs themselves are train.py's tests)."""
+import argparse
 import math
 
 import numpy as np
@@ -7,7 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
+import data
 import experiments
+from model import build_trunk
 
 
 def test_paired_difference_and_its_t_interval():
@@ -52,5 +56,51 @@ def test_compare_pairs_by_section_and_seed(tmp_path):
     assert full.d_pcc_m == pytest.approx(((0.32 - 0.30) + (0.16 - 0.10)) / 2)
     assert full.d_mse == pytest.approx(((0.19 - 0.20) + (0.37 - 0.40)) / 2)
     assert full.d_pcc_m_lo < full.d_pcc_m < full.d_pcc_m_hi
+    assert full.sections == 2 and full.d_pcc_m_sec == pytest.approx(full.d_pcc_m)  # one seed a section
     mean = table.loc["training mean"]
     assert math.isnan(mean.d_pcc_m) and mean.d_mse == pytest.approx(-0.05)
+
+
+def test_section_level_interval_averages_the_seeds_of_each_section_first():
+    # 3 sections x 2 seeds; the deterministic baseline repeats one value per seed
+    rows, full = [], {("B4", 0): 0.30, ("B4", 1): 0.34, ("C2", 0): 0.20, ("C2", 1): 0.22, ("C3", 0): 0.10, ("C3", 1): 0.16}
+    base = {"B4": 0.25, "C2": 0.21, "C3": 0.15}
+    for (test, seed), v in full.items():
+        rows += [(test, seed, "full", v, 0.2), (test, seed, "ridge", base[test], 0.3)]
+    runs = pd.DataFrame(rows, columns=["test", "seed", "method", "pcc_m", "mse"])
+    table = experiments.paired_table(runs, "full").set_index("method")
+    ridge = table.loc["ridge"]
+    assert ridge.pairs == 6 and ridge.sections == 3
+    section_means = [base[t] - (full[t, 0] + full[t, 1]) / 2 for t in ("B4", "C2", "C3")]   # 3 units, not 6
+    assert (ridge.d_pcc_m_sec, ridge.d_pcc_m_sec_lo, ridge.d_pcc_m_sec_hi) == pytest.approx(experiments.paired(section_means))
+    pooled = [base[t] - v for (t, _), v in full.items()]
+    assert (ridge.d_pcc_m, ridge.d_pcc_m_lo, ridge.d_pcc_m_hi) == pytest.approx(experiments.paired(pooled))
+    assert ridge.d_pcc_m_sec_hi - ridge.d_pcc_m_sec_lo > ridge.d_pcc_m_hi - ridge.d_pcc_m_lo  # 2 df, not 5: wider
+    assert ridge.d_mse_sec == pytest.approx(0.1) and math.isnan(table.loc["full"].d_pcc_m_sec)
+
+
+def test_baselines_score_the_labels_and_crops_of_the_model_runs(tmp_path):
+    """The baselines take crop size, smoothing, genes and trunk from a run's checkpoint, so flags passed
+    after `--` (--no-smooth, --crop-size) reach them too."""
+    from test_data import _counts, _ids, _spots, write_her2st
+    root = tmp_path / "her2st"
+    for i, name in enumerate(("A1", "B1", "C1", "D1")):
+        write_her2st(root, name, counts=_counts(_ids(_spots()), seed=i))
+    torch.manual_seed(0)
+    genes = ["G1", "G2", "G3", "G4"]
+    ckpt = {"genes": genes, "data": {"crop_size": 16, "smooth": False}, "frozen_trunk": build_trunk("none").state_dict()}
+    args = argparse.Namespace(root=str(root), cache_dir=str(tmp_path / "cache"))
+    got = experiments.baselines(args, "A1", "B1", ["C1", "D1"], ckpt)
+    crops = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir() if "crops" in p.name)
+    assert crops == ["her2st-A1-crops16", "her2st-B1-crops16", "her2st-C1-crops16", "her2st-D1-crops16"]
+
+    def labels(name, smooth):
+        s = data.load_section("her2st", root, name)
+        return data.expression_labels(data.gene_counts(s, genes), s.array_xy, smooth=smooth)
+
+    def mean_mse(smooth):  # the training mean's MSE, by hand
+        train = np.concatenate([labels("C1", smooth), labels("D1", smooth)])
+        return float(((labels("A1", smooth) - train.mean(0)) ** 2).mean())
+
+    assert got["training mean"]["mse"] == pytest.approx(mean_mse(False), rel=1e-6)
+    assert abs(mean_mse(True) - mean_mse(False)) > 1e-3, "the test must tell the two labellings apart"

@@ -1,4 +1,5 @@
-"""The repository's shape: imports between the project's modules run one way (no circle)."""
+"""The repository's shape: imports between the project's modules run one way (no circle), and CI
+installs every optional extra a test would otherwise skip without."""
 import ast
 from pathlib import Path
 
@@ -38,3 +39,23 @@ def test_imports_have_no_circle():
     assert not graph["data"] & {"model", "features", "evaluate", "train", "demo"}
     assert not graph["evaluate"] & {"train", "demo", "experiments", "benchmark"}
     assert not graph["model"] and not graph["losses"]
+
+
+def test_ci_installs_every_optional_extra_the_tests_skip_without():
+    """A test that skips without a package (pytest.importorskip) only runs in CI if the package is in
+    requirements-extras.txt and .ci/run installs that file after requirements.txt."""
+    modules = {p.stem for p in ROOT.glob("*.py")}
+    skipped_without = set()
+    for path in (ROOT / "tests").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "importorskip"
+                    and node.args and isinstance(node.args[0], ast.Constant)):
+                skipped_without.add(node.args[0].value.split(".")[0])
+    skipped_without -= modules
+    lines = [l.split("#")[0].strip() for l in (ROOT / "requirements-extras.txt").read_text().splitlines()]
+    extras = [l.split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("-", "_") for l in lines if l]
+    for module in sorted(skipped_without):  # an import name starts its package's name (openslide: openslide-python)
+        assert any(p.startswith(module.lower()) for p in extras), f"{module}: not in requirements-extras.txt"
+    steps = (ROOT / ".ci" / "run").read_text()
+    assert "-r requirements-extras.txt" in steps
+    assert steps.index("-r requirements.txt") < steps.index("-r requirements-extras.txt") < steps.index("pytest -q tests")

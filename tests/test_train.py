@@ -144,6 +144,26 @@ def test_get_args_defaults_come_from_the_cohort_table_and_flags_override():
         train.get_args(["--fold", "first"])
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--levels", "local,globl"], "--levels takes a non-empty comma list of local, neighbour, global; got globl"),
+    (["--levels", ","], "got none"),
+    (["--data", "her2st", "--fold", "8"], "--fold 8: her2st has 8 folds, 0..7"),
+    (["--data", "cscc", "--fold", "4"], "cscc has 4 folds"),
+    (["--n-genes", "0"], "--n-genes must be at least 1"),
+])
+def test_bad_flags_are_refused_by_get_args(flags, says, capsys):
+    """Before any slide is read: a usage error (exit 2) that names the flag, not a traceback after the crops."""
+    with pytest.raises(SystemExit) as e:
+        train.get_args(flags)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_more_genes_than_the_sections_hold_is_a_clear_error_before_any_crop(demo_root, tmp_path):
+    with pytest.raises(ValueError, match=r"hold only \d+ genes: ask for at most \d+ \(--n-genes \d+\)"):
+        train.main(train_argv(demo_root, tmp_path / "cache", tmp_path / "out", "--n-genes", "100000"))
+    assert not (tmp_path / "cache").exists(), "the error must come before any crop is cached"
+
+
 # ----------------------------------------------------------------------------- training and evaluation
 
 def test_smoke_train_writes_checkpoints_and_one_log_line_per_epoch(run):
@@ -268,6 +288,45 @@ def test_resume_continues_exactly(run, stopped, demo_root, cache_dir, capsys):
     train.main(train_argv(demo_root, cache_dir, out, "--resume", str(out / "last.pt")))
     assert "=> loaded checkpoint" in capsys.readouterr().out
     assert_resumed_like(run, out, ("model", "frozen_trunk", "optimizer", "scheduler", "scaler", "genes", "epoch", "best"))
+
+
+@pytest.mark.parametrize("changed", [["--lam", "0.5"], ["--w-mse", "2", "--no-smooth"], ["--tau", "0.1"],
+                                     ["--batch-size", "16"]])
+def test_resume_refuses_other_settings(run, demo_root, cache_dir, tmp_path, changed):
+    """A single-fold --resume refuses what --fold all's re-run refuses, naming each changed flag."""
+    with pytest.raises(SystemExit, match="other settings") as e:
+        train.main(train_argv(demo_root, cache_dir, tmp_path, *changed, "--resume", str(run / "last.pt")))
+    for flag in changed:
+        if flag.startswith("--"):
+            assert flag in str(e.value.code)
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_resume_needs_no_network_for_imagenet_weights(demo_root, cache_dir, tmp_path, monkeypatch):
+    """--resume takes the frozen trunk from the checkpoint: with torch.hub's download failing (offline),
+    a run started with --weights imagenet resumes, and continues with the same trunk."""
+    import torchvision
+    from urllib.error import URLError
+    torch.manual_seed(5)
+    fake = torchvision.models.resnet18().state_dict()  # stands in for the downloaded ImageNet weights
+
+    def online(url, **kw):
+        return fake
+
+    def offline(url, **kw):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", online)
+    train.main(train_argv(demo_root, cache_dir, tmp_path, "--weights", "imagenet", epochs=1))
+    first = load(tmp_path / "last.pt")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="Offline"):  # the stand-in network is really down
+        train.main(train_argv(demo_root, cache_dir, tmp_path / "fresh", "--weights", "imagenet", epochs=1))
+    train.main(train_argv(demo_root, cache_dir, tmp_path, "--weights", "imagenet", "--resume", str(tmp_path / "last.pt")))
+    resumed = load(tmp_path / "last.pt")
+    assert resumed["epoch"] == 1
+    assert_same_tensors(first["frozen_trunk"], resumed["frozen_trunk"], "frozen_trunk")
+    assert torch.equal(first["frozen_trunk"]["conv1.weight"], fake["conv1.weight"])
 
 
 def assert_resumed_like(straight, resumed, keys):

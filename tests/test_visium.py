@@ -20,6 +20,8 @@ import train
 import visium
 from cache import ArrayCache
 
+NO_H5PY = "h5py is an optional extra: pip install -r requirements-extras.txt (or pip install h5py)"
+
 GENES = [f"G{i}" for i in range(12)]
 PITCH_PX = 24.0  # centre-to-centre spot distance in pixels: 100 µm / 24 px = 4.17 µm/px
 X0, Y0, W, H = 60, 50, 280, 200
@@ -118,7 +120,7 @@ def test_mex_and_both_position_files(tmp_path, version):
 
 
 def test_h5_matrix_equals_mex(tmp_path):
-    pytest.importorskip("h5py")
+    pytest.importorskip("h5py", reason=NO_H5PY)
     truth = write_slide(tmp_path / "a", mex=False, h5=True)
     s = visium.load_spaceranger("mine", "S1", "P1", truth["outs"], truth["image"])
     assert s.files["counts"].name == "filtered_feature_bc_matrix.h5"
@@ -363,7 +365,7 @@ def write_h5ad(path, truth, layout="csr"):
 
 @pytest.mark.parametrize("layout", ["csr", "csc", "dense"])
 def test_hest_sample_read_with_h5py_alone(tmp_path, layout):
-    pytest.importorskip("h5py")
+    pytest.importorskip("h5py", reason=NO_H5PY)
     truth = write_slide(tmp_path)
     Image.open(truth["image"]).save(tmp_path / "S.tif")  # HEST's wsis/<id>.tif
     write_h5ad(tmp_path / "S.h5ad", truth, layout)
@@ -378,7 +380,7 @@ def test_hest_sample_read_with_h5py_alone(tmp_path, layout):
 
 
 def test_truncated_h5ad_names_the_file(tmp_path):
-    pytest.importorskip("h5py")
+    pytest.importorskip("h5py", reason=NO_H5PY)
     truth = write_slide(tmp_path)
     write_h5ad(tmp_path / "S.h5ad", truth)
     import h5py
@@ -421,3 +423,19 @@ def test_info_lists_every_slide(cohort, capsys):
     assert visium.main(["info", str(table)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5 and all(" 20 " in l and "4.167" in l and " hex " in l for l in lines[1:])
+
+
+def test_info_exits_non_zero_when_a_slide_fails(cohort, tmp_path, capsys):
+    """A pre-flight check: the readable slides are listed, the broken one says why, and the exit is 1."""
+    _, root = cohort
+    rows = [{"sample": f"S{i}", "patient": f"P{i}", "spaceranger": str(root / f"s{i}"), "image": str(root / f"s{i}/fullres.png")}
+            for i in range(2)]
+    broken = tmp_path / "fullres.png"
+    broken.write_bytes(b"not an image")
+    rows[1]["image"] = str(broken)
+    table = write_table(tmp_path / "broken.csv", rows)
+    assert visium.main(["info", str(table)]) == 1
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert len(out) == 3 and " hex " in out[1] and out[2].startswith("S1") and "fullres.png: not an image" in out[2]
+    assert "1 of 2 slides" in captured.err and "S1" in captured.err
