@@ -539,6 +539,9 @@ def bench_fold(args, device, amp):
                                        max_steps=args.fold_steps)
         fig[mode] = r
         mem = f", peak {r['peak_gb']:.1f} GB" if r["peak_gb"] is not None else ""
+        if r["sync_free_step"] is not None:
+            rows.append((f"{mode}: a step without host-device syncs", "yes" if r["sync_free_step"] is True else
+                         f"no: {r['sync_free_step'][:60]}"))
         rows.append((f"{mode}: epoch of {r['steps']} steps x {args.batch} ({args.fold_sections} sections, {workers} workers)",
                      f"{r['seconds']:.1f} s, {r['spots_per_s']:.0f} spots/s, data wait {100 * r['data_wait_share']:.0f} %{mem}"))
         if r["steps"] < len(split.dataset) // args.batch:

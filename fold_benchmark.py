@@ -82,7 +82,8 @@ def items_per_s(split: Split, batch: int, batches: int) -> float:
 def train_epoch(split: Split, mode: str, batch: int, device, amp: bool, workers: int, warmup: int = 2,
                 max_steps: int | None = None) -> dict:
     """One epoch of training steps as train.py runs them (after `warmup` untimed steps): seconds, spots/s,
-    the share of the epoch the loop waited for the loader, and peak device memory."""
+    the share of the epoch the loop waited for the loader, peak device memory, and (CUDA) whether a step
+    ran under torch.cuda.set_sync_debug_mode("error") without a host-device sync."""
     torch.manual_seed(0)
     G = split.dataset.labels[0].shape[1]
     model = GeneDML(GeneDMLConfig.for_cohort("her2st", G, local_encoder=mode)).to(device).train()
@@ -105,7 +106,17 @@ def train_epoch(split: Split, mode: str, batch: int, device, amp: bool, workers:
     it = iter(batches)
     for _ in range(warmup):
         step(next(it))
+    sync_free = None  # on CUDA: does a step run without waiting for the device? (torch raises at a sync)
     if device.type == "cuda":
+        b = next(it)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(b)
+            sync_free = True
+        except RuntimeError as e:
+            sync_free = str(e).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     steps = len(batches) if max_steps is None else min(max_steps, len(batches))
@@ -123,4 +134,4 @@ def train_epoch(split: Split, mode: str, batch: int, device, amp: bool, workers:
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return dict(mode=mode, steps=steps, spots=seen, seconds=seconds, spots_per_s=seen / seconds,
-                data_wait_share=waited / seconds, peak_gb=peak, workers=workers)
+                data_wait_share=waited / seconds, peak_gb=peak, workers=workers, sync_free_step=sync_free)
