@@ -23,6 +23,7 @@ Imports run one way: model -> encoders -> features.
 import ast
 import hashlib
 import re
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -281,7 +282,8 @@ class FrozenEncoder(nn.Module):
     def _forward(self, x):
         """-> (prefix tokens (B, p, C) or None, patch-token grid (B, h, w, C)), float32."""
         x = self.preprocess(x)
-        with torch.autocast(x.device.type, dtype=PRECISIONS[self.precision(x.device)], enabled=x.is_cuda):
+        amp = torch.autocast("cuda", dtype=PRECISIONS[self.precision(x.device)]) if x.is_cuda else nullcontext()
+        with amp:
             out = self.net(x) if isinstance(self.net, ResNet18Trunk) else self.net.forward_features(x)
         out = out.float()
         if self.convnet:  # a feature map: NCHW, or NHWC (timm's Swin)

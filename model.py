@@ -503,6 +503,8 @@ class GeneDML(nn.Module):
         if self.neighbour_encoder is not None:
             assert neighbour is not None and neighbour_mask is not None, \
                 "the neighbour level is on: pass neighbour (B,25,F) and neighbour_mask (B,25)"
+            assert neighbour.ndim == 3 and neighbour.shape[-1] == self.cfg.feat_dim, \
+                f"expected neighbour features (B,25,{self.cfg.feat_dim}), got {tuple(neighbour.shape)}"
             neighbour = (neighbour.float() - self.feat_mean) / self.feat_std  # masked tiles stay masked
             tokens["neighbour"] = self.neighbour_encoder(neighbour, neighbour_mask)  # (B, 25, D)
             valid["neighbour"] = neighbour_mask
