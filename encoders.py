@@ -21,6 +21,7 @@ online. timm (and huggingface_hub for the hub) are optional extras, imported onl
 Imports run one way: model -> encoders -> features.
 """
 import ast
+import dataclasses
 import hashlib
 import re
 from contextlib import nullcontext
@@ -337,8 +338,12 @@ def as_encoder(trunk) -> FrozenEncoder:
 
 
 def _timm_weights(spec: EncoderSpec, weights: str | None) -> Path:
+    """The weights file: a path, "hub" (None) for the published file, or "hub:<repo id>[:<file>]"."""
     if weights in (None, "hub"):
         return hub_file(spec)
+    if weights.startswith("hub:"):
+        repo, _, filename = weights[4:].partition(":")
+        return hub_file(dataclasses.replace(spec, hub=(repo, filename or (spec.hub or (None, "pytorch_model.bin"))[1])))
     if weights in ("none", "imagenet"):
         raise ValueError(f"encoder {spec.name}: --weights {weights} is for resnet18; a foundation model needs "
                          f"its published weights: --weights PATH (pytorch_model.bin or .safetensors) or hub")
@@ -347,8 +352,8 @@ def _timm_weights(spec: EncoderSpec, weights: str | None) -> Path:
 
 def load_encoder(name: str, weights: str | None, device="cpu") -> FrozenEncoder:
     """The frozen encoder `name` with its weights: for resnet18 "none" (a fixed random init, seed 0,
-    so runs of any seed share one feature cache), "imagenet" or a file; for the others a file, or
-    "hub" (None) to fetch the published one."""
+    so runs of any seed share one feature cache), "imagenet" or a file; for the others a file,
+    "hub" (None) to fetch the published one, or "hub:<repo id>[:<file>]" another hub repository's."""
     spec = resolve_spec(name)
     if spec.arch == "resnet18":
         with torch.random.fork_rng():
@@ -359,7 +364,8 @@ def load_encoder(name: str, weights: str | None, device="cpu") -> FrozenEncoder:
     net = load_net(spec, path)
     sha = file_sha256(path)
     facts = {"id": sha[:16], "sha256": sha, "file": str(path.resolve()), "name": path.name,
-             "bytes": path.stat().st_size, "hub": "/".join(spec.hub) if spec.hub and weights in (None, "hub") else None}
+             "bytes": path.stat().st_size, "hub": weights[4:] if weights and weights.startswith("hub:") else
+             ":".join(spec.hub) if spec.hub and weights in (None, "hub") else None}
     return FrozenEncoder(spec, net, facts).to(device)
 
 
@@ -376,8 +382,9 @@ def rebuild_encoder(record: dict | None, trunk_state: dict | None, weights: str 
     want = record["weights"]
     path = Path(weights).expanduser() if weights else Path(want["file"])
     if not path.is_file() and not weights and want.get("hub"):
+        repo, _, filename = want["hub"].partition(":")
         try:
-            path = hub_file(spec, local_only=True)
+            path = hub_file(dataclasses.replace(spec, hub=(repo, filename or want["name"])), local_only=True)
         except FileNotFoundError:
             pass
     if not path.is_file():

@@ -78,8 +78,8 @@ def get_args(argv=None):
                    help=f"the frozen encoder of every level: {' | '.join(encoders.ENCODERS)} | timm:<model>[,key=value...] "
                         "(README: A foundation model as the encoder; all but resnet18 need pip install timm)")
     p.add_argument("--weights", default=None, help="encoder weights: resnet18: none | imagenet | path to a checkpoint "
-                   "(default: imagenet; demo: none); a foundation model: its pytorch_model.bin / .safetensors, or hub "
-                   "(default: fetch the published file from the Hugging Face hub, if online)")
+                   "(default: imagenet; demo: none); a foundation model: its pytorch_model.bin / .safetensors, hub (default: "
+                   "fetch the published file from the Hugging Face hub, if online) or hub:<repo id>[:<file>]")
     p.add_argument("--levels", default="local,neighbour,global", help="image levels to use (ablation: any non-empty subset)")
     p.add_argument("--dim", type=int, default=None, help="shared width D of tokens and embeddings (default: 512; demo: 128)")
     p.add_argument("--local-encoder", default=None, choices=["trainable", "frozen"],
@@ -267,7 +267,7 @@ def train_fold(args, fold):
     with distributed.main_process_first():
         if resume:  # the checkpoint's own encoder (a foundation model's file must be the same file)
             encoder = encoders.rebuild_encoder(resume.get("encoder"), resume["frozen_trunk"],
-                                               None if args.weights == "hub" else args.weights, device)
+                                               None if str(args.weights).startswith("hub") else args.weights, device)
         else:
             encoder = encoders.load_encoder(args.encoder, args.weights, device)
         splits = {part: prepare_split([sections[n] for n in ns], genes, args.crop_size, encoder, cache, device,

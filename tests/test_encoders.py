@@ -295,3 +295,35 @@ def test_a_foundation_encoder_refuses_a_trainable_local_level(tiny, demo_root, c
     argv = train_argv(demo_root, cache_dir, tmp_path, "--encoder", "tiny-uni", "--weights", "x.bin")
     with pytest.raises(SystemExit):  # train_argv asks for --local-encoder trainable
         train.get_args(argv)
+
+
+def test_tiny_uni_with_cached_tokens_trains_and_evaluates(tiny_run, demo_root, cache_dir, tmp_path):
+    mp = pytest.MonkeyPatch()
+    mp.setitem(encoders.ENCODERS, "tiny-uni", TINY)
+    try:
+        train.main(train_argv(demo_root, cache_dir, tmp_path, "--encoder", "tiny-uni", "--weights",
+                              str(tiny_run / "pytorch_model.bin"), "--local-encoder", "frozen",
+                              "--frozen-tokens", "cached", epochs=1))
+    finally:
+        mp.undo()
+    ckpt = load(tmp_path / "best.pt")
+    assert ckpt["config"]["frozen_tokens"] == "cached" and ckpt["config"]["token_dim"] == 64
+    assert ckpt["model"]["local_encoder.token_std"].shape == (64,) and ckpt["model"]["local_encoder.token_std"].min() > 0
+    assert evaluate.main(eval_argv([tmp_path / "best.pt"], cache_dir, tmp_path / "eval")) == 0
+
+
+def test_hub_weights_are_fetched_through_hf_hub_download(tiny, tmp_path, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    tiny_weights(tmp_path / "w.bin")
+    asked = []
+
+    def fake_download(repo, filename, local_files_only=False):  # stands in for the network
+        asked.append((repo, filename))
+        return str(tmp_path / "w.bin")
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    enc = encoders.load_encoder("tiny-uni", "hub:someone/tiny-vit:w.bin")
+    assert asked == [("someone/tiny-vit", "w.bin")] and enc.weights["hub"] == "someone/tiny-vit:w.bin"
+    # a checkpoint whose file is gone finds it again in the hub's local cache, and nowhere else
+    record = dict(enc.record(), weights=dict(enc.weights, file=str(tmp_path / "gone.bin")))
+    again = encoders.rebuild_encoder(record, None)
+    assert asked[-1] == ("someone/tiny-vit", "w.bin") and again.weights["sha256"] == enc.weights["sha256"]
