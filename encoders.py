@@ -249,11 +249,14 @@ class FrozenEncoder(nn.Module):
     def __init__(self, spec: EncoderSpec, net: nn.Module, weights: dict):
         super().__init__()
         assert spec.tile in TILE_FEATURES, f"{spec.name}: tile feature must be one of {TILE_FEATURES}"
+        self.convnet = isinstance(net, ResNet18Trunk) or not hasattr(net, "patch_embed")
+        if spec.tile != "mean" and (self.convnet or getattr(net, "cls_token", None) is None):
+            assert spec.name.startswith("timm:"), f"{spec.name}: a {spec.tile} tile feature needs a CLS token"
+            spec = dataclasses.replace(spec, tile="mean")  # a timm model without a CLS token: mean of its tokens
         self.spec, self.weights = spec, weights  # weights: what the weights are ({"id", and the file's facts})
         self.net = net.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
-        self.convnet = isinstance(net, ResNet18Trunk) or not hasattr(net, "patch_embed")
         self.prefix = 0 if self.convnet else net.num_prefix_tokens  # CLS and register tokens
         self.token_dim = FEAT_DIM if isinstance(net, ResNet18Trunk) else net.num_features
         assert spec.width in (None, self.token_dim), f"{spec.name}: built {self.token_dim} wide, published {spec.width}"

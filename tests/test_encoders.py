@@ -110,6 +110,11 @@ def test_timm_names_parse_with_their_arguments():
     spec = encoders.resolve_spec("timm:vit_small_patch16_224,depth=2,img_size=64,global_pool=token")
     assert spec.arch == "vit_small_patch16_224" and spec.input_size == 64
     assert spec.kwargs == {"depth": 2, "img_size": 64, "global_pool": "token", "num_classes": 0}
+    cnn = encoders.resolve_spec("timm:resnet18")  # a convnet: its map is the token grid, its mean the tile feature
+    enc = encoders.FrozenEncoder(cnn, encoders.build_net(cnn), {"id": "random"})
+    crops = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert enc.spec.tile == "mean" and enc.tokens(crops).shape == (2, 7, 7, 512)  # resized to its 224 px
+    assert torch.allclose(enc.features(crops), enc.tokens(crops).mean((1, 2)))
     for bad, match in (("timm:no_such_model_xyz", "timm has no model"), ("timm:vit_small_patch16_224,depth", "key=value"),
                        ("unicorn", "unknown encoder")):
         with pytest.raises(ValueError, match=match):
