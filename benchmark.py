@@ -37,6 +37,12 @@ other jobs hold cores: torch's threads then wait on each other, up to 20x slower
   ddp    training steps/s of one process and of two (torchrun's DDP on gloo, one thread each,
          the same global batch, embeddings gathered as train.py does): a smoke figure that the
          distributed path runs, not a scaling claim (two processes share this machine's cores).
+  encoders  feature extraction (encoders.FrozenEncoder.features: the tile feature, no gradient) in
+         images/s at --encoder-px px for each of --encoders: the ResNet18, a tiny ViT (UNI's entry at
+         depth 2, width 64) and UNI-sized (ViT-L/16, random weights: no download), each with its
+         forward FLOPs per image counted on the meta device, and what extracting her2st's frozen
+         features (13,653 spots x 26 images) takes at that rate. Needs timm for the ViTs (skipped
+         without). In bf16 autocast on CUDA, the encoder's precision (UNI: float16).
   scale  forward + backward of the global level on one section of 300 ... 16,000 spots: its
          self-attention is quadratic in the spots per section, so time and memory grow ~N² once N
          is large; a size whose extrapolated cost is above --scale-max-s / --scale-max-gb is
@@ -75,6 +81,7 @@ from PIL import Image
 
 import data
 import distributed
+import encoders
 import losses
 from cache import ArrayCache
 from evaluate import slide_metrics
@@ -83,12 +90,14 @@ import fold_benchmark
 from fold_benchmark import grid_xy
 from model import GeneDML, GeneDMLConfig, GlobalContext, build_trunk, preprocess
 
-SECTIONS = ("data", "step", "fold", "eval", "ddp", "scale")
+SECTIONS = ("data", "step", "fold", "eval", "ddp", "scale", "encoders")
+HER2ST_IMAGES = 13_653 * 26  # her2st's spots x (the local crop + 25 neighbour tiles)
 SPOT_PX = 256  # her2st: spots ~ 200-260 px apart on the full-resolution image
 QUICK = dict(slide_px="2000x2000", spots=64, items=32, decode_items=1, batch=8, crop=64, context=64,
              feat_spots=4, warmup=1, reps=2, eval_spots=500, eval_genes=50, scale_spots="100,300",
              cohort_sections=4, cohort_px="800x800", cohort_spots=36, step_sections="1,3", loader_batches=2,
-             fold_sections=3, fold_spots=96, fold_steps=None)
+             fold_sections=3, fold_spots=96, fold_steps=None, encoders="resnet18,tiny-vit",
+             encoder_px=64, encoder_batch=2)
 GPU_CHECK = dict(only="step,fold", batch=256, step_sections="24", amp=True, reps=5)  # her2st's sizes otherwise
 GPU_CHECK_CPU = dict(only="step,fold", step_sections="3", reps=1, warmup=1, fold_spots=24)
 
@@ -149,6 +158,9 @@ def get_args(argv=None):
     p.add_argument("--cohort-sections", type=int, default=36, help="scale: sections cached (her2st: 36)")
     p.add_argument("--cohort-px", type=_px, default="3000x3000", help="scale: image size per cohort section (real: ~10k x 9k, slower)")
     p.add_argument("--cohort-spots", type=int, default=400, help="scale: spots per cohort section")
+    p.add_argument("--encoders", default="resnet18,tiny-vit,uni", help="encoders: which (resnet18, tiny-vit, or a name of encoders.ENCODERS)")
+    p.add_argument("--encoder-px", type=int, default=224, help="encoders: image size in pixels")
+    p.add_argument("--encoder-batch", type=int, default=8, help="encoders: images per forward (UNI-sized ones: a quarter, at least 1)")
     args = p.parse_args(argv)
     if args.gpu_check:  # her2st's real step and fold on a GPU; a small one on the CPU, so that it is tested
         cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
@@ -652,6 +664,46 @@ def bench_scale(args, device, amp, tmp):
 
 
 # ----------------------------------------------------------------------------- main
+def bench_encoders(args, device):
+    """images/s of each encoder's tile features, its counted forward FLOPs, her2st's extraction time."""
+    from torch.utils.flop_counter import FlopCounterMode
+    fig, rows = {}, []
+    for name in [n.strip() for n in args.encoders.split(",") if n.strip()]:
+        if name == "resnet18":
+            spec, net = encoders.ENCODERS["resnet18"], lambda where: build_trunk("none").to(where)
+        else:
+            try:
+                encoders._timm()
+            except ImportError as e:
+                rows.append((f"{name}: skipped", str(e)[:60]))
+                continue
+            spec = encoders.ENCODERS["uni"] if name == "tiny-vit" else encoders.resolve_spec(name)
+            if name == "tiny-vit":  # UNI's entry at depth 2, width 64
+                spec = dataclasses.replace(spec, name="tiny-vit", width=64,
+                                           kwargs=dict(spec.kwargs, depth=2, embed_dim=64, num_heads=2))
+            net = lambda where, spec=spec: encoders.build_net(spec, where)
+        spec = dataclasses.replace(spec, input_size=None if spec.input_size is None else args.encoder_px)
+        with FlopCounterMode(display=False) as flops:  # shapes only: the meta device does no arithmetic
+            encoders.FrozenEncoder(spec, net("meta"), {"id": "meta"}).to("meta").features(
+                torch.zeros(1, 3, args.encoder_px, args.encoder_px, dtype=torch.uint8, device="meta"))
+        encoder = encoders.FrozenEncoder(spec, net("cpu"), {"id": "random"}).to(device)
+        big = sum(p.numel() for p in encoder.parameters()) > 100e6
+        b = max(1, args.encoder_batch // 4) if big else args.encoder_batch
+        x = torch.randint(0, 256, (b, 3, args.encoder_px, args.encoder_px), dtype=torch.uint8, device=device)
+        timed(lambda: encoder.features(x), device)  # warm-up (oneDNN picks its kernels per shape)
+        t = min(timed(lambda: encoder.features(x), device) for _ in range(1 if big else max(2, args.reps // 2)))
+        rate = b / t
+        fig[name] = dict(images_per_s=rate, gflop_per_image=flops.get_total_flops() / 1e9, batch=b,
+                         params_m=sum(p.numel() for p in encoder.parameters()) / 1e6, precision=encoder.precision(device),
+                         her2st_extraction_h=HER2ST_IMAGES / rate / 3600)
+        f = fig[name]
+        rows.append((f"{name} ({f['params_m']:.0f}M params, {f['gflop_per_image']:.3g} GFLOP/image), batch {b} at {args.encoder_px} px",
+                     f"{rate:.2f} images/s"))
+        rows.append((f"  her2st's frozen features at that rate ({HER2ST_IMAGES:,} images)", f"{f['her2st_extraction_h']:.2f} h"))
+        del encoder
+    return fig, rows
+
+
 def main(argv=None):
     args = get_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -672,7 +724,8 @@ def main(argv=None):
             fig, rows = {"data": lambda: bench_data(args, device, sub), "step": lambda: bench_step(args, device, amp),
                          "fold": lambda: bench_fold(args, device, amp),
                          "eval": lambda: bench_eval(args, device), "ddp": lambda: bench_ddp(args, device, amp, sub),
-                         "scale": lambda: bench_scale(args, device, amp, sub)}[name]()
+                         "scale": lambda: bench_scale(args, device, amp, sub),
+                         "encoders": lambda: bench_encoders(args, device)}[name]()
             fig["wall_s"] = time.perf_counter() - t
             figures[name] = fig
             print(f"\n== {name} ({fig['wall_s']:.0f} s)")

@@ -12,7 +12,9 @@ PCC(H) is the mean over the 50 "highly predictive genes", ranked by their PCC av
 Beside it, the pooled PCC(M) of HEST-Benchmark: each gene's r over the pooled spots of all the
 fold's test slides, then the mean over genes. An external test scores the genes the other cohort
 has (matched by name) and says how many it lacks.
-Everything the model needs is read from the checkpoint (loaded with weights_only=True).
+Everything the model needs is read from the checkpoint (loaded with weights_only=True); a checkpoint
+trained with a foundation encoder (train.py --encoder uni) also needs that encoder's weights file,
+found where it was at training time, or given with --weights, and checked against the recorded hash.
 """
 import argparse
 import glob
@@ -30,8 +32,9 @@ from PIL import Image, ImageDraw
 
 import data
 from cache import ArrayCache
+from encoders import rebuild_encoder
 from features import prepare_split
-from model import GeneDML, GeneDMLConfig, build_trunk
+from model import GeneDML, GeneDMLConfig
 import visium
 
 log = logging.getLogger("evaluate")
@@ -249,6 +252,8 @@ def get_args(argv=None):
                    help="external test: score the checkpoint on the slides of another cohort (a built-in name with --root, or a cohort table .csv); genes matched by name")
     p.add_argument("--sections", default=None, help="comma list: with --external, score only these slides")
     p.add_argument("--crop-um", type=float, default=None, help="with --external / --predict: a crop's field of view in µm (default: the checkpoint's)")
+    p.add_argument("--weights", default=None, help="the frozen encoder's weights file, if the checkpoint's "
+                   "(a foundation model's, e.g. pytorch_model.bin) moved since training")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
@@ -257,14 +262,15 @@ def get_args(argv=None):
     return args
 
 
-def rebuild(ckpt, device):
-    """The model and the frozen trunk, from the checkpoint alone (no download, no training flags)."""
+def rebuild(ckpt, device, weights=None):
+    """The model and its frozen encoder, from the checkpoint alone (no download, no training flags), plus
+    for a foundation encoder its weights file (`weights`, or where the checkpoint says it was)."""
     cfg = GeneDMLConfig(**{**ckpt["config"], "levels": tuple(ckpt["config"]["levels"])})
     model = GeneDML(cfg)
     model.load_state_dict(ckpt["model"])
-    trunk = build_trunk("none")
-    trunk.load_state_dict(ckpt["frozen_trunk"])
-    return model.to(device).eval(), trunk.to(device).eval()
+    encoder = rebuild_encoder(ckpt.get("encoder"), ckpt["frozen_trunk"], weights, device)
+    model.attach_encoder(encoder)  # an online frozen local level runs it on each crop
+    return model.to(device).eval(), encoder
 
 
 def spot_file_section(image, spots, genes, crop_um=None):
@@ -290,7 +296,7 @@ def evaluate_checkpoint(path, args, device, sub=""):
     ckpt = load_checkpoint(path)
     genes, d = ckpt["genes"], ckpt["data"]
     try:
-        model, trunk = rebuild(ckpt, device)
+        model, trunk = rebuild(ckpt, device, args.weights)
     except (TypeError, RuntimeError) as e:  # unknown config field, weights of another shape
         raise ValueError(f"{path}: the model weights do not fit the checkpoint's config "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
@@ -316,7 +322,7 @@ def evaluate_checkpoint(path, args, device, sub=""):
         data.check_cohort(cohort, root, d["sections"]["test"])
         sections = [data.load_section(cohort, root, n) for n in d["sections"]["test"]]
     split = prepare_split(sections, genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"],
-                          local_tokens=model.cfg.local_encoder == "frozen")
+                          local_tokens=model.cfg.local_encoder == "frozen" and model.cfg.frozen_tokens == "cached")
     per_slide, preds = ({}, predict(model, split.loader(args.batch_size), split.context, device)) if args.predict else \
         evaluate_split(model, split, device, args.batch_size)
     # Scored genes: all of the checkpoint's, or in an external test those the other cohort has.
@@ -373,7 +379,7 @@ def main(argv=None):
         names = [Path(p).parent.name for p in args.ckpt]
         subs = [""] if len(names) == 1 else names if len(set(names)) == len(names) else [f"ckpt{i}" for i in range(len(names))]
         results = [evaluate_checkpoint(p, args, device, sub) for p, sub in zip(args.ckpt, subs)]
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:  # ImportError: an optional extra (timm) missing
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.predict:

@@ -1,18 +1,19 @@
-"""Frozen features: what the neighbour and global levels see, extracted once per slide and trunk.
+"""Frozen features: what the neighbour and global levels see, extracted once per slide and encoder.
 
-The neighbour level reads the frozen ResNet18 feature of each of the 5x5 tiles around a spot, and
-the global level the frozen feature of every spot of the slide (model.py). With the local encoder
-frozen (train.py --local-encoder frozen), the local level reads the frozen trunk's whole token map
-of the spot's crop under each of the crop's 8 flips / rotations (8 x 7x7x512 at 224 px, float16),
-so that the augmentation reaches the model. None of these change during training, so they are
-computed once, cached on disk next to the crops (cache.py) and keyed by the crops and a hash of the
-trunk's weights. `prepare_split` turns a list of sections into what the model reads: crops ->
-frozen features -> a `data.SpotDataset` plus the global level's context; `Split.loader` batches it.
+The neighbour level reads the frozen encoder's feature (encoders.py: ResNet18 by default, or a
+pathology foundation model) of each of the 5x5 tiles around a spot, and the global level the frozen
+feature of every spot of the slide (model.py). With the local encoder frozen (train.py --local-encoder
+frozen, --frozen-tokens cached), the local level reads the frozen encoder's whole token map of the
+spot's crop under each of the crop's 8 flips / rotations (ResNet18: 8 x 7x7x512 at 224 px; UNI:
+8 x 14x14x1024; float16), so that the augmentation reaches the model. None of these change during
+training, so they are computed once, cached on disk next to the crops (cache.py) and keyed by the
+crops and the encoder (name, weights hash, input size, precision). `prepare_split` turns a list of
+sections into what the model reads: crops -> frozen features -> a `data.SpotDataset` plus the global
+level's context; `Split.loader` batches it. With --frozen-tokens online only the tokens' statistics
+are prepared here (`online_token_statistics`): the encoder itself runs inside the model on every step.
 
-Imports run one way: cache -> data -> model -> features -> evaluate -> train.
+Imports run one way: cache -> data -> model -> encoders -> features -> evaluate -> train.
 """
-import hashlib
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,65 +21,41 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import FEAT_DIM, GlobalContext, SpotGrids, build_trunk, preprocess
+from encoders import FrozenEncoder, as_encoder, load_encoder, tag, trunk_id  # noqa: F401 (trunk_id: features' API)
+from model import GlobalContext, SpotGrids
 
 
 def frozen_trunk(weights, device):
-    """The frozen ResNet18 whose features feed the neighbour and global levels.
+    """The frozen ResNet18 whose features feed the neighbour and global levels (the default encoder).
 
     With weights "none" it is a fixed random init (seed 0, whatever --seed), so runs of different
     seeds share one feature cache; it travels in the checkpoint, so evaluation sees the same features.
     """
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return build_trunk(weights).to(device).eval()
-
-
-def precision(device) -> str:
-    """The precision the frozen trunk runs in on this device: mixed bfloat16 (or float16) on CUDA,
-    float32 on the CPU. It keys the feature caches: features of one precision are not the other's."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "float32"
-    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-
-
-def autocast(device):
-    """A context-manager factory: autocast to precision(device) on CUDA, nothing on the CPU."""
-    device = torch.device(device)
-    half = getattr(torch, precision(device))
-    return (lambda: torch.autocast("cuda", dtype=half)) if device.type == "cuda" else nullcontext
-
-
-def trunk_id(trunk):
-    """A short hash of the frozen trunk's weights: it keys the feature cache."""
-    h = hashlib.sha1()
-    for k, v in sorted(trunk.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return load_encoder("resnet18", weights, device).net
 
 
 @torch.no_grad()
 def extract_features(trunk, crops, batch_size=64, device="cpu", progress=True) -> dict[str, np.ndarray]:
-    """Run the frozen trunk, global-average-pooled, once over every crop and on-image tile of a section.
+    """Run the frozen encoder's tile feature (ResNet18: its global-average-pooled map; a ViT: its CLS
+    token) once over every crop and on-image tile of a section.
 
-    crops has .local (N,c,c,3) uint8 and .tiles(i) -> (tiles (g²,c,c,3) uint8, mask (g²,) bool).
-    Returns {"local": (N, 512), "tiles": (N, g², 512)} float32, zeros where a tile is off the image.
+    trunk: an encoders.FrozenEncoder, or a bare ResNet18 trunk. crops has .local (N,c,c,3) uint8 and
+    .tiles(i) -> (tiles (g²,c,c,3) uint8, mask (g²,) bool).
+    Returns {"local": (N, F), "tiles": (N, g², F)} float32 (F = the encoder's feature width), zeros
+    where a tile is off the image. On a GPU it runs in the encoder's precision (stored as float32).
     """
     device = torch.device(device)
-    trunk = trunk.to(device).eval()  # eval: BatchNorm uses (and keeps) its running statistics
-    amp = autocast(device)  # stored as float32 anyway
+    encoder = as_encoder(trunk).to(device).eval()  # eval: BatchNorm uses (and keeps) its running statistics
     n = len(crops.local)
     assert n > 0, "a section without spots has no features"
     g2 = len(crops.tiles(0)[1])  # tiles per window (25)
-    out = {"local": np.zeros((n, FEAT_DIM), np.float32), "tiles": np.zeros((n, g2, FEAT_DIM), np.float32)}
+    F = encoder.feature_dim
+    out = {"local": np.zeros((n, F), np.float32), "tiles": np.zeros((n, g2, F), np.float32)}
     todo, where = [], []  # images waiting for the trunk, and (spot, tile) each one belongs to; tile -1 = local
 
     def run(k):
         x = torch.from_numpy(np.stack(todo[:k])).to(device).permute(0, 3, 1, 2)  # (k, 3, c, c) uint8
-        with amp():
-            f = trunk(preprocess(x)).mean(dim=(2, 3)).float().cpu().numpy()  # (k, 512)
+        f = encoder.features(x).cpu().numpy()  # (k, F)
         for (i, j), fi in zip(where[:k], f):
             if j < 0:
                 out["local"][i] = fi
@@ -99,18 +76,20 @@ def extract_features(trunk, crops, batch_size=64, device="cpu", progress=True) -
     return out
 
 
-def section_features(trunk, weights_id: str, crops, cache, name: str, **kw) -> dict[str, np.ndarray]:
-    """extract_features, built once and then read from the cache (keyed by the crops and the weights)."""
-    key = {"crops": crops.key, "weights": weights_id, "precision": precision(kw.get("device", "cpu"))}
-    return cache.get(name, key, lambda: extract_features(trunk, crops, **kw))
+def section_features(trunk, weights_id, crops, cache, name: str, **kw) -> dict[str, np.ndarray]:
+    """extract_features, built once and then read from the cache (keyed by the crops and the encoder:
+    weights_id is FrozenEncoder.cache_key, or a ResNet18 trunk's weights hash)."""
+    return cache.get(name, {"crops": crops.key, "weights": weights_id},
+                     lambda: extract_features(trunk, crops, **kw))
 
 
 @torch.no_grad()
 def extract_tokens(trunk, crops, batch_size=64, device="cpu", progress=True) -> dict[str, np.ndarray]:
-    """The frozen trunk's last feature map of every local crop under each of the 8 flips / 90-degree
-    rotations the training augmentation draws: the frozen local level's input.
+    """The frozen encoder's token map of every local crop under each of the 8 flips / 90-degree
+    rotations the training augmentation draws: the frozen local level's input. trunk: an
+    encoders.FrozenEncoder or a bare ResNet18 trunk (ResNet18: its last feature map; a ViT: its patch tokens).
 
-    Returns {"tokens": (N, 8, h, w, 512) float16} (h = w = 7 at 224 px); tokens[i, t] is the trunk's
+    Returns {"tokens": (N, 8, h, w, C) float16} (ResNet18: 7 x 7 x 512 at 224 px); tokens[i, t] is the encoder's
     map of data.dihedral(crop_i, t), exactly what the Gene-DML reference's frozen encoder computes
     on the augmented crop (a convolution is not rotation-equivariant, so rotating the token grid of
     the plain crop would not be), and t = 0 is the crop as it is. The fusion gives the local tokens
@@ -118,8 +97,7 @@ def extract_tokens(trunk, crops, batch_size=64, device="cpu", progress=True) -> 
     carries the augmentation. float16 halves the disk: ReLU features lose nothing a projection can use.
     """
     device = torch.device(device)
-    trunk = trunk.to(device).eval()
-    amp = autocast(device)
+    encoder = as_encoder(trunk).to(device).eval()  # in its precision on a GPU
     n = len(crops.local)
     assert n > 0, "a section without spots has no tokens"
     out = None
@@ -127,23 +105,50 @@ def extract_tokens(trunk, crops, batch_size=64, device="cpu", progress=True) -> 
         crop = np.asarray(crops.local[a:a + batch_size])  # (b, c, c, 3)
         for t in range(data.N_DIHEDRAL):
             x = torch.from_numpy(np.array(data.dihedral(crop, t, axes=(1, 2))))  # a copy: the cache is read-only
-            with amp():
-                fmap = trunk(preprocess(x.to(device).permute(0, 3, 1, 2))).permute(0, 2, 3, 1)  # (b, h, w, 512)
+            fmap = encoder.tokens(x.to(device).permute(0, 3, 1, 2))  # (b, h, w, C)
             if out is None:
                 out = np.zeros((n, data.N_DIHEDRAL, *fmap.shape[1:]), np.float16)
             out[a:a + len(fmap), t] = fmap.half().cpu().numpy()
     return {"tokens": out}
 
 
-def section_tokens(trunk, weights_id: str, crops, cache, name: str, **kw) -> dict[str, np.ndarray]:
-    """extract_tokens, built once and then read from the cache (keyed by the crops and the weights)."""
-    key = {"crops": crops.key, "weights": weights_id, "dtype": "float16", "transforms": data.N_DIHEDRAL,
-           "precision": precision(kw.get("device", "cpu"))}
+def section_tokens(trunk, weights_id, crops, cache, name: str, **kw) -> dict[str, np.ndarray]:
+    """extract_tokens, built once and then read from the cache (keyed by the crops and the encoder:
+    weights_id is FrozenEncoder.cache_key, or a ResNet18 trunk's weights hash)."""
+    key = {"crops": crops.key, "weights": weights_id, "dtype": "float16", "transforms": data.N_DIHEDRAL}
     return cache.get(name, key, lambda: extract_tokens(trunk, crops, **kw))
 
 
+@torch.no_grad()
+def token_moments(encoder: FrozenEncoder, crops, batch_size=64, device="cpu", progress=True) -> dict[str, np.ndarray]:
+    """Per-channel sums of the encoder's tokens and of their squares over one section's crops (float64),
+    streamed a batch at a time: what online_token_statistics adds up, without keeping any token."""
+    encoder = encoder.to(device).eval()
+    total, square, count = 0.0, 0.0, 0
+    for a in tqdm(range(0, len(crops.local), batch_size), desc="token statistics", unit="batch", disable=not progress):
+        x = torch.from_numpy(np.array(crops.local[a:a + batch_size])).to(device).permute(0, 3, 1, 2)
+        t = encoder.tokens(x).double().flatten(0, 2)  # (b*h*w, C)
+        total, square, count = total + t.sum(0).cpu().numpy(), square + (t * t).sum(0).cpu().numpy(), count + len(t)
+    return {"sum": np.asarray(total), "square": np.asarray(square), "count": np.array(count)}
+
+
+def online_token_statistics(encoder: FrozenEncoder, split, cache, device, progress=True) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (C,) of the frozen encoder's tokens over every (unaugmented) training
+    crop, for the online frozen local level: one pass of the encoder over the crops, section by
+    section, cached like the features, so no token array is ever held."""
+    encoder = as_encoder(encoder)
+    key = encoder.cache_key(device)
+    parts = [cache.get(f"{s.cohort}-{s.name}-token-moments{tag(encoder.spec)}", {"crops": c.key, "weights": key},
+                       lambda c=c: token_moments(encoder, c, device=device, progress=progress))
+             for s, c in zip(split.sections, split.dataset.crops)]
+    count = sum(float(p["count"]) for p in parts)
+    mean = sum(np.asarray(p["sum"]) for p in parts) / count
+    var = sum(np.asarray(p["square"]) for p in parts) / count - mean ** 2
+    return mean.astype(np.float32), np.sqrt(np.maximum(var, 0)).astype(np.float32)
+
+
 def token_statistics(tokens: list, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std (512,) over every token of every spot and transform, a chunk of spots at
+    """Per-channel mean and std (C,) over every token of every spot and transform, a chunk of spots at
     a time (float64 sums; the arrays are memory-mapped and need not fit in memory)."""
     total, square, count = 0.0, 0.0, 0
     for t in tokens:  # (N, 8, h, w, 512) float16, memory-mapped
@@ -184,12 +189,14 @@ class Collate:
 
 def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True, augment=False, local_tokens=False):
     """Crop every section (cached), extract its frozen features once (cached), build the dataset.
-    local_tokens: the dataset serves the frozen trunk's token map of each crop (cached) instead of the crop."""
-    wid = trunk_id(trunk)
+    trunk: an encoders.FrozenEncoder (or a bare ResNet18 trunk). local_tokens: the dataset serves the
+    frozen encoder's token map of each crop (cached) instead of the crop."""
+    encoder = as_encoder(trunk)
+    key, t = encoder.cache_key(device), tag(encoder.spec)  # t: "" for the ResNet18, "-uni" ...
     crops = data.cohort_crops(sections, cache, crop_size)  # decodes each JPEG once, ever
-    feats = [section_features(trunk, wid, c, cache, f"{s.cohort}-{s.name}-features", device=device)
+    feats = [section_features(encoder, key, c, cache, f"{s.cohort}-{s.name}-features{t}", device=device)
              for s, c in zip(sections, crops)]
-    tokens = [section_tokens(trunk, wid, c, cache, f"{s.cohort}-{s.name}-tokens", device=device)["tokens"]
+    tokens = [section_tokens(encoder, key, c, cache, f"{s.cohort}-{s.name}-tokens{t}", device=device)["tokens"]
               for s, c in zip(sections, crops)] if local_tokens else None
     dataset = data.SpotDataset(sections, crops, genes, smooth=smooth, augment=augment, features=feats, tokens=tokens)
     context = GlobalContext.of([(np.asarray(f["local"]), s.array_xy) for f, s in zip(feats, sections)], device)

@@ -4,9 +4,10 @@ Gene-DML (Song, Fan, Chang, Cai, "Gene-DML: Dual-Pathway Multi-Level Discriminat
 Expression Prediction from Histopathology Images", WACV 2026, https://arxiv.org/abs/2507.14670),
 built on the ResNet18 three-level design of TRIPLEX (Chung et al., CVPR 2024).
 In: for a batch of spots, the crop centred on each spot (local; or, with the local encoder frozen,
-the frozen ResNet18's token map of that crop, extracted once), the frozen ResNet18 features of the
-5x5 tiles around it (neighbour) and of every spot of its section (global), plus, in training, the
-measured expression. Out: a `GeneDMLOutput` with one L2-normalised embedding per image level, a
+the frozen encoder's token map of that crop, extracted once or computed on the fly), the frozen
+encoder's features of the 5x5 tiles around it (neighbour) and of every spot of its section (global),
+plus, in training, the measured expression. The frozen encoder is a ResNet18 or a pathology
+foundation model (encoders.py); its widths are the config's feat_dim and token_dim. Out: a `GeneDMLOutput` with one L2-normalised embedding per image level, a
 clustering-space image and gene embedding, and the predicted expression of G genes. No loss here:
 see losses.py.
 """
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 
 LEVELS = ("local", "neighbour", "global")
 LOCAL_ENCODERS = ("trainable", "frozen")  # TRIPLEX trains the local ResNet18; the Gene-DML reference freezes it
-FEAT_DIM = 512  # channels of ResNet18's last stage = width of every frozen feature
+FROZEN_TOKENS = ("cached", "online")  # a frozen local level reads cached token maps, or runs the encoder per step
+FEAT_DIM = 512  # channels of ResNet18's last stage: the default width of the frozen features and tokens
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -53,7 +55,10 @@ class GeneDMLConfig:
     head_hidden: int = 1536           # regression head D -> 1536 -> D -> G (3·D in the reference)
     head_dropout: float = 0.1
     weights: str = "none"             # local trunk init: "none", "imagenet" or a checkpoint path
-    local_encoder: str = "trainable"  # "trainable" reads crops; "frozen" reads the frozen trunk's cached tokens
+    local_encoder: str = "trainable"  # "trainable" reads crops; "frozen" reads the frozen encoder's tokens
+    frozen_tokens: str = "cached"     # frozen local level: "cached" token maps, or "online" (encoder on each crop)
+    feat_dim: int = FEAT_DIM          # width of a frozen tile / spot feature (the encoder's: 512 ... 2560)
+    token_dim: int = FEAT_DIM         # width of a local token (the encoder's; Virchow2: half its feature)
 
     @classmethod
     def for_cohort(cls, cohort: str, n_genes: int, **overrides) -> "GeneDMLConfig":
@@ -349,30 +354,53 @@ class GlobalContext:
 
 # ----------------------------------------------------------------------------- the three levels
 class LocalEncoder(nn.Module):
-    """Target spot: each cell of a ResNet18's last feature map is a token (7x7 = 49 at 224 px).
+    """Target spot: each cell of the trunk's last feature map (ResNet18: 7x7 = 49 at 224 px), or each
+    patch token of a ViT (UNI: 14x14 = 196), is a token.
 
-    trainable (TRIPLEX): the trunk is trained and reads the uint8 crop (B,3,c,c); it runs channels-last,
-      which oneDNN and cuDNN convolve faster (same function, another memory layout).
-    frozen (the Gene-DML reference, whose local encoder is a frozen UNI): the frozen trunk's token map
-      of every crop is extracted once (features.extract_tokens) and read as (B, n, 512); like the other
-      levels' frozen features it is standardised with per-channel training statistics.
+    trainable (TRIPLEX): a ResNet18 trunk is trained and reads the uint8 crop (B,3,c,c); it runs
+      channels-last, which oneDNN and cuDNN convolve faster (same function, another memory layout).
+    frozen (the Gene-DML reference, whose local encoder is a frozen UNI): the frozen encoder's tokens of
+      the crop, standardised with per-channel training statistics like the other levels' features;
+      cached: extracted once (features.extract_tokens) and read as (B, n, token_dim);
+      online: the frozen encoder runs under no_grad on the (augmented) uint8 crop of every step, so the
+        tokens are exactly those of the flipped / rotated crop. The encoder is attached (`attach`), not
+        a submodule: it is then in no state dict (the checkpoint records how to rebuild it), in no
+        optimiser (never trained), and model.train() cannot take it out of eval mode.
     """
 
-    def __init__(self, mode: str = "trainable", weights: str = "none"):
+    def __init__(self, mode: str = "trainable", weights: str = "none", token_dim: int = FEAT_DIM,
+                 frozen_tokens: str = "cached"):
         super().__init__()
         assert mode in LOCAL_ENCODERS, f"local encoder must be one of {LOCAL_ENCODERS}, got {mode!r}"
-        self.mode = mode
+        assert frozen_tokens in FROZEN_TOKENS, f"frozen tokens must be one of {FROZEN_TOKENS}, got {frozen_tokens!r}"
+        self.mode, self.online = mode, mode == "frozen" and frozen_tokens == "online"
+        self.__dict__["encoder"] = None  # the attached frozen encoder (online mode), outside the module tree
         if mode == "trainable":
+            assert token_dim == FEAT_DIM, f"the trainable local trunk is a ResNet18 ({FEAT_DIM} wide), not {token_dim}"
             self.trunk = build_trunk(weights).to(memory_format=torch.channels_last)
         else:  # set by GeneDML.set_statistics
-            self.register_buffer("token_mean", torch.zeros(FEAT_DIM))
-            self.register_buffer("token_std", torch.ones(FEAT_DIM))
+            self.register_buffer("token_mean", torch.zeros(token_dim))
+            self.register_buffer("token_std", torch.ones(token_dim))
 
-    def forward(self, local):  # (B, 3, c, c) uint8 crops, or (B, n, 512) frozen tokens
+    def attach(self, encoder) -> None:
+        """Give the online frozen local level its frozen encoder (an encoders.FrozenEncoder)."""
+        assert self.online, "only an online frozen local encoder runs a frozen encoder itself"
+        assert encoder.token_dim == len(self.token_mean), \
+            f"the encoder's tokens are {encoder.token_dim} wide, this local level's {len(self.token_mean)}"
+        self.__dict__["encoder"] = encoder.eval()
+
+    def forward(self, local):  # (B, 3, c, c) uint8 crops, or (B, n, C) cached frozen tokens
+        if self.online:
+            assert self.encoder is not None, "online frozen local encoder: attach its frozen encoder first (GeneDML.attach_encoder)"
+            assert local.dtype == torch.uint8 and local.ndim == 4, \
+                f"online frozen local encoder: expected uint8 crops (B,3,c,c), got {local.dtype} {tuple(local.shape)}"
+            with torch.no_grad():
+                local = self.encoder.tokens(local).flatten(1, 2)  # (B, h*w, C), never differentiated
         if self.mode == "frozen":
-            assert local.ndim == 3 and local.shape[-1] == FEAT_DIM and local.is_floating_point(), \
-                f"frozen local encoder: expected tokens (B,n,{FEAT_DIM}), got {local.dtype} {tuple(local.shape)}"
-            return (local.float() - self.token_mean) / self.token_std  # (B, n, 512)
+            C = len(self.token_mean)
+            assert local.ndim == 3 and local.shape[-1] == C and local.is_floating_point(), \
+                f"frozen local encoder: expected tokens (B,n,{C}), got {local.dtype} {tuple(local.shape)}"
+            return (local.float() - self.token_mean) / self.token_std  # (B, n, C)
         fmap = self.trunk(preprocess(local).contiguous(memory_format=torch.channels_last))  # (B, 512, c/32, c/32)
         return fmap.flatten(2).transpose(1, 2)  # (B, (c/32)², 512): 49 tokens at 224 px
 
@@ -383,18 +411,18 @@ class NeighbourEncoder(nn.Module):
     def __init__(self, cfg: GeneDMLConfig):
         super().__init__()
         self.grid = cfg.grid
-        self.proj = nn.Linear(FEAT_DIM, cfg.dim)
+        self.proj = nn.Linear(cfg.feat_dim, cfg.dim)
         self.blocks = nn.ModuleList(
             Block(cfg.dim, cfg.neighbour_heads, cfg.neighbour_mlp_ratio, cfg.neighbour_dropout, grid=cfg.grid)
             for _ in range(cfg.neighbour_depth))
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, feats, mask):  # (B, g², 512) float, (B, g²) bool (True = on the image)
+    def forward(self, feats, mask):  # (B, g², F) float, (B, g²) bool (True = on the image)
         """The centre tile is the spot itself, on the image by construction (data.load_section checks the
         spot centres): every row attends to at least that tile. (Not asserted here: that would wait for the device.)"""
-        g2 = self.grid ** 2
-        assert feats.ndim == 3 and feats.shape[1:] == (g2, FEAT_DIM), \
-            f"expected neighbour features (B,{g2},{FEAT_DIM}), got {tuple(feats.shape)}"
+        g2, width = self.grid ** 2, self.proj.in_features
+        assert feats.ndim == 3 and feats.shape[1:] == (g2, width), \
+            f"expected neighbour features (B,{g2},{width}), got {tuple(feats.shape)}"
         assert mask.dtype == torch.bool and mask.shape == feats.shape[:2], \
             f"expected a bool neighbour mask (B,{g2}), got {mask.dtype} {tuple(mask.shape)}"
         x = self.proj(feats)  # (B, g², D)
@@ -434,15 +462,16 @@ class GlobalEncoder(nn.Module):
 
     def __init__(self, cfg: GeneDMLConfig):
         super().__init__()
-        self.proj = nn.Linear(FEAT_DIM, cfg.dim)
+        self.proj = nn.Linear(cfg.feat_dim, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.global_heads, cfg.global_mlp_ratio, cfg.global_dropout)
                                     for _ in range(cfg.global_depth))
         self.peg = PEG(cfg.dim)
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, feats, layout: GlobalLayout, grid: tuple):  # (T, 512) packed features -> (B, D)
-        assert feats.ndim == 2 and feats.shape == (len(layout.tokens), FEAT_DIM), \
-            f"expected the layout's {len(layout.tokens)} packed features (T,{FEAT_DIM}), got {tuple(feats.shape)}"
+    def forward(self, feats, layout: GlobalLayout, grid: tuple):  # (T, F) packed features -> (B, D)
+        width = self.proj.in_features
+        assert feats.ndim == 2 and feats.shape == (len(layout.tokens), width), \
+            f"expected the layout's {len(layout.tokens)} packed features (T,{width}), got {tuple(feats.shape)}"
         S = layout.pad.shape[0]
         x = self.blocks[0].packed(self.proj(feats), layout)  # (T, D)
         x = self.peg(x, layout.cell, S, grid)  # (T, D)
@@ -506,9 +535,10 @@ class GeneDML(nn.Module):
     """Image side: three levels -> fusion -> one embedding per level, and the mean fused token ->
     regression head and clustering head. Gene side (training): gene encoder -> g -> the same clustering head.
 
-        local crop (B,3,c,c) or tokens    LocalEncoder     (B, (c/32)², 512) --+
-        neighbour (B,25,512), mask (B,25) NeighbourEncoder (B, 25, D)       ---+-- Fusion -> v_local, v_neighbour,
-        context: the step's sections      GlobalEncoder    (B, D)           ---+           v_global, mean token
+        local crop (B,3,c,c) or tokens    LocalEncoder     (B, n, token_dim) ---+
+        neighbour (B,25,F), mask (B,25)   NeighbourEncoder (B, 25, D)        ---+-- Fusion -> v_local, v_neighbour,
+        context: the step's sections      GlobalEncoder    (B, D)            ---+           v_global, mean token
+    (F = cfg.feat_dim, the frozen encoder's feature width: 512 for the ResNet18, 1024 for UNI.)
     Each level can be switched off (cfg.levels); its module is then not built and its inputs may be None.
     """
 
@@ -519,10 +549,11 @@ class GeneDML(nn.Module):
         self.levels = tuple(level for level in LEVELS if level in cfg.levels)  # fixed token order
         on = self.levels.__contains__
         assert cfg.local_encoder in LOCAL_ENCODERS, f"local_encoder must be one of {LOCAL_ENCODERS}"
-        self.local_encoder = LocalEncoder(cfg.local_encoder, cfg.weights) if on("local") else None
+        self.local_encoder = LocalEncoder(cfg.local_encoder, cfg.weights, cfg.token_dim, cfg.frozen_tokens) \
+            if on("local") else None
         self.neighbour_encoder = NeighbourEncoder(cfg) if on("neighbour") else None
         self.global_encoder = GlobalEncoder(cfg) if on("global") else None
-        in_dims = {"local": FEAT_DIM, "neighbour": cfg.dim, "global": cfg.dim}
+        in_dims = {"local": cfg.token_dim, "neighbour": cfg.dim, "global": cfg.dim}
         self.fusion = Fusion(cfg, {level: in_dims[level] for level in self.levels})
         self.gene_encoder = GeneEncoder(cfg)
         D = cfg.dim
@@ -538,13 +569,13 @@ class GeneDML(nn.Module):
         # scaled by the std: that would shrink the MSE gradient against the contrastive ones.)
         self.register_buffer("expr_mean", torch.zeros(cfg.n_genes))
         self.register_buffer("expr_std", torch.ones(cfg.n_genes))
-        self.register_buffer("feat_mean", torch.zeros(FEAT_DIM))
-        self.register_buffer("feat_std", torch.ones(FEAT_DIM))
+        self.register_buffer("feat_mean", torch.zeros(cfg.feat_dim))
+        self.register_buffer("feat_std", torch.ones(cfg.feat_dim))
 
     @torch.no_grad()
     def set_statistics(self, expression, features, tokens=None) -> None:
         """Per-gene mean/std of the training labels (N, G) and per-channel mean/std of the frozen features
-        (M, 512); with a frozen local encoder also those of its tokens, as a (mean, std) pair of (512,)."""
+        (M, F); with a frozen local encoder also those of its tokens, as a (mean, std) pair of (token_dim,)."""
         for name, x in (("expr", expression), ("feat", features)):
             x = torch.as_tensor(x, dtype=torch.float32)
             getattr(self, f"{name}_mean").copy_(x.mean(0))
@@ -553,6 +584,11 @@ class GeneDML(nn.Module):
             assert tokens is not None, "a frozen local encoder needs the (mean, std) of its training tokens"
             self.local_encoder.token_mean.copy_(torch.as_tensor(tokens[0], dtype=torch.float32))
             self.local_encoder.token_std.copy_(torch.as_tensor(tokens[1], dtype=torch.float32).clamp(min=1e-3))
+
+    def attach_encoder(self, encoder) -> None:
+        """Hand an online frozen local level its frozen encoder (not saved with the model: see LocalEncoder)."""
+        if self.local_encoder is not None and self.local_encoder.online:
+            self.local_encoder.attach(encoder)
 
     def load_trunk_weights(self, state: dict) -> None:
         """Start the trainable local trunk from a trunk's weights (copied), e.g. the frozen trunk's."""
@@ -575,12 +611,14 @@ class GeneDML(nn.Module):
                 layout=None) -> GeneDMLOutput:
         tokens, valid = {}, {}  # level -> (B, n, d) tokens, (B, n) bool: False = leave out of the fusion
         if self.local_encoder is not None:
-            assert local is not None, "the local level is on: pass the uint8 crops (B,3,c,c) or frozen tokens (B,n,512)"
-            tokens["local"] = self.local_encoder(local)  # (B, (c/32)², 512)
+            assert local is not None, "the local level is on: pass the uint8 crops (B,3,c,c) or frozen tokens (B,n,C)"
+            tokens["local"] = self.local_encoder(local)  # (B, n, token_dim)
             valid["local"] = torch.ones(tokens["local"].shape[:2], dtype=torch.bool, device=local.device)
         if self.neighbour_encoder is not None:
             assert neighbour is not None and neighbour_mask is not None, \
-                "the neighbour level is on: pass neighbour (B,25,512) and neighbour_mask (B,25)"
+                "the neighbour level is on: pass neighbour (B,25,F) and neighbour_mask (B,25)"
+            assert neighbour.ndim == 3 and neighbour.shape[-1] == self.cfg.feat_dim, \
+                f"expected neighbour features (B,25,{self.cfg.feat_dim}), got {tuple(neighbour.shape)}"
             neighbour = (neighbour.float() - self.feat_mean) / self.feat_std  # masked tiles stay masked
             tokens["neighbour"] = self.neighbour_encoder(neighbour, neighbour_mask)  # (B, 25, D)
             valid["neighbour"] = neighbour_mask

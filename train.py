@@ -5,6 +5,7 @@ Train Gene-DML on one fold (or all folds) of a spatial-transcriptomics cohort.
     python train.py --data her2st --epochs 50         # real data (python data.py download her2st)
     python train.py --data her2st --fold all          # every leave-one-patient-out fold + table
     python train.py --data my_slides.csv              # your own Visium / HEST-1k slides (visium.py)
+    python train.py --data her2st --encoder uni --weights ~/models/uni/pytorch_model.bin   # the paper's frozen UNI
     torchrun --standalone --nproc_per_node 4 train.py --data her2st    # 4 GPUs (see distributed.py)
 
 The story, in order: data (sections, gene list, crops, frozen features) -> model -> losses ->
@@ -34,9 +35,10 @@ import data
 from cache import ArrayCache
 import demo
 import distributed
+import encoders
 import evaluate
 from evaluate import HelpFormatter, evaluate_split, load_checkpoint, summarise
-from features import Collate, frozen_trunk, prepare_split, token_statistics
+from features import Collate, online_token_statistics, prepare_split, token_statistics
 from losses import gene_dml_loss
 from model import LEVELS, GeneDML, GeneDMLConfig
 import visium
@@ -73,13 +75,22 @@ def get_args(argv=None):
     p.add_argument("--crop-size", type=int, default=None, help="spot crop / neighbour tile size in pixels (default: cohort table)")
     p.add_argument("--cache-dir", default="cache", help="where decoded images, crops and frozen features are cached")
     # model
-    p.add_argument("--weights", default=None, help="trunk weights: none | imagenet | path to a checkpoint (default: imagenet; demo: none)")
+    p.add_argument("--encoder", default="resnet18",
+                   help=f"the frozen encoder of every level: {' | '.join(encoders.ENCODERS)} | timm:<model>[,key=value...] "
+                        "(README: A foundation model as the encoder; all but resnet18 need pip install timm)")
+    p.add_argument("--weights", default=None, help="encoder weights: resnet18: none | imagenet | path to a checkpoint "
+                   "(default: imagenet; demo: none); a foundation model: its pytorch_model.bin / .safetensors, hub (default: "
+                   "fetch the published file from the Hugging Face hub, if online) or hub:<repo id>[:<file>]")
     p.add_argument("--levels", default="local,neighbour,global", help="image levels to use (ablation: any non-empty subset)")
     p.add_argument("--dim", type=int, default=None, help="shared width D of tokens and embeddings (default: 512; demo: 128)")
     p.add_argument("--local-encoder", default=None, choices=["trainable", "frozen"],
-                   help="trainable: a ResNet18 trained on each crop (TRIPLEX); frozen: the frozen trunk's 7x7x512 "
-                        "token map of each crop, extracted once and cached (the Gene-DML reference; cheaper per step: "
-                        "README Results). Default: trainable; demo: frozen")
+                   help="trainable: a ResNet18 trained on each crop (TRIPLEX); frozen: the frozen encoder's token map "
+                        "of each crop (the Gene-DML reference; cheaper per step: README Results). Default: trainable; "
+                        "demo and every --encoder but resnet18: frozen")
+    p.add_argument("--frozen-tokens", default="auto", choices=["auto", "cached", "online"],
+                   help="frozen local encoder: cached = token maps extracted once (disk: UNI ~400 KB a spot); online = "
+                        "the frozen encoder runs under no_grad on each augmented crop every step (what the reference "
+                        "does; cheap on a GPU). auto: online for a foundation encoder or on CUDA, else cached")
     p.add_argument("--no-augment", action="store_true", help="no random flip / 90-degree rotation of the crop (or token grid)")
     # losses
     p.add_argument("--tau", type=float, default=0.07, help="temperature of the instance-level InfoNCE")
@@ -122,6 +133,14 @@ def get_args(argv=None):
         p.error("--crop-um applies to cohort tables; built-in cohorts are cropped at their native resolution")
 
     spec, recipe = data.COHORTS[args.data], RECIPES.get(args.data, RECIPES["default"])
+    try:
+        encoders.resolve_spec(args.encoder)
+    except (ValueError, ImportError) as e:
+        p.error(str(e))
+    if args.encoder != "resnet18":  # a foundation model: its published weights, and the reference's frozen local level
+        if args.local_encoder == "trainable":
+            p.error(f"--encoder {args.encoder} is frozen at every level: --local-encoder trainable is for resnet18")
+        recipe = dict(recipe, weights="hub", local_encoder="frozen")
     defaults = dict(root=spec["root"], crop_size=spec["crop"], k=spec["k"], n_genes=spec["genes"],
                     out=f"runs/{args.data}", **recipe)
     for name, value in defaults.items():       # an explicit flag wins, even an explicit 0
@@ -273,6 +292,9 @@ def train_fold(args, fold):
         with distributed.main_process_first():      # rank 0 writes it, the others then find it there
             demo.make_demo_cohort(args.root)
     names = split_sections(args, fold)
+    was = ((resume.get("encoder") or {}).get("spec") or {}).get("name", "resnet18") if resume else None
+    if resume and was != args.encoder:
+        raise SystemExit(f"--resume {args.resume} was trained with --encoder {was}, not {args.encoder}")
     if resume and resume["config"].get("local_encoder", "trainable") != args.local_encoder:
         raise SystemExit(f"--resume {args.resume} has a {resume['config'].get('local_encoder', 'trainable')} "
                          f"local encoder, not {args.local_encoder}: pass the same --local-encoder")
@@ -302,20 +324,30 @@ def train_fold(args, fold):
     cache = ArrayCache(args.cache_dir)
     # Rank 0 fetches the weights and fills the caches (crops, frozen features) first; the other processes
     # wait, then read them. Only rank 0 validates, so only it prepares the validation and test sections.
+    # The frozen local level runs its encoder online (on each augmented crop) or reads cached token maps.
+    online = args.local_encoder == "frozen" and (args.frozen_tokens == "online" or args.frozen_tokens == "auto"
+                                                 and (args.encoder != "resnet18" or device.type == "cuda"))
     with distributed.main_process_first():
-        # a resumed run's frozen trunk is the checkpoint's: nothing downloaded (GPU nodes are often offline)
-        trunk = frozen_trunk("none" if resume else args.weights, device)
-        if resume:
-            trunk.load_state_dict(resume["frozen_trunk"])
-        splits = {part: prepare_split([sections[n] for n in ns], genes, args.crop_size, trunk, cache, device,
+        # a resumed run's encoder is the checkpoint's: nothing downloaded (GPU nodes are often offline)
+        if resume:  # the checkpoint's own encoder (a foundation model's file must be the same file)
+            encoder = encoders.rebuild_encoder(resume.get("encoder"), resume["frozen_trunk"],
+                                               None if str(args.weights).startswith("hub") else args.weights, device)
+        else:
+            encoder = encoders.load_encoder(args.encoder, args.weights, device)
+        splits = {part: prepare_split([sections[n] for n in ns], genes, args.crop_size, encoder, cache, device,
                                       smooth=not args.no_smooth, augment=part == "train" and not args.no_augment,
-                                      local_tokens=args.local_encoder == "frozen")
+                                      local_tokens=args.local_encoder == "frozen" and not online)
                   for part, ns in names.items() if ns and (main_process or part == "train")}
+        train_tokens = None
+        if args.local_encoder == "frozen":  # the frozen tokens' per-channel statistics, over the training crops
+            train_tokens = online_token_statistics(encoder, splits["train"], cache, device) if online \
+                else token_statistics(splits["train"].tokens)
     select_part = "test" if args.select_on_test else "val"
     if main_process:
         print(f"fold {fold}: train {names['train']}  val {names['val']}  test {names['test']}  "
               f"| {len(splits['train'].dataset)} training spots, {len(genes)} genes ({genes_from}), selection on {select_part}, "
-              f"{args.local_encoder} local encoder")
+              f"{args.local_encoder}{' (online)' if online else ''} local encoder, {args.encoder} "
+              f"({encoder.feature_dim}-d features, {encoder.token_dim}-d tokens)")
     # --batch-size is the global batch: under torchrun each process loads its 1/N share of every one.
     world, train_set = distributed.world_size(), splits["train"].dataset
     if args.batch_size % world or len(train_set) < world:
@@ -336,12 +368,13 @@ def train_fold(args, fold):
     # ---- model
     sizes = data.COHORTS[args.data].get("sizes", args.data)  # a cohort table borrows a built-in cohort's encoder sizes
     cfg = GeneDMLConfig.for_cohort(sizes, len(genes), levels=args.levels, local_encoder=args.local_encoder,
-                                   **({'dim': args.dim} if args.dim else {}))
+                                   frozen_tokens="online" if online else "cached", feat_dim=encoder.feature_dim,
+                                   token_dim=encoder.token_dim, **({'dim': args.dim} if args.dim else {}))
     model = GeneDML(cfg).to(device)
-    model.load_trunk_weights(trunk.state_dict())    # the trainable local trunk starts where the frozen one is
+    model.attach_encoder(encoder)                   # online: the local level runs it (never trained, never saved)
+    model.load_trunk_weights(encoder.net.state_dict())  # the trainable local trunk starts where the frozen one is
     model.set_statistics(np.concatenate(splits["train"].dataset.labels),
-                         splits["train"].context.feats.cpu(),
-                         tokens=token_statistics(splits["train"].tokens) if splits["train"].tokens else None)
+                         splits["train"].context.feats.cpu(), tokens=train_tokens)
     freeze_unreached(model, args)
     use_genes = bool(args.w_inst or args.lam)       # regression only: the gene side is not run at all
 
@@ -367,7 +400,9 @@ def train_fold(args, fold):
             (out / "log.jsonl").write_text("".join(l + "\n" for l in lines))
 
     def checkpoint(epoch):
-        return {"model": model.state_dict(), "frozen_trunk": trunk.state_dict(),
+        # the ResNet18's weights travel in the checkpoint; a foundation model's stay in their file (recorded)
+        return {"model": model.state_dict(), "encoder": encoder.record(),
+                "frozen_trunk": encoder.net.state_dict() if encoder.spec.arch == "resnet18" else None,
                 "config": dataclasses.asdict(cfg), "genes": list(genes),
                 "data": {"cohort": args.data, "root": str(args.root), "crop_size": args.crop_size, "crop_um": crop_um,
                          "smooth": not args.no_smooth, "fold": None if args.test_sections else fold, "sections": names,
@@ -532,7 +567,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:  # bad input: what and where, without a traceback
+    except (FileNotFoundError, ValueError, ImportError) as e:  # bad input or a missing extra: what and where
         sys.exit(f"error: {e}")
     finally:
         distributed.shutdown()

@@ -1,6 +1,8 @@
 """benchmark.py runs end to end at --quick sizes and its figures are sane (no timing is asserted)."""
 import json
 
+import pytest
+
 import benchmark
 
 
@@ -33,3 +35,13 @@ def test_gpu_check_runs_on_the_cpu_at_a_small_size():
 def test_quick_ddp_benchmark_times_two_processes():
     figures = benchmark.main(["--quick", "--only", "ddp", "--reps", "1", "--ddp-processes", "2", "--crop", "32"])
     assert list(figures["ddp"]["steps_per_s"]) == [2] and figures["ddp"]["steps_per_s"][2] > 0
+
+
+def test_quick_encoder_benchmark_counts_flops_and_rates():
+    pytest.importorskip("timm")
+    figures = benchmark.main(["--quick", "--only", "encoders", "--encoders", "resnet18,tiny-vit", "--encoder-px", "64"])
+    enc = figures["encoders"]
+    assert set(enc) >= {"resnet18", "tiny-vit"} and all(enc[k]["images_per_s"] > 0 for k in ("resnet18", "tiny-vit"))
+    # ResNet18 at 64 px: 1.82 GMAC at 224 px scaled by (64/224)^2, two FLOPs a MAC
+    assert abs(enc["resnet18"]["gflop_per_image"] - 2 * 1.8145 * (64 / 224) ** 2) < 0.02
+    assert enc["tiny-vit"]["params_m"] < 1 and enc["tiny-vit"]["gflop_per_image"] < enc["resnet18"]["gflop_per_image"]
