@@ -148,12 +148,13 @@ def online_token_statistics(encoder: FrozenEncoder, split, cache, device, progre
 
 
 def token_statistics(tokens: list, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std (C,) over every token of every spot and transform, a chunk of spots at
+    """Per-channel mean and std (C,) over every token of every spot's untransformed crop (transform 0:
+    what online_token_statistics computes, so both frozen paths standardise alike), a chunk of spots at
     a time (float64 sums; the arrays are memory-mapped and need not fit in memory)."""
     total, square, count = 0.0, 0.0, 0
-    for t in tokens:  # (N, 8, h, w, 512) float16, memory-mapped
+    for t in tokens:  # (N, 8, h, w, C) float16, memory-mapped
         for a in range(0, len(t), chunk):
-            x = np.asarray(t[a:a + chunk], np.float64).reshape(-1, t.shape[-1])
+            x = np.asarray(t[a:a + chunk, 0], np.float64).reshape(-1, t.shape[-1])
             total, square, count = total + x.sum(0), square + (x * x).sum(0), count + len(x)
     mean = total / count
     return mean.astype(np.float32), np.sqrt(np.maximum(square / count - mean ** 2, 0)).astype(np.float32)

@@ -226,7 +226,7 @@ def test_online_token_statistics_equal_those_of_the_cached_tokens(tiny, demo_roo
     sections = [data.load_section("demo", demo_root, n) for n in ("A1", "B1")]
     cache = ArrayCache(tmp_path / "cache")
     split = features.prepare_split(sections, ["TUM01"], 32, enc, cache, "cpu", local_tokens=True)
-    assert split.tokens[0].shape == (len(sections[0].spot_ids), 4, 4, 64) and split.tokens[0].dtype == np.float16
+    assert split.tokens[0].shape == (len(sections[0].spot_ids), 8, 4, 4, 64) and split.tokens[0].dtype == np.float16
     mean, std = features.online_token_statistics(enc, split, cache, "cpu", progress=False)
     want_mean, want_std = features.token_statistics(split.tokens)  # float16-rounded tokens: close, not equal
     assert np.allclose(mean, want_mean, atol=2e-3) and np.allclose(std, want_std, rtol=2e-3, atol=2e-3)
