@@ -217,21 +217,37 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, n, C/h)
         return self.proj(y.transpose(1, 2).reshape(B, n, C))  # (B, n, C)
 
+    padded_on = ("cuda",)  # device types that run the global level's attention as one padded call
+
     def packed(self, x, layout, queries=False):
         """Self-attention within each section of a GlobalLayout: x (T, C) packed tokens -> (T, C), or,
-        with queries, the output at the batch's own spots only (B, C). The T tokens are laid out as an
-        (S, n) padded batch for one attention call; padded keys are masked, padded queries discarded."""
+        with queries, the output at the batch's own spots only (B, C). On a GPU the T tokens are laid
+        out as an (S, n) padded batch for one attention call (padded keys masked, padded queries
+        discarded); on a CPU, where FLOPs are the cost and padding is ~1.8x of them on her2st, each
+        section's contiguous run of packed tokens attends alone."""
         T, C = x.shape
         S, n = layout.pad.shape
-        qkv = F.pad(self.qkv(x), (0, 0, 0, 1))  # (T + 1, 3C): the last row is what padded slots read
-        q, k, v = qkv[layout.pad].view(S, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (S,h,n,C/h)
-        if queries:
-            r = layout.query.shape[1]
-            q = qkv[layout.query].view(S, r, 3, self.heads, C // self.heads)[:, :, 0].transpose(1, 2)  # (S,h,r,C/h)
-        mask = torch.zeros(S, 1, 1, n, device=x.device).masked_fill(~layout.key_mask[:, None, None, :], float("-inf"))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))  # (S, h, n_q, C/h)
-        y = y.transpose(1, 2).reshape(-1, C)[layout.order if queries else layout.unpad]  # (B, C) or (T, C)
-        return self.proj(y)
+        h, d = self.heads, C // self.heads
+        qkv = self.qkv(x)  # (T, 3C)
+        if x.device.type in self.padded_on:
+            padded = F.pad(qkv, (0, 0, 0, 1))  # (T + 1, 3C): the last row is what padded slots read
+            q, k, v = padded[layout.pad].view(S, n, 3, h, d).permute(2, 0, 3, 1, 4)  # (S, h, n, d)
+            if queries:
+                q = qkv[layout.query].view(S, -1, 3, h, d)[:, :, 0].transpose(1, 2)  # (S, h, r, d)
+            mask = torch.zeros(S, 1, 1, n, device=x.device).masked_fill(~layout.key_mask[:, None, None, :], float("-inf"))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))  # (S, h, n_q, d)
+            y = y.transpose(1, 2).reshape(-1, C)[layout.order if queries else layout.unpad]  # (B, C) or (T, C)
+            return self.proj(y)
+        parts, start, r = [], 0, layout.query.shape[1]
+        for s, (n_s, r_s) in enumerate(zip(layout.sizes, layout.counts)):
+            q, k, v = qkv[start:start + n_s].view(n_s, 3, h, d).permute(1, 2, 0, 3)  # (h, n_s, d) each
+            if queries:
+                q = qkv[layout.query[s, :r_s]].view(r_s, 3, h, d)[:, 0].transpose(0, 1)  # (h, r_s, d)
+            y = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(-1, C)  # (n_s or r_s, C)
+            parts.append(F.pad(y, (0, 0, 0, r - r_s)) if queries else y)
+            start += n_s
+        y = torch.cat(parts)  # (T, C) in packed order, or (S * r, C) as the padded queries
+        return self.proj(y[layout.order] if queries else y)
 
 
 class Block(nn.Module):
@@ -313,14 +329,16 @@ class SpotGrids:
         query[slot, rank] = rows
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
         return GlobalLayout(tokens=t(tokens), cell=t(cell), pad=t(pad), key_mask=t(valid),
-                            unpad=t(np.flatnonzero(valid)), query=t(query), order=t(slot * r + rank), rows=t(rows))
+                            unpad=t(np.flatnonzero(valid)), query=t(query), order=t(slot * r + rank), rows=t(rows),
+                            sizes=size.tolist(), counts=count.tolist())
 
 
 @dataclass
 class GlobalLayout:
     """One step's global level as one padded batch: the step's S sections are S sequences of up to n
     spots. Linear layers run on the T packed tokens (no padding: sections differ ~4x in size); only
-    attention sees the padded (S, n) batch, with a key mask. Every field is an index built on the CPU
+    attention sees the padded (S, n) batch, with a key mask (on a GPU, in one call; on a CPU each
+    section's part alone, as padding would add FLOPs there). Every field is built on the CPU
     (SpotGrids.layout), so the forward pass never waits for the device to say how many there are."""
     tokens: torch.Tensor    # (T,) rows of the stacked features: every spot of the step's sections
     cell: torch.Tensor      # (T,) PEG cell of each token in the (S, H, W) stack of grids
@@ -330,12 +348,15 @@ class GlobalLayout:
     query: torch.Tensor     # (S, r) packed positions of the batch's spots, per section, padded
     order: torch.Tensor     # (B,) flat query s * r + j of each batch spot, in batch order
     rows: torch.Tensor      # (B,) packed position of each batch spot
+    sizes: list             # (S,) spots of each section, host ints (the CPU's attention runs each alone)
+    counts: list            # (S,) the batch's spots in each section, host ints
 
     def to(self, device, non_blocking=False) -> "GlobalLayout":
-        return GlobalLayout(**{k: v.to(device, non_blocking=non_blocking) for k, v in vars(self).items()})
+        return GlobalLayout(**{k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
+                               for k, v in vars(self).items()})
 
     def pin_memory(self) -> "GlobalLayout":  # called by a DataLoader with pin_memory=True
-        return GlobalLayout(**{k: v.pin_memory() for k, v in vars(self).items()})
+        return GlobalLayout(**{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in vars(self).items()})
 
 
 @dataclass

@@ -220,10 +220,13 @@ def global_level_one_section_at_a_time(enc, feats, xy, rows):
     return enc.norm(x)[rows]
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["one padded call (GPU)", "a call per section (CPU)"])
 @pytest.mark.parametrize("depth", [1, 3])
-def test_batched_global_level_equals_each_section_on_its_own(depth):
+def test_batched_global_level_equals_each_section_on_its_own(depth, padded, monkeypatch):
     """Four sections of different sizes and grid shapes, a batch that visits three of them unevenly (one
-    spot twice): the padded, packed pass gives each spot its section's row, values and gradients."""
+    spot twice): the packed pass gives each spot its section's row, values and gradients, with the
+    attention as the GPU runs it (one padded, masked call) and as the CPU runs it (section by section)."""
+    monkeypatch.setattr(M.Attention, "padded_on", ("cpu", "cuda") if padded else ())
     torch.manual_seed(0)
     net = M.GeneDML(tiny_cfg(levels=("global",), global_depth=depth)).eval()
     rng = np.random.default_rng(0)
