@@ -9,7 +9,9 @@ both are done once and stored. An entry is a folder
 `ArrayCache.get(name, key, build)` returns the stored arrays when an entry with exactly this key
 exists; otherwise it calls `build()`, writes the arrays into a temporary folder and renames it into
 place (atomic), then deletes the stale entries of the same name. If `build()` raises, nothing is
-left behind. A key holds the fingerprints of the source files (`fingerprint`), so editing or
+left behind. Before building, an entry of another name with exactly this key is reused: the key,
+not the name, says what the arrays hold (a slide of a training table read again by
+`evaluate.py --predict` finds its crops and features). A key holds the fingerprints of the source files (`fingerprint`), so editing or
 touching a source makes the entry stale.
 """
 
@@ -67,12 +69,28 @@ class ArrayCache:
         except (OSError, ValueError):
             return None
 
+    def _same_key(self, key: dict) -> dict[str, np.ndarray] | None:
+        """The arrays of a complete entry of any name built from exactly this key, else None."""
+        if not self.root.is_dir():
+            return None
+        suffix = f"-{_short_hash(key)}"
+        for entry in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.endswith(suffix)
+                            and not p.name.startswith(".")):
+            arrays = self._read(entry, key)
+            if arrays is not None:
+                log.info("cache: %s holds what is asked for; reused", entry.name)
+                return arrays
+        return None
+
     def get(self, name: str, key: dict, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         assert re.fullmatch(r"[A-Za-z0-9_.\-]+", name), f"cache name must be a plain file name, got {name!r}"
         entry = self.root / f"{name}-{_short_hash(key)}"
         arrays = self._read(entry, key)
         if arrays is not None:
             return arrays
+        elsewhere = self._same_key(key)
+        if elsewhere is not None:
+            return elsewhere
 
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

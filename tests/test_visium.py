@@ -39,7 +39,7 @@ def colour(i):
 
 
 def write_slide(folder, seed=0, version=2, genes=GENES, mex=True, h5=False, drop=(), rows=6, per_row=6):
-    """A Space Ranger outs/ folder and its image. Returns the truth: in-tissue barcodes (matrix order),
+    """A Space Ranger outs/ folder and its image. Returns the truth: in-tissue barcodes (sorted, as read),
     their counts (dict gene -> array), array row/col and pixel x/y."""
     rng = np.random.default_rng(seed)
     row, col, px_col, px_row = hex_layout(rows, per_row)
@@ -94,6 +94,8 @@ def write_slide(folder, seed=0, version=2, genes=GENES, mex=True, h5=False, drop
         x, y = round(px_col[i]), round(px_row[i])
         image.paste(colour(i), (x - 6, y - 6, x + 7, y + 7))
     image.save(folder / "fullres.png")
+    order = np.argsort(barcodes[keep])  # the readers' order: by barcode, whatever order the files use
+    counts, keep = counts[order], keep[order]
     return {"barcodes": barcodes[keep].tolist(), "counts": dict(zip(genes, counts.T)), "row": row[keep], "col": col[keep],
             "x": px_col[keep], "y": px_row[keep], "index": keep, "outs": outs, "image": folder / "fullres.png"}
 
@@ -108,7 +110,7 @@ def write_table(path, rows):
 def test_mex_and_both_position_files(tmp_path, version):
     truth = write_slide(tmp_path, version=version, drop=[3])
     s = visium.load_spaceranger("mine", "S1", "P1", tmp_path, truth["image"])  # the folder above outs/ works too
-    assert s.spot_ids == truth["barcodes"]  # in tissue only, in the matrix's order; the off-tissue spot is gone
+    assert s.spot_ids == truth["barcodes"]  # in tissue only, by barcode; the off-tissue spot is gone
     assert "CD3" not in s.counts.columns, "antibody captures are not genes"
     for g, v in truth["counts"].items():
         np.testing.assert_array_equal(s.counts[g].to_numpy(), v)
@@ -412,7 +414,7 @@ def test_visium_sits_above_data_and_below_train():
     """data dispatches to cohort tables through the hooks visium registers, never by importing it."""
     from test_layout import project_imports
     graph = project_imports()
-    assert graph["visium"] <= {"data", "cache"}
+    assert graph["visium"] <= {"data", "cache", "slide"}
     assert "visium" not in graph["data"] | graph["model"] | graph["features"]
 
 
