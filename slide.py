@@ -212,14 +212,19 @@ def open_slide(path, um_per_px=None) -> Slide:
 
 # ----------------------------------------------------------------------------- tissue
 def otsu(values: np.ndarray) -> float:
-    """Otsu's threshold of uint8 values: the cut that maximises the between-class variance."""
+    """Otsu's threshold of uint8 values: the cut that maximises the between-class variance (values
+    above it are the second class). Every cut in an empty gap between two modes splits alike: the
+    middle of the gap is returned."""
     hist = np.bincount(np.asarray(values, np.uint8).reshape(-1), minlength=256).astype(np.float64)
     w0 = np.cumsum(hist)                       # pixels at or below each level
     m0 = np.cumsum(hist * np.arange(256))
     w1, total = w0[-1] - w0, m0[-1]
     with np.errstate(divide="ignore", invalid="ignore"):
         between = (m0 / w0 - (total - m0) / w1) ** 2 * w0 * w1
-    return float(np.nanargmax(np.where(np.isfinite(between), between, np.nan))) if np.isfinite(between).any() else 0.0
+    between = np.where(np.isfinite(between), between, -1.0)
+    if between.max() < 0:  # a single value: nothing to split
+        return 0.0
+    return float(np.flatnonzero(between >= between.max() * (1 - 1e-9)).mean())  # the middle of a flat optimum
 
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -308,8 +313,8 @@ def _integral(a):
 
 def spot_grid(mask, thumb, thumb_scale, pitch_px, lattice, tile_px, min_tissue=MIN_TISSUE,
               white=WHITE_MEAN) -> dict:
-    """Virtual spots on the tissue: the lattice with pitch_px slide px between neighbours, anchored
-    at the tissue's top-left corner. thumb_scale = thumbnail px per slide px; tile_px = the side of
+    """Virtual spots on the tissue: the lattice with pitch_px slide px between neighbours, centred on
+    the tissue's bounding box. thumb_scale = thumbnail px per slide px; tile_px = the side of
     a spot's tile (the crop) in slide px. Returns array_xy (N, 2) int64, array_row / array_col (N,),
     pixel_xy (N, 2) float64 slide px, tissue (N,) share of the tile on tissue, mean_rgb (N,)."""
     assert lattice in PITCH_UM, f"lattice must be one of {list(PITCH_UM)}, got {lattice!r}"
@@ -318,21 +323,24 @@ def spot_grid(mask, thumb, thumb_scale, pitch_px, lattice, tile_px, min_tissue=M
              "array_col": np.zeros(0, np.int64), "pixel_xy": np.zeros((0, 2)), "tissue": np.zeros(0), "mean_rgb": np.zeros(0)}
     if not len(xs):
         return empty
-    x0, y0 = xs.min() / thumb_scale, ys.min() / thumb_scale  # slide px
+    x0, y0 = xs.min() / thumb_scale, ys.min() / thumb_scale  # the tissue's bounding box, slide px
     x1, y1 = (xs.max() + 1) / thumb_scale, (ys.max() + 1) / thumb_scale
+
+    def axis(lo, hi, step):  # positions `step` apart, centred in [lo, hi): equal margins at both ends
+        n = max(1, int((hi - lo) // step))
+        return lo + (hi - lo - (n - 1) * step) / 2 + step * np.arange(n)
+
     if lattice == "square":
-        col, row = np.meshgrid(np.arange(int((x1 - x0) // pitch_px) + 1), np.arange(int((y1 - y0) // pitch_px) + 1))
-        col, row = col.reshape(-1), row.reshape(-1)
-        px, py = x0 + col * pitch_px, y0 + row * pitch_px
-        array_xy = np.stack([col, row], 1)
+        px, py = np.meshgrid(axis(x0, x1, pitch_px), axis(y0, y1, pitch_px))
+        col, row = np.meshgrid(np.arange(px.shape[1]), np.arange(px.shape[0]))
+        array_xy = np.stack([col.reshape(-1), row.reshape(-1)], 1)
     else:  # Visium: rows sqrt(3)/2 pitch apart, a column every half pitch, row + col even
-        dy = pitch_px * math.sqrt(3) / 2
-        col, row = np.meshgrid(np.arange(int((x1 - x0) // (pitch_px / 2)) + 1), np.arange(int((y1 - y0) // dy) + 1))
-        col, row = col.reshape(-1), row.reshape(-1)
-        even = (col + row) % 2 == 0
-        col, row = col[even], row[even]
-        px, py = x0 + col * pitch_px / 2, y0 + row * dy
+        px, py = np.meshgrid(axis(x0, x1, pitch_px / 2), axis(y0, y1, pitch_px * math.sqrt(3) / 2))
+        col, row = np.meshgrid(np.arange(px.shape[1]), np.arange(px.shape[0]))
+        even = ((col + row) % 2 == 0).reshape(-1)
+        px, py, col, row = (a.reshape(-1)[even] for a in (px, py, col, row))
         array_xy = np.stack([(col - row) // 2, row], 1)
+    px, py, col, row = (a.reshape(-1) for a in (px, py, col, row))
     half = tile_px * thumb_scale / 2
     tissue = _box_means(_integral(mask), px * thumb_scale, py * thumb_scale, half)
     rgb = _box_means(_integral(np.asarray(thumb.convert("RGB"))), px * thumb_scale, py * thumb_scale, half).mean(1)
