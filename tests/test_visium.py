@@ -328,6 +328,41 @@ def test_predict_a_visium_slide_from_its_positions(trained, cohort, tmp_path):
     assert len(pred) == 20 and pred["spot_id"].str.startswith("AC0").all()
 
 
+def test_predict_knows_positions_by_columns_and_reuses_the_cache(trained, cohort, tmp_path, monkeypatch):
+    """A renamed copy of S0's positions file is still a positions file, and S0, a test slide of the
+    checkpoint, is neither resampled nor cropped nor run through the frozen trunk again."""
+    import features
+    best, cache = trained
+    _, root = cohort
+    renamed = tmp_path / "s0_spots.csv"
+    renamed.write_bytes((root / "s0" / "outs" / "spatial" / "tissue_positions.csv").read_bytes())
+
+    def rebuilt(*a, **kw):
+        raise AssertionError("rebuilt what the cache already holds")
+    for module, name in [(data, "_decode"), (data, "crop_image"), (features, "extract_features")]:
+        monkeypatch.setattr(module, name, rebuilt)
+    assert evaluate.main(["--ckpt", str(best), "--predict", str(root / "s0" / "fullres.png"), str(renamed),
+                          "--out", str(tmp_path), "--cache-dir", str(cache), "--device", "cpu", "--maps", "1"]) == 0
+    assert len(pd.read_csv(tmp_path / "predictions.csv")) == 20
+
+
+def test_maps_decode_each_image_once(trained, cohort, tmp_path, monkeypatch):
+    """However many maps a slide gets, its image is opened as often: for its header (checks, reading
+    the slide) and once for the thumbnail every map is drawn on."""
+    best, cache = trained
+    _, root = cohort
+    opened, real = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **kw: opened.append(str(fp)) or real(fp, *a, **kw))
+    counts = []
+    for maps in (1, 3):
+        opened.clear()
+        assert evaluate.main(["--ckpt", str(best), "--out", str(tmp_path / str(maps)), "--cache-dir", str(cache),
+                              "--device", "cpu", "--maps", str(maps)]) == 0
+        assert len(list((tmp_path / str(maps) / "maps").glob("S0_*.png"))) == maps
+        counts.append(opened.count(str(root / "s0" / "fullres.png")))
+    assert counts[0] == counts[1], f"S0's image opened {counts[0]} times for 1 map, {counts[1]} for 3"
+
+
 # ----------------------------------------------------------------------------- HEST-1k
 def write_h5ad(path, truth, layout="csr"):
     """An AnnData file as anndata writes it (encoding-type attributes, _index, a categorical column)."""
