@@ -73,7 +73,7 @@ def _dataframe(h5py, group, name, index, columns: dict, categorical=()):
         cg = g.create_group(c)
         _encoding(cg, "categorical", "0.2.0")
         cg.attrs["ordered"] = False
-        cg.create_dataset("codes", data=np.array([code[v] for v in values], np.int32))
+        _write(h5py, cg, "codes", np.array([code[v] for v in values], np.int32))
         _write(h5py, cg, "categories", np.array(categories, dtype=object))
 
 
