@@ -363,8 +363,8 @@ def grid_windows(array_xy, max_spots=MAX_GLOBAL_SPOTS, margin=5) -> list[tuple[n
     if len(xy) <= max_spots:
         everything = np.arange(len(xy))
         return [(everything, everything)]
+    margin = min(margin, math.isqrt(max_spots) // 4)  # a small window keeps at least half its side as core
     side = math.isqrt(max_spots) - 2 * margin  # core side in array cells: (side + 2 margin)² <= max_spots
-    assert side >= 1, f"max_spots {max_spots} leaves no core inside a margin of {margin} cells"
     xy = xy - xy.min(0)
     cell = xy // side
     out = []
