@@ -587,6 +587,7 @@ def bench_scale(args, device, amp, tmp):
 def bench_slide(args, device, tmp):
     """--predict SLIDE on a synthetic pyramidal TIFF, cold and warm; the grid windows against the full pass."""
     import evaluate
+    import prediction
     import slide
     from features import prepare_split
     try:
@@ -624,7 +625,7 @@ def bench_slide(args, device, tmp):
 
     # the global level: the full pass against windows of the grid, on the cached features of the same grid
     ns = argparse.Namespace(um_per_px=None, lattice=None, pitch_um=None, crop_um=None, tissue_mask=None)
-    section, _ = evaluate.grid_section(path, genes, ckpt["data"], ns)
+    section, _ = prediction.grid_section(path, genes, ckpt["data"], ns)
     model, trunk = evaluate.rebuild(ckpt, device)
     split = prepare_split([section], genes, args.wsi_crop, trunk, ArrayCache(tmp / "cache"), device)
     runs = {}

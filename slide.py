@@ -389,3 +389,15 @@ def overview(path, max_side=2000) -> tuple[Image.Image, float]:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         im.draft("RGB", size)
         return im.convert("RGB").resize(size, Image.Resampling.BOX), size[0] / w
+
+
+def spot_spacing(pixel_xy, sample=500) -> float:
+    """Median distance from a spot to its nearest neighbour, in pixels: over every spot, or over every
+    len // sample-th one on a big grid (the distances to all spots of `sample` spots, not N²)."""
+    xy = np.asarray(pixel_xy, np.float64)
+    if len(xy) < 2:
+        return 20.0
+    queries = xy[::max(1, len(xy) // sample)]
+    d = np.sqrt(((queries[:, None, :] - xy[None]) ** 2).sum(-1))  # (q, N)
+    d[d == 0] = np.inf  # the spot itself
+    return float(np.median(d.min(1)))

@@ -39,3 +39,4 @@ def test_imports_have_no_circle():
     assert not graph["evaluate"] & {"train", "demo", "experiments", "benchmark"}
     assert not graph["model"] and not graph["losses"]
     assert not graph["slide"] and not graph["h5ad"]  # reading slides and writing AnnData need nothing of ours
+    assert not graph["prediction"] & {"evaluate", "train", "demo", "features", "model"}

@@ -5,7 +5,6 @@ tifffile writes the slide and OpenSlide reads it; both are optional extras, so t
 cleanly without them. The painted tissue is flat colour, so a crop whose colour is the colour
 painted where its spot lies was cut from the right place at the right scale.
 """
-import math
 import pickle
 
 import numpy as np
