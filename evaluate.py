@@ -15,7 +15,7 @@ fold's test slides, then the mean over genes. An external test scores the genes 
 has (matched by name) and says how many it lacks.
 Everything the model needs is read from the checkpoint (loaded with weights_only=True). Every mode
 writes predictions.csv and predictions.h5ad (AnnData, h5ad.py) and PNG maps over a thumbnail that
-is decoded once per slide. --predict SLIDE finds the tissue and lays the spots with slide.py.
+is decoded once per slide. --predict SLIDE finds the tissue and lays the spots (prediction.py, slide.py).
 """
 import argparse
 import glob
