@@ -50,6 +50,12 @@ other jobs hold cores: torch's threads then wait on each other, up to 20x slower
          a time (smaller images, --cohort-px): the anonymous (heap) part should stay flat, while
          the file-backed part grows with the memory-mapped pages the kept crops touched (the
          kernel can drop those at will).
+  slide  evaluate.py --predict SLIDE end to end on a synthetic tiled pyramidal TIFF (tifffile) whose
+         tissue holds ~--wsi-spots spots of a Visium grid, read through OpenSlide, with a random-weight
+         model at --wsi-crop px: grid spots/s cold (region reads, frozen features of 26 images a spot,
+         prediction) and warm (cache filled: prediction alone). Then the global level's large-grid
+         strategy against the full pass on the same grid: time, peak RSS, and how far the windowed
+         predictions are from the full pass's (slide.grid_windows, --wsi-window spots a window).
 
 "Peak RSS" is the process's high-water mark (VmHWM), reset at the start of each measurement where
 Linux allows it, else resource.getrusage's lifetime peak. On CUDA the step and scale sections run
@@ -90,14 +96,14 @@ import fold_benchmark
 from fold_benchmark import grid_xy
 from model import GeneDML, GeneDMLConfig, GlobalContext, build_trunk, preprocess
 
-SECTIONS = ("data", "step", "fold", "eval", "ddp", "scale", "encoders")
+SECTIONS = ("data", "step", "fold", "eval", "ddp", "scale", "encoders", "slide")
 HER2ST_IMAGES = 13_653 * 26  # her2st's spots x (the local crop + 25 neighbour tiles)
 SPOT_PX = 256  # her2st: spots ~ 200-260 px apart on the full-resolution image
 QUICK = dict(slide_px="2000x2000", spots=64, items=32, decode_items=1, batch=8, crop=64, context=64,
              feat_spots=4, warmup=1, reps=2, eval_spots=500, eval_genes=50, scale_spots="100,300",
              cohort_sections=4, cohort_px="800x800", cohort_spots=36, step_sections="1,3", loader_batches=2,
              fold_sections=3, fold_spots=96, fold_steps=None, encoders="resnet18,tiny-vit",
-             encoder_px=64, encoder_batch=2)
+             encoder_px=64, encoder_batch=2, wsi_spots=300, wsi_window=150)
 GPU_CHECK = dict(only="step,fold", batch=256, step_sections="24", amp=True, reps=5)  # her2st's sizes otherwise
 GPU_CHECK_CPU = dict(only="step,fold", step_sections="3", reps=1, warmup=1, fold_spots=24)
 
@@ -161,6 +167,9 @@ def get_args(argv=None):
     p.add_argument("--encoders", default="resnet18,tiny-vit,uni", help="encoders: which (resnet18, tiny-vit, or a name of encoders.ENCODERS)")
     p.add_argument("--encoder-px", type=int, default=224, help="encoders: image size in pixels")
     p.add_argument("--encoder-batch", type=int, default=8, help="encoders: images per forward (UNI-sized ones: a quarter, at least 1)")
+    p.add_argument("--wsi-spots", type=int, default=2000, help="slide: grid spots on the synthetic whole slide (Visium: ~4,000 a slide)")
+    p.add_argument("--wsi-window", type=int, default=1000, help="slide: spots per global-level window, against the full pass")
+    p.add_argument("--wsi-crop", type=int, default=32, help="slide: crop px of the random-weight model (224 for the real recipe; slow on a CPU)")
     args = p.parse_args(argv)
     if args.gpu_check:  # her2st's real step and fold on a GPU; a small one on the CPU, so that it is tested
         cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
@@ -663,6 +672,75 @@ def bench_scale(args, device, amp, tmp):
     return fig, rows
 
 
+def bench_slide(args, device, tmp):
+    """--predict SLIDE on a synthetic pyramidal TIFF, cold and warm; the grid windows against the full pass."""
+    import evaluate
+    import prediction
+    import slide
+    from features import prepare_split
+    try:
+        import openslide  # noqa: F401  (the region reader under test)
+        import tifffile
+    except ImportError as e:
+        return {"skipped": str(e)}, [("skipped: needs the optional extras", "pip install tifffile openslide-python openslide-bin")]
+    um, pitch, crop_um = 2.0, slide.PITCH_UM["hex"], 112.0
+    rng = np.random.default_rng(0)
+    # an ellipse of tissue that holds ~wsi_spots hexagonal spots: area = spots x pitch² x sqrt(3)/2
+    a = math.sqrt(args.wsi_spots * pitch ** 2 * math.sqrt(3) / 2 / math.pi * 1.3) / um  # semi-axis x, px
+    b = a / 1.3
+    w, h = int(2 * a + 400), int(2 * b + 400)
+    yy, xx = np.mgrid[:h // 8, :w // 8] * 8.0
+    inside = ((xx - w / 2) / a) ** 2 + ((yy - h / 2) / b) ** 2 < 1
+    blocks = np.where(inside[..., None], rng.integers(0, 90, (h // 8, w // 8, 1)) + np.array([150, 60, 150]), 250)
+    img = np.repeat(np.repeat(blocks.astype(np.uint8), 8, 0), 8, 1)  # 8 px blocks: texture the trunk can see
+    path = tmp / "slide.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for lvl in range(3):
+            tw.write(img[::2 ** lvl, ::2 ** lvl], tile=(256, 256), photometric="rgb", compression="zlib",
+                     subfiletype=int(lvl > 0), resolution=(1e4 / (um * 2 ** lvl),) * 2, resolutionunit="CENTIMETER")
+    genes = [f"G{i}" for i in range(50)]
+    cfg = GeneDMLConfig.for_cohort("demo", len(genes))
+    ckpt = {"model": GeneDML(cfg).state_dict(), "frozen_trunk": build_trunk("none").state_dict(),
+            "config": dataclasses.asdict(cfg), "genes": genes, "selection": "validation",
+            "data": {"cohort": "bench", "root": "", "crop_size": args.wsi_crop, "crop_um": crop_um, "geometry": "hex",
+                     "smooth": True, "fold": None, "normalisation": "log10(1+x), random weights"}}
+    torch.save(ckpt, tmp / "ckpt.pt")
+    argv = ["--ckpt", str(tmp / "ckpt.pt"), "--predict", str(path), "--cache-dir", str(tmp / "cache"),
+            "--out", str(tmp / "out"), "--maps", "1", "--device", str(device), "--batch-size", "64"]
+    cold = timed(lambda: evaluate.main(argv), device)
+    warm = timed(lambda: evaluate.main(argv), device)
+    n = len(pd.read_csv(tmp / "out" / "predictions.csv"))
+
+    # the global level: the full pass against windows of the grid, on the cached features of the same grid
+    ns = argparse.Namespace(um_per_px=None, lattice=None, pitch_um=None, crop_um=None, tissue_mask=None)
+    section, _ = prediction.grid_section(path, genes, ckpt["data"], ns)
+    model, trunk = evaluate.rebuild(ckpt, device)
+    split = prepare_split([section], genes, args.wsi_crop, trunk, ArrayCache(tmp / "cache"), device)
+    runs = {}
+    for label, max_spots in (("full", n), ("windows", args.wsi_window)):
+        reset_peak_rss()
+        before = _status_mb("VmRSS") or 0.0
+        t = time.perf_counter()
+        runs[label] = evaluate.predict_slide(model, split, device, 64, max_spots)
+        runs[label + "_s"], runs[label + "_peak_mb"] = time.perf_counter() - t, peak_rss_mb() - before
+    windows = len(slide.grid_windows(section.array_xy, args.wsi_window))
+    full, win = runs["full"], runs["windows"]
+    rel = float(np.abs(win - full).mean() / full.std(0).mean())
+    r = float(np.nanmean(slide_metrics(win, full)["pcc"]))
+    fig = dict(spots=n, px=f"{w}x{h}", um_per_px=um, crop=args.wsi_crop, cold_s=cold, warm_s=warm,
+               cold_spots_per_s=n / cold, cold_images_per_s=26 * n / cold, warm_spots_per_s=n / warm,
+               windows=windows, window_spots=args.wsi_window, full_s=runs["full_s"], windows_s=runs["windows_s"],
+               full_peak_mb=runs["full_peak_mb"], windows_peak_mb=runs["windows_peak_mb"],
+               windows_mean_abs_diff_over_spread=rel, windows_pcc_with_full=r)
+    rows = [(f"--predict SLIDE, {n} grid spots, {w}x{h} px TIFF, crops {args.wsi_crop} px, cold cache",
+             f"{n / cold:.1f} spots/s ({26 * n / cold:.0f} images/s; {cold:.0f} s)"),
+            ("  the same, warm cache (prediction and outputs alone)", f"{n / warm:.1f} spots/s ({warm:.1f} s)"),
+            (f"global level: full pass over {n} spots", f"{runs['full_s']:.1f} s, peak +{runs['full_peak_mb']:.0f} MB"),
+            (f"global level: {windows} windows of <= {args.wsi_window} spots", f"{runs['windows_s']:.1f} s, peak +{runs['windows_peak_mb']:.0f} MB"),
+            ("  windows vs full: mean |diff| / spread; per-gene r", f"{rel:.3f}; {r:.3f} (random weights)")]
+    return fig, rows
+
+
 # ----------------------------------------------------------------------------- main
 def bench_encoders(args, device):
     """images/s of each encoder's tile features, its counted forward FLOPs, her2st's extraction time."""
@@ -725,7 +803,8 @@ def main(argv=None):
                          "fold": lambda: bench_fold(args, device, amp),
                          "eval": lambda: bench_eval(args, device), "ddp": lambda: bench_ddp(args, device, amp, sub),
                          "scale": lambda: bench_scale(args, device, amp, sub),
-                         "encoders": lambda: bench_encoders(args, device)}[name]()
+                         "encoders": lambda: bench_encoders(args, device),
+                         "slide": lambda: bench_slide(args, device, sub)}[name]()
             fig["wall_s"] = time.perf_counter() - t
             figures[name] = fig
             print(f"\n== {name} ({fig['wall_s']:.0f} s)")

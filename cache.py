@@ -9,8 +9,12 @@ both are done once and stored. An entry is a folder
 `ArrayCache.get(name, key, build)` returns the stored arrays when an entry with exactly this key
 exists; otherwise it calls `build()`, writes the arrays into a temporary folder and renames it into
 place (atomic), then deletes the stale entries of the same name. If `build()` raises, nothing is
-left behind. A key holds the fingerprints of the source files (`fingerprint`: what the file is, not
-where it lies), so editing or touching a source makes the entry stale, and moving or copying it does not.
+left behind. Before building, an entry of another name of the same kind (the same last "-" part:
+`<slide>-crops224`, `<slide>-features`) with exactly this key is reused: the key says what the
+arrays were built from, so a slide of a training table read again under another name by
+`evaluate.py --predict` finds its crops and features. A key holds the fingerprints of the source
+files (`fingerprint`: what the file is, not where it lies), so editing or touching a source makes
+the entry stale, and moving or copying it does not.
 """
 
 import hashlib
@@ -83,12 +87,28 @@ class ArrayCache:
         except (OSError, ValueError):
             return None
 
+    def _same_key(self, name: str, key: dict) -> dict[str, np.ndarray] | None:
+        """The arrays of a complete entry of another name of the same kind built from exactly this key."""
+        if not self.root.is_dir():
+            return None
+        suffix, kind = f"-{_short_hash(key)}", name.rsplit("-", 1)[-1]
+        for entry in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.endswith(suffix)
+                            and not p.name.startswith(".") and p.name[:-len(suffix)].rsplit("-", 1)[-1] == kind):
+            arrays = self._read(entry, key)
+            if arrays is not None:
+                log.info("cache: %s holds what is asked for; reused", entry.name)
+                return arrays
+        return None
+
     def get(self, name: str, key: dict, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         assert re.fullmatch(r"[A-Za-z0-9_.\-]+", name), f"cache name must be a plain file name, got {name!r}"
         entry = self.root / f"{name}-{_short_hash(key)}"
         arrays = self._read(entry, key)
         if arrays is not None:
             return arrays
+        elsewhere = self._same_key(name, key)
+        if elsewhere is not None:
+            return elsewhere
 
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import slide
 from cache import ArrayCache, fingerprint
 
 log = logging.getLogger(__name__)
@@ -401,7 +402,7 @@ def _decode(path: Path, scale: float = 1.0) -> np.ndarray:
 @dataclass
 class SectionCrops:
     local: np.ndarray    # (N, c, c, 3) uint8, memory-mapped from the cache
-    image: np.ndarray    # (H, W, 3) uint8 decoded image, memory-mapped from the cache
+    image: np.ndarray    # (H, W, 3) uint8 decoded image, memory-mapped from the cache (or a slide.SlideView)
     crop_size: int
     key: dict            # what the crops were built from (source fingerprints + sizes), for feature keys
     centres: np.ndarray  # (N, 2) float64 pixel centres
@@ -415,7 +416,9 @@ class SectionCrops:
 
 
 def section_crops(section: Section, cache: ArrayCache, crop_size: int, progress=True) -> SectionCrops:
-    """Decode the section's JPEG once (cached as a uint8 .npy) and cut every spot's local crop (cached)."""
+    """Decode the section's JPEG once (cached as a uint8 .npy) and cut every spot's local crop (cached).
+    A whole-slide image (slide.reads_regions) is never decoded whole: each crop and window is read
+    from the slide's pyramid on demand (slide.SlideView), and only the crops are cached."""
     if section.image_path is None:
         raise FileNotFoundError(f"{section.cohort}/{section.name}: no image found; "
                                 f"fetch it with: {COHORTS[section.cohort]['fetch'].format(root='<root>')}")
@@ -424,8 +427,11 @@ def section_crops(section: Section, cache: ArrayCache, crop_size: int, progress=
     image_key = {"image": fingerprint(section.image_path), "version": CROP_VERSION,
                  **({"scale": round(scale, 9)} if scale != 1.0 else {})}
     tag = re.sub(r"[^A-Za-z0-9_.\-]", "_", f"{section.cohort}-{section.name}")  # a plain file name
-    image = cache.get(f"{tag}-image" + (f"-x{scale:.4g}" if scale != 1.0 else ""), image_key,
-                      lambda: {"image": _decode(section.image_path, scale)})["image"]
+    if slide.reads_regions(section.image_path):  # a whole-slide image: only the regions cut are read
+        image = slide.open_slide(section.image_path).view(scale)
+    else:
+        image = cache.get(f"{tag}-image" + (f"-x{scale:.4g}" if scale != 1.0 else ""), image_key,
+                          lambda: {"image": _decode(section.image_path, scale)})["image"]
     # pixel p's centre sits at p + 0.5 in continuous coordinates, which resampling multiplies by scale
     centres = np.ascontiguousarray((section.pixel_xy + 0.5) * scale - 0.5, np.float64)  # (N, 2) resampled px
     key = dict(image_key, centres=hashlib.sha1(centres.tobytes()).hexdigest(), spots=len(centres), crop=crop_size)
@@ -440,8 +446,9 @@ def section_crops(section: Section, cache: ArrayCache, crop_size: int, progress=
 
 def cohort_crops(sections: list[Section], cache: ArrayCache, crop_size: int, progress=True) -> list[SectionCrops]:
     """section_crops for every section, with a progress bar over the sections."""
-    bar = tqdm(sections, desc=f"caching crops ({crop_size} px)", disable=not progress)
-    return [section_crops(s, cache, crop_size, progress=False) for s in bar]
+    one = len(sections) == 1  # one slide (evaluate.py --predict): a bar over its spots instead
+    bar = tqdm(sections, desc=f"caching crops ({crop_size} px)", disable=not progress or one)
+    return [section_crops(s, cache, crop_size, progress=progress and one) for s in bar]
 
 
 # ----------------------------------------------------------------------------- dataset

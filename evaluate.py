@@ -3,7 +3,8 @@ Evaluate Gene-DML checkpoints on their held-out patients, the way the field repo
 
     python evaluate.py --ckpt runs/demo/best.pt                    # one fold
     python evaluate.py --ckpt runs/her2st/fold*/best.pt            # the cohort table over folds
-    python evaluate.py --ckpt best.pt --predict IMAGE SPOTFILE     # a new slide without counts
+    python evaluate.py --ckpt best.pt --predict SLIDE              # a slide alone: spots laid on its tissue
+    python evaluate.py --ckpt best.pt --predict IMAGE SPOTFILE     # a new slide without counts, at given spots
     python evaluate.py --ckpt best.pt --external my_slides.csv     # external test on another cohort
 
 Per held-out slide: the Pearson r of every gene across the slide's spots, PCC(M) = mean over the
@@ -15,6 +16,8 @@ has (matched by name) and says how many it lacks.
 Everything the model needs is read from the checkpoint (loaded with weights_only=True); a checkpoint
 trained with a foundation encoder (train.py --encoder uni) also needs that encoder's weights file,
 found where it was at training time, or given with --weights, and checked against the recorded hash.
+Every mode writes predictions.csv and predictions.h5ad (AnnData, h5ad.py) and PNG maps over a thumbnail
+that is decoded once per slide. --predict SLIDE finds the tissue and lays the spots (prediction.py, slide.py).
 """
 import argparse
 import glob
@@ -31,10 +34,13 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
+import prediction
+import slide
 from cache import ArrayCache
 from encoders import rebuild_encoder
-from features import prepare_split
-from model import GeneDML, GeneDMLConfig
+from features import Collate, prepare_split
+from model import GeneDML, GeneDMLConfig, GlobalContext
+from tqdm import tqdm
 import visium
 
 log = logging.getLogger("evaluate")
@@ -191,19 +197,17 @@ def _colour(values):
     return ((1 - f) * ramp[i] + f * ramp[i + 1]).astype(np.uint8)
 
 
-def expression_map(image_path, pixel_xy, panels, path, title, width=600):
+def expression_map(thumb, scale, pixel_xy, panels, path, title):
     """Save a PNG: the H&E thumbnail once per panel with the spots coloured by each panel's values.
 
-    panels: list of (label, values (N,)). Typically [("measured", y), ("predicted", y_hat)].
+    thumb: the slide's map thumbnail (PIL RGB, see map_thumbnail) at `scale` thumbnail px per slide
+    px, or None for a white canvas around the spots. panels: list of (label, values (N,)), typically
+    [("measured", y), ("predicted", y_hat)].
     """
-    if image_path is not None and Path(image_path).is_file():
-        with Image.open(image_path) as im:
-            scale = width / im.width
-            thumb = im.convert("RGB").resize((width, max(1, round(im.height * scale))))
-    else:  # no image: white canvas around the spots
-        scale = width / (pixel_xy[:, 0].max() + 100)
-        thumb = Image.new("RGB", (width, round((pixel_xy[:, 1].max() + 100) * scale)), "white")
-    radius = max(2, round(0.4 * _spot_spacing(pixel_xy) * scale))
+    if thumb is None:  # no image: white canvas around the spots
+        scale = 600 / (pixel_xy[:, 0].max() + 100)
+        thumb = Image.new("RGB", (600, round((pixel_xy[:, 1].max() + 100) * scale)), "white")
+    radius = max(2, round(0.4 * slide.spot_spacing(pixel_xy) * scale))
     canvas = Image.new("RGB", (thumb.width * len(panels), thumb.height + 36), "white")
     for p, (label, values) in enumerate(panels):
         tile = thumb.copy()
@@ -218,14 +222,13 @@ def expression_map(image_path, pixel_xy, panels, path, title, width=600):
     os.replace(tmp, path)
 
 
-def _spot_spacing(pixel_xy):
-    """Median distance from a spot to its nearest neighbour, in pixels."""
-    if len(pixel_xy) < 2:
-        return 20.0
-    xy = torch.tensor(np.asarray(pixel_xy), dtype=torch.float64)  # a copy: the array may be read-only
-    d = torch.cdist(xy, xy)
-    d.fill_diagonal_(float("inf"))
-    return float(d.min(1).values.median())
+def map_thumbnail(overview, width=600):
+    """The thumbnail every map of a slide is drawn on, made once from its overview (image, scale)."""
+    image, scale = overview
+    if image is None:
+        return None, None
+    f = width / image.width
+    return image.resize((width, max(1, round(image.height * f))), Image.Resampling.BOX), scale * f
 
 
 # -----------------------------------------------------------------------------
@@ -246,8 +249,15 @@ def get_args(argv=None):
     p.add_argument("--maps", type=int, default=3, help="PNG maps for this many best-predicted genes per slide")
     p.add_argument("--genes", default=None, help="comma list of genes to map instead of the best-predicted ones")
     p.add_argument("--n-hpg", type=int, default=50, help="number of highly predictive genes in PCC(H)")
-    p.add_argument("--predict", nargs=2, metavar=("IMAGE", "SPOTFILE"), default=None,
-                   help="predict a new slide (H&E image + spot file with x, y, pixel_x, pixel_y; no counts needed)")
+    p.add_argument("--predict", nargs="+", metavar="SLIDE", default=None,
+                   help="predict a slide without counts: SLIDE alone (spots laid on the tissue found; README 'Predict a slide'), "
+                        "or IMAGE SPOTFILE (a spot file with x, y, pixel_x, pixel_y, or Space Ranger's tissue positions)")
+    p.add_argument("--tissue-mask", default=None, help="with --predict SLIDE: an image of the tissue (nonzero = tissue, any size) instead of finding it")
+    p.add_argument("--um-per-px", type=float, default=None, help="with --predict SLIDE: its µm per pixel (default: the slide's metadata)")
+    p.add_argument("--pitch-um", type=float, default=None, help="with --predict SLIDE: spot pitch in µm (default: the training cohort's, ST 200, Visium 100)")
+    p.add_argument("--lattice", choices=sorted(slide.PITCH_UM), default=None, help="with --predict SLIDE: spot lattice (default: the training cohort's)")
+    p.add_argument("--global-max-spots", type=int, default=slide.MAX_GLOBAL_SPOTS,
+                   help="with --predict: spots per global-level pass; a larger grid is cut into windows of the array (README)")
     p.add_argument("--external", default=None, metavar="COHORT",
                    help="external test: score the checkpoint on the slides of another cohort (a built-in name with --root, or a cohort table .csv); genes matched by name")
     p.add_argument("--sections", default=None, help="comma list: with --external, score only these slides")
@@ -257,6 +267,12 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
+    if args.predict and len(args.predict) > 2:
+        p.error(f"--predict takes SLIDE or IMAGE SPOTFILE, got {len(args.predict)} paths")
+    if (not args.predict or len(args.predict) != 1) and (args.tissue_mask or args.um_per_px or args.pitch_um or args.lattice):
+        p.error("--tissue-mask, --um-per-px, --pitch-um and --lattice go with --predict SLIDE (no spot file)")
+    if args.global_max_spots < 100:
+        p.error(f"--global-max-spots must be at least 100, got {args.global_max_spots}")
     args.ckpt = [c for pattern in args.ckpt for c in (sorted(glob.glob(pattern)) or [pattern])]
     args.out = Path(args.out or Path(args.ckpt[0]).parent / "eval")
     return args
@@ -273,15 +289,22 @@ def rebuild(ckpt, device, weights=None):
     return model.to(device).eval(), encoder
 
 
-def spot_file_section(image, spots, genes, crop_um=None):
-    """A data.Section for a slide that has an image and a spot file but no counts. A Space Ranger
-    tissue_positions[_list].csv is read as a Visium slide, cropped at crop_um µm."""
-    if Path(spots).name.startswith("tissue_positions"):
-        return visium.positions_section(image, spots, genes, crop_um or visium.DEFAULT_CROP_UM)
-    ids, array_xy, pixel_xy = data.read_spots(Path(spots))  # same checks as the cohort readers
-    return data.Section(cohort="predict", name=Path(image).stem, patient="new", image_path=Path(image),
-                        spot_ids=ids, array_xy=array_xy, pixel_xy=pixel_xy,
-                        counts=pd.DataFrame(0.0, index=ids, columns=genes))
+def predict_slide(model, split, device, batch_size, max_spots):
+    """Predictions (N, G) for the one slide of a split; on a grid of more than max_spots spots the global
+    level sees one window of the array at a time (slide.grid_windows), so its cost stays bounded."""
+    feats, xy = split.context.feats, split.sections[0].array_xy
+    windows = slide.grid_windows(xy, max_spots) if "global" in model.cfg.levels else [(np.arange(len(feats)),) * 2]
+    if len(windows) > 1:
+        print(f"global level: {len(windows)} windows of at most {max_spots} spots (--global-max-spots)")
+    # each window is a section of the global level's context; batches are laid out as in training (Collate)
+    context = GlobalContext.of([(feats[torch.as_tensor(m, device=feats.device)].cpu(), xy[m]) for m, _ in windows], device)
+    loader = torch.utils.data.DataLoader(prediction.WindowSpots(split.dataset, windows), batch_size=batch_size,
+                                         collate_fn=Collate(context.grids))
+    out = predict(model, tqdm(loader, desc="predicting", unit="batch"), context, device)
+    pred = np.zeros((len(feats), model.cfg.n_genes), np.float32)
+    for w, (p, rows) in out.items():
+        pred[windows[w][0][rows]] = p
+    return pred
 
 
 def predictions_frame(section, genes, pred):
@@ -302,8 +325,12 @@ def evaluate_checkpoint(path, args, device, sub=""):
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     cache = ArrayCache(args.cache_dir)
     crop_um = args.crop_um or d.get("crop_um")  # the field of view the checkpoint was trained on
-    if args.predict:
-        sections = [spot_file_section(*args.predict, genes, crop_um)]
+    grid = None  # --predict SLIDE: the virtual spots and how they were found
+    if args.predict and len(args.predict) == 1:
+        section, grid = prediction.grid_section(args.predict[0], genes, d, args)
+        sections = [section]
+    elif args.predict:
+        sections = [prediction.spot_file_section(*args.predict, genes, crop_um)]
     elif args.external:  # every slide of another cohort (or --sections of it)
         if args.external.endswith(".csv"):
             cohort, root = visium.register_cohort(args.external, crop_um), args.external
@@ -323,8 +350,8 @@ def evaluate_checkpoint(path, args, device, sub=""):
         sections = [data.load_section(cohort, root, n) for n in d["sections"]["test"]]
     split = prepare_split(sections, genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"],
                           local_tokens=model.cfg.local_encoder == "frozen" and model.cfg.frozen_tokens == "cached")
-    per_slide, preds = ({}, predict(model, split.loader(args.batch_size), split.context, device)) if args.predict else \
-        evaluate_split(model, split, device, args.batch_size)
+    per_slide, preds = ({}, {0: (predict_slide(model, split, device, args.batch_size, args.global_max_spots), None)}) \
+        if args.predict else evaluate_split(model, split, device, args.batch_size)
     # Scored genes: all of the checkpoint's, or in an external test those the other cohort has.
     present = set().union(*(s.counts.columns for s in sections)) if args.external else set(genes)
     scored = [j for j, g in enumerate(genes) if g in present]
@@ -337,10 +364,18 @@ def evaluate_checkpoint(path, args, device, sub=""):
     pooled = pooled_pcc([preds[i][0][:, scored] for i in range(len(sections))],
                         [split.dataset.labels[i][:, scored] for i in range(len(sections))]) if per_slide else None
 
+    unknown = [g for g in (args.genes.split(",") if args.genes else []) if g not in genes]
+    if unknown:  # before anything is written
+        raise ValueError(f"--genes: {', '.join(map(repr, unknown))} not in the checkpoint's gene list")
+    # one reduced decode of each slide's image, for its maps and the .h5ad
+    overviews = [grid["overview"] if grid else slide.overview(s.image_path)
+                 if s.image_path is not None and Path(s.image_path).is_file() else (None, None) for s in sections]
+
     out = args.out / sub
     (out / "maps").mkdir(parents=True, exist_ok=True)
     write_csv(pd.concat([predictions_frame(s, genes, preds[i][0]) for i, s in enumerate(sections)]),
               out / "predictions.csv")
+    prediction.write_anndata(out / "predictions.h5ad", path, ckpt, sections, preds, split, overviews, grid, crop_um)
     if per_slide:
         write_csv(pd.concat([pd.DataFrame({"slide": name, "gene": [genes[j] for j in scored], **m})
                              for name, m in per_slide.items()]), out / "per_gene.csv")
@@ -349,16 +384,15 @@ def evaluate_checkpoint(path, args, device, sub=""):
         pcc[scored] = per_slide[s.name]["pcc"] if per_slide else 0.0
         chosen = args.genes.split(",") if args.genes else \
             [genes[j] for j in np.argsort(-np.nan_to_num(pcc, nan=-2), kind="stable")[:args.maps]]
+        thumb, scale = map_thumbnail(overviews[i])
         for g in chosen:
-            if g not in genes:
-                raise SystemExit(f"--genes: {g!r} is not in the checkpoint's gene list")
             j = genes.index(g)
             panels = [("predicted", preds[i][0][:, j])]
             title = f"{s.name} {g}"
             if per_slide:
                 panels.insert(0, ("measured", split.dataset.labels[i][:, j]))
                 title += f"  r = {pcc[j]:.3f}"
-            expression_map(s.image_path, s.pixel_xy, panels, out / "maps" / f"{s.name}_{g}.png", title)
+            expression_map(thumb, scale, s.pixel_xy, panels, out / "maps" / f"{s.name}_{g}.png", title)
     return ckpt, per_slide, {"genes": [genes[j] for j in scored], "pooled": pooled}
 
 

@@ -405,6 +405,7 @@ def train_fold(args, fold):
                 "frozen_trunk": encoder.net.state_dict() if encoder.spec.arch == "resnet18" else None,
                 "config": dataclasses.asdict(cfg), "genes": list(genes),
                 "data": {"cohort": args.data, "root": str(args.root), "crop_size": args.crop_size, "crop_um": crop_um,
+                         "geometry": sections[names["train"][0]].geometry,  # the spot lattice, for --predict SLIDE
                          "smooth": not args.no_smooth, "fold": None if args.test_sections else fold, "sections": names,
                          "normalisation": "counts of the selected genes scaled to 1e4 per spot, log10(1+x)"
                                           + ("" if args.no_smooth else ", 7-spot hexagonal array-grid mean"

@@ -52,10 +52,11 @@ import pandas as pd
 from PIL import Image
 
 import data
+import slide
 
 log = logging.getLogger(__name__)
 
-PITCH_UM = {"hex": 100.0, "square": 200.0}  # centre-to-centre spot distance: Visium; ST (her2st, cSCC, STNet)
+PITCH_UM = slide.PITCH_UM  # centre-to-centre spot distance: Visium 100 µm; ST (her2st, cSCC, STNet) 200 µm
 DEFAULT_CROP_UM = 112.0  # 224 px at 0.5 µm/px (HEST-1k's patches)
 DEFAULT_K = 25           # k-means groups per batch for a cohort table (cSCC's; --k overrides)
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
@@ -232,6 +233,26 @@ def read_positions(path) -> pd.DataFrame:
     return _positions(df.set_index(df["barcode"].astype(str)), path)
 
 
+def is_positions_file(path) -> bool:
+    """Whether a file is Space Ranger's spot positions, by its columns rather than its name: the
+    header barcode,in_tissue,array_row,... (>= 2.0) or, without one, six fields per line: a barcode
+    and five integers (in_tissue, array_row, array_col and the two pixel coordinates)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline().decode(errors="replace").strip().split(",")
+    except OSError:
+        return False
+    if first == POSITION_COLUMNS:
+        return True
+    if len(first) != 6:
+        return False
+    try:
+        [float(v) for v in first[1:]]
+    except ValueError:
+        return False
+    return bool(first[0]) and not first[0].replace(".", "", 1).lstrip("-").isdigit()  # a barcode, not a number
+
+
 def _positions(df, where) -> pd.DataFrame:
     """Numeric position columns, in-tissue spots only, unique barcodes."""
     values = df[POSITION_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
@@ -243,16 +264,22 @@ def _positions(df, where) -> pd.DataFrame:
 
 
 def check_image(path) -> tuple[int, int]:
-    """(width, height) of an image PIL can decode whole, or an error saying what to do instead."""
+    """(width, height) of an image PIL can decode whole or OpenSlide can read region by region
+    (slide.reads_regions), or an error saying what to do instead."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image not found")
+    if slide.reads_regions(path):
+        s = slide.open_slide(path)
+        return s.width, s.height
     try:
         with Image.open(path) as im:  # the header only
             w, h, compression = im.width, im.height, getattr(im, "tag_v2", {}).get(259)
     except Image.DecompressionBombError as e:
-        raise ValueError(f"{path}: too large for PIL to decode whole ({e}); downsample it (e.g. "
-                         f"`vips resize {path.name} half.tif 0.5`) and set image_scale = 0.5 in the cohort table") from None
+        raise ValueError(f"{path}: too large for PIL to decode whole ({e}); save it as a tiled pyramidal TIFF, "
+                         f"read region by region through OpenSlide (`vips tiffsave {path.name} out.tif --tile --pyramid "
+                         f"--compression jpeg`), or downsample it (e.g. `vips resize {path.name} half.tif 0.5`) and set "
+                         f"image_scale = 0.5 in the cohort table") from None
     except Exception as e:
         raise ValueError(f"{path}: not an image PIL can read ({type(e).__name__}: {e}); convert it to a plain "
                          f"TIFF or JPEG (e.g. `vips copy {path.name} out.tif[compression=jpeg]`)") from None
@@ -273,7 +300,9 @@ def make_section(cohort, name, patient, image, pos: pd.DataFrame, sparse: Sparse
     in_matrix = pd.Index(sparse.spots)
     if in_matrix.duplicated().any():
         raise ValueError(f"{files['counts']}: duplicate barcode(s) {in_matrix[in_matrix.duplicated()].unique().tolist()[:5]}")
-    common = in_matrix[in_matrix.isin(pos.index)]  # the matrix's order
+    # Spots in barcode order, whatever order the matrix or the positions list them in: the same slide
+    # read with or without its counts (evaluate.py --predict) gives the same crops, so the same cache entries.
+    common = in_matrix[in_matrix.isin(pos.index)].sort_values()
     if not len(common):
         raise ValueError(f"{where}: no barcode in common between the matrix and the in-tissue positions "
                          f"(e.g. {sparse.spots[:2]} vs {pos.index[:2].tolist()})")

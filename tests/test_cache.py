@@ -115,3 +115,13 @@ def test_copied_data_and_two_checkouts_share_one_cache(tmp_path, monkeypatch):
     assert all(k == keys[0] for k in keys)
     assert sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "shared-cache").iterdir()) == \
         ["her2st-A1-crops16", "her2st-A1-image"]
+
+
+def test_an_entry_of_the_same_kind_and_key_is_reused_under_another_name(tmp_path):
+    cache, calls = ArrayCache(tmp_path), []
+    cache.get("mine-S0-features", {"crops": "k", "weights": "w"}, _builder(calls))
+    out = cache.get("predict-fullres-features", {"crops": "k", "weights": "w"}, _builder(calls, 2.0))
+    assert len(calls) == 1 and (out["a"] == 1).all()  # found by its key: nothing rebuilt
+    cache.get("predict-fullres-tokens", {"crops": "k", "weights": "w"}, _builder(calls))  # another kind: built
+    cache.get("predict-fullres-features", {"crops": "k", "weights": "other"}, _builder(calls))
+    assert len(calls) == 3

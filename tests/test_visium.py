@@ -41,7 +41,7 @@ def colour(i):
 
 
 def write_slide(folder, seed=0, version=2, genes=GENES, mex=True, h5=False, drop=(), rows=6, per_row=6):
-    """A Space Ranger outs/ folder and its image. Returns the truth: in-tissue barcodes (matrix order),
+    """A Space Ranger outs/ folder and its image. Returns the truth: in-tissue barcodes (sorted, as read),
     their counts (dict gene -> array), array row/col and pixel x/y."""
     rng = np.random.default_rng(seed)
     row, col, px_col, px_row = hex_layout(rows, per_row)
@@ -96,6 +96,8 @@ def write_slide(folder, seed=0, version=2, genes=GENES, mex=True, h5=False, drop
         x, y = round(px_col[i]), round(px_row[i])
         image.paste(colour(i), (x - 6, y - 6, x + 7, y + 7))
     image.save(folder / "fullres.png")
+    order = np.argsort(barcodes[keep])  # the readers' order: by barcode, whatever order the files use
+    counts, keep = counts[order], keep[order]
     return {"barcodes": barcodes[keep].tolist(), "counts": dict(zip(genes, counts.T)), "row": row[keep], "col": col[keep],
             "x": px_col[keep], "y": px_row[keep], "index": keep, "outs": outs, "image": folder / "fullres.png"}
 
@@ -110,7 +112,7 @@ def write_table(path, rows):
 def test_mex_and_both_position_files(tmp_path, version):
     truth = write_slide(tmp_path, version=version, drop=[3])
     s = visium.load_spaceranger("mine", "S1", "P1", tmp_path, truth["image"])  # the folder above outs/ works too
-    assert s.spot_ids == truth["barcodes"]  # in tissue only, in the matrix's order; the off-tissue spot is gone
+    assert s.spot_ids == truth["barcodes"]  # in tissue only, by barcode; the off-tissue spot is gone
     assert "CD3" not in s.counts.columns, "antibody captures are not genes"
     for g, v in truth["counts"].items():
         np.testing.assert_array_equal(s.counts[g].to_numpy(), v)
@@ -328,6 +330,41 @@ def test_predict_a_visium_slide_from_its_positions(trained, cohort, tmp_path):
     assert len(pred) == 20 and pred["spot_id"].str.startswith("AC0").all()
 
 
+def test_predict_knows_positions_by_columns_and_reuses_the_cache(trained, cohort, tmp_path, monkeypatch):
+    """A renamed copy of S0's positions file is still a positions file, and S0, a test slide of the
+    checkpoint, is neither resampled nor cropped nor run through the frozen trunk again."""
+    import features
+    best, cache = trained
+    _, root = cohort
+    renamed = tmp_path / "s0_spots.csv"
+    renamed.write_bytes((root / "s0" / "outs" / "spatial" / "tissue_positions.csv").read_bytes())
+
+    def rebuilt(*a, **kw):
+        raise AssertionError("rebuilt what the cache already holds")
+    for module, name in [(data, "_decode"), (data, "crop_image"), (features, "extract_features")]:
+        monkeypatch.setattr(module, name, rebuilt)
+    assert evaluate.main(["--ckpt", str(best), "--predict", str(root / "s0" / "fullres.png"), str(renamed),
+                          "--out", str(tmp_path), "--cache-dir", str(cache), "--device", "cpu", "--maps", "1"]) == 0
+    assert len(pd.read_csv(tmp_path / "predictions.csv")) == 20
+
+
+def test_maps_decode_each_image_once(trained, cohort, tmp_path, monkeypatch):
+    """However many maps a slide gets, its image is opened as often: for its header (checks, reading
+    the slide) and once for the thumbnail every map is drawn on."""
+    best, cache = trained
+    _, root = cohort
+    opened, real = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **kw: opened.append(str(fp)) or real(fp, *a, **kw))
+    counts = []
+    for maps in (1, 3):
+        opened.clear()
+        assert evaluate.main(["--ckpt", str(best), "--out", str(tmp_path / str(maps)), "--cache-dir", str(cache),
+                              "--device", "cpu", "--maps", str(maps)]) == 0
+        assert len(list((tmp_path / str(maps) / "maps").glob("S0_*.png"))) == maps
+        counts.append(opened.count(str(root / "s0" / "fullres.png")))
+    assert counts[0] == counts[1], f"S0's image opened {counts[0]} times for 1 map, {counts[1]} for 3"
+
+
 # ----------------------------------------------------------------------------- HEST-1k
 def write_h5ad(path, truth, layout="csr"):
     """An AnnData file as anndata writes it (encoding-type attributes, _index, a categorical column)."""
@@ -414,7 +451,7 @@ def test_visium_sits_above_data_and_below_train():
     """data dispatches to cohort tables through the hooks visium registers, never by importing it."""
     from test_layout import project_imports
     graph = project_imports()
-    assert graph["visium"] <= {"data", "cache"}
+    assert graph["visium"] <= {"data", "cache", "slide"}
     assert "visium" not in graph["data"] | graph["model"] | graph["features"]
 
 

@@ -1,0 +1,140 @@
+"""evaluate.py --predict SLIDE: a slide with no spot file, end to end on a tiny demo checkpoint;
+predictions.h5ad read back with h5py alone (tests/test_h5ad_anndata.py reads it with anndata);
+bad input. The demo slide is a JPEG at 200 µm / 73 px (its spot pitch), its tissue a blob on white."""
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import demo
+import evaluate
+import slide
+import train
+import visium
+
+UM_PER_PX = 200 / 73  # the demo's spot pitch over its spot spacing in pixels
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = demo.make_demo_cohort(tmp_path_factory.mktemp("demo"))
+    for f in (root / "ST-spotfiles").glob("*_selection.tsv"):  # a block of spots a slide: few features to extract
+        spots = pd.read_csv(f, sep="\t")
+        spots[(spots["x"].between(4, 8) & spots["y"].between(4, 8)) | (spots["selected"] == 0)].to_csv(f, sep="\t", index=False)
+    out, cache = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("cache")
+    best = train.main(["--data", "demo", "--root", str(root), "--sections", "A1,B1,C1", "--crop-size", "32",
+                       "--dim", "32", "--local-encoder", "frozen", "--batch-size", "32", "--epochs", "1",
+                       "--cache-dir", str(cache), "--out", str(out), "--workers", "0", "--device", "cpu"])
+    (image,) = (root / "ST-imgs" / "D" / "D1").glob("*.jpg")
+    return best, cache, image
+
+
+def run(ckpt, out, *extra):
+    best, cache, _ = ckpt
+    return evaluate.main(["--ckpt", str(best), "--out", str(out), "--cache-dir", str(cache), "--device", "cpu",
+                          "--batch-size", "16", "--maps", "2", "--predict", *map(str, extra)])
+
+
+def test_a_slide_alone_gives_predictions_maps_and_an_anndata(ckpt, tmp_path, capsys):
+    h5py = pytest.importorskip("h5py")
+    best, _, image = ckpt
+    c = torch.load(best, map_location="cpu", weights_only=True)
+    genes, crop_um = c["genes"], c["data"]["crop_um"]
+    assert c["data"]["geometry"] == "square"
+    assert run(ckpt, tmp_path, image, "--um-per-px", UM_PER_PX) == 0
+    assert "on a square grid of 200 µm" in capsys.readouterr().out
+    pred = pd.read_csv(tmp_path / "predictions.csv")
+    n = len(pred)
+    assert n >= 20 and np.isfinite(pred[genes].to_numpy()).all()
+    xy = pred[["pixel_x", "pixel_y"]].to_numpy()
+    # the grid: 200 µm between array neighbours, on the tissue (the demo's background is near-white)
+    where = {(a, b): p for a, b, p in zip(pred["array_x"], pred["array_y"], xy)}
+    steps = [np.hypot(*(where[(a + 1, b)] - p)) for (a, b), p in where.items() if (a + 1, b) in where]
+    assert steps and np.allclose(steps, 200 / UM_PER_PX)
+    with Image.open(image) as im:
+        rgb = np.asarray(im.convert("RGB"), float)
+    centre = rgb[np.rint(xy[:, 1]).astype(int), np.rint(xy[:, 0]).astype(int)].mean(1)
+    assert (centre < 235).mean() > 0.8, "spots sit on stained tissue, not on the white glass"
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 2
+
+    with h5py.File(tmp_path / "predictions.h5ad", "r") as f:  # AnnData's layout, read with h5py alone
+        assert f.attrs["encoding-type"] == "anndata"
+        X = f["X"][:]
+        assert X.dtype == np.float32 and X.shape == (n, len(genes))
+        np.testing.assert_allclose(X, pred[genes].to_numpy(), rtol=1e-4, atol=1e-5)
+        assert [g.decode() for g in f["var/_index"][:]] == genes
+        np.testing.assert_allclose(f["obsm/spatial"][:], xy, rtol=1e-6)
+        tissue = f["obs/tissue"][:]
+        assert tissue.shape == (n,) and (tissue >= slide.MIN_TISSUE).all()
+        about = f["uns/gene_dml"]
+        assert "log10(1+x)" in about["units"][()].decode() and about["crop_um"][()] == pytest.approx(crop_um)
+        s = about["slides"][image.stem]
+        assert s["pitch_um"][()] == 200 and s["lattice"][()].decode() == "square"
+        assert s["um_per_px"][()] == pytest.approx(UM_PER_PX)
+        hires = f[f"uns/spatial/{image.stem}/images/hires"][:]
+        scalef = f[f"uns/spatial/{image.stem}/scalefactors/tissue_hires_scalef"][()]
+        assert hires.dtype == np.uint8 and hires.shape[2] == 3 and hires.shape[1] == pytest.approx(800 * scalef, abs=1)
+    obs, X2 = visium.read_h5ad(tmp_path / "predictions.h5ad")  # the project's own reader agrees
+    assert obs.index.tolist() == pred["spot_id"].tolist() and X2.genes == genes
+
+
+def test_a_pyramidal_tiff_says_its_own_resolution(ckpt, tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    pytest.importorskip("openslide")
+    _, _, image = ckpt
+    with Image.open(image) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    with tifffile.TiffWriter(tmp_path / "he.tif") as tw:
+        for lvl in range(2):
+            a = rgb[::2 ** lvl, ::2 ** lvl]
+            tw.write(a, tile=(128, 128), photometric="rgb", compression="zlib", subfiletype=int(lvl > 0),
+                     resolution=(1e4 / (UM_PER_PX * 2 ** lvl),) * 2, resolutionunit="CENTIMETER")
+    assert run(ckpt, tmp_path / "out", tmp_path / "he.tif") == 0  # no --um-per-px: the TIFF has it
+    jpeg = tmp_path / "jpeg"
+    assert run(ckpt, jpeg, image, "--um-per-px", UM_PER_PX) == 0
+    a, b = pd.read_csv(tmp_path / "out" / "predictions.csv"), pd.read_csv(jpeg / "predictions.csv")
+    shared = set(a["spot_id"]) & set(b["spot_id"])
+    assert len(shared) >= 0.9 * max(len(a), len(b)), "the same tissue found in both copies"
+
+
+def test_a_user_mask_and_windows_of_the_grid(ckpt, tmp_path, monkeypatch):
+    _, _, image = ckpt
+    with Image.open(image) as im:
+        w, h = im.size
+    mask = Image.new("L", (w // 4, h // 4), 0)
+    mask.paste(255, (0, 0, w // 8, h // 4))  # the left half of the slide, at a quarter of its size
+    mask.save(tmp_path / "mask.png")
+    assert run(ckpt, tmp_path / "full", image, "--um-per-px", UM_PER_PX, "--tissue-mask", tmp_path / "mask.png") == 0
+    full = pd.read_csv(tmp_path / "full" / "predictions.csv")
+    assert len(full) >= 5 and (full["pixel_x"] < w / 2).all()
+    # windows that each hold every spot must give the full pass exactly: the window bookkeeping is right
+    every = np.arange(len(full))
+    monkeypatch.setattr(slide, "grid_windows", lambda xy, *a, **kw: [(every, every[::2]), (every, every[1::2])])
+    assert run(ckpt, tmp_path / "win", image, "--um-per-px", UM_PER_PX, "--tissue-mask", tmp_path / "mask.png") == 0
+    win = pd.read_csv(tmp_path / "win" / "predictions.csv")
+    genes = [c for c in full.columns if c not in ("section", "spot_id", "array_x", "array_y", "pixel_x", "pixel_y")]
+    np.testing.assert_allclose(win[genes].to_numpy(), full[genes].to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_slides_are_clear_errors(ckpt, tmp_path, capsys):
+    _, _, image = ckpt
+    Image.new("RGB", (600, 500), (248, 247, 250)).save(tmp_path / "blank.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (tmp_path / "broken.svs").write_bytes(b"not a slide")
+    cases = [((tmp_path / "blank.jpg", "--um-per-px", 1), "blank.jpg: no tissue found"),
+             ((image,), f"{image.name}: the slide does not say its resolution.*--um-per-px"),
+             ((tmp_path / "broken.jpg", "--um-per-px", 1), "broken.jpg: not an image PIL or OpenSlide can read"),
+             ((tmp_path / "none.jpg",), "none.jpg: slide not found"),
+             ((tmp_path / "broken.svs", "--um-per-px", 1), "broken.svs: (OpenSlide cannot read it|.*needs OpenSlide)")]
+    for args, message in cases:
+        assert run(ckpt, tmp_path / "out", *args) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err), (message, err)
+    assert not (tmp_path / "out").exists(), "nothing written for a slide that failed"
+    with pytest.raises(SystemExit):
+        evaluate.get_args(["--ckpt", "x.pt", "--predict", "a", "b", "c"])
+    with pytest.raises(SystemExit):
+        evaluate.get_args(["--ckpt", "x.pt", "--predict", "a", "b", "--tissue-mask", "m.png"])
