@@ -138,7 +138,7 @@ def online_token_statistics(encoder: FrozenEncoder, split, cache, device, progre
     section, cached like the features, so no token array is ever held."""
     encoder = as_encoder(encoder)
     key = encoder.cache_key(device)
-    parts = [cache.get(f"{s.cohort}-{s.name}-token-moments{tag(encoder.spec)}", {"crops": c.key, "weights": key},
+    parts = [cache.get(f"{s.cohort}-{s.name}{tag(encoder.spec)}-token-moments", {"crops": c.key, "weights": key},
                        lambda c=c: token_moments(encoder, c, device=device, progress=progress))
              for s, c in zip(split.sections, split.dataset.crops)]
     count = sum(float(p["count"]) for p in parts)
@@ -193,11 +193,11 @@ def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True,
     trunk: an encoders.FrozenEncoder (or a bare ResNet18 trunk). local_tokens: the dataset serves the
     frozen encoder's token map of each crop (cached) instead of the crop."""
     encoder = as_encoder(trunk)
-    key, t = encoder.cache_key(device), tag(encoder.spec)  # t: "" for the ResNet18, "-uni" ...
+    key, t = encoder.cache_key(device), tag(encoder.spec)  # t: "" for the ResNet18, "-uni" ...; the kind ends the name (cache.py)
     crops = data.cohort_crops(sections, cache, crop_size)  # decodes each JPEG once, ever
-    feats = [section_features(encoder, key, c, cache, f"{s.cohort}-{s.name}-features{t}", device=device)
+    feats = [section_features(encoder, key, c, cache, f"{s.cohort}-{s.name}{t}-features", device=device)
              for s, c in zip(sections, crops)]
-    tokens = [section_tokens(encoder, key, c, cache, f"{s.cohort}-{s.name}-tokens{t}", device=device)["tokens"]
+    tokens = [section_tokens(encoder, key, c, cache, f"{s.cohort}-{s.name}{t}-tokens", device=device)["tokens"]
               for s, c in zip(sections, crops)] if local_tokens else None
     dataset = data.SpotDataset(sections, crops, genes, smooth=smooth, augment=augment, features=feats, tokens=tokens)
     context = GlobalContext.of([(np.asarray(f["local"]), s.array_xy) for f, s in zip(feats, sections)], device)

@@ -215,13 +215,17 @@ class CheckpointWriter:
     """Writes a checkpoint in a background thread, so the next epoch trains while it is written: the
     loop waits only for a copy of the tensors to the host (the snapshot of this epoch; training then
     changes the originals) and, if the previous write is still going, for that. A write that failed
-    raises at the next save or at wait(); the file appears only when complete (save_atomic)."""
+    raises at the next save or at wait(); the file appears only when complete (save_atomic). Off the
+    background (the CPU's default: its epochs take minutes, a write a second) save() writes at once,
+    so a run killed in the next epoch always leaves this epoch's checkpoint."""
 
-    def __init__(self):
-        self.thread, self.error = None, None
+    def __init__(self, background: bool = True):
+        self.background, self.thread, self.error = background, None, None
 
     def save(self, obj, path):
         self.wait()
+        if not self.background:
+            return save_atomic(obj, path)
         snapshot = _to_host(obj)
 
         def write():
@@ -429,7 +433,7 @@ def train_fold(args, fold):
                              f"{out / 'last.pt'} (lower --lr or disable --amp).")
 
     # ---- loop
-    writer = CheckpointWriter()                      # last.pt is written in the background, during the next epoch
+    writer = CheckpointWriter(background=device.type == "cuda")  # on a GPU last.pt is written during the next epoch
     for epoch in range(start, args.epochs):
         if bad >= args.patience:  # also when resuming a run that had already stopped early
             if main_process:

@@ -233,8 +233,8 @@ def test_online_token_statistics_equal_those_of_the_cached_tokens(tiny, demo_roo
     # every cache entry names its encoder: the ResNet18's are not evicted by another encoder's
     features.prepare_split(sections[:1], ["TUM01"], 32, features.frozen_trunk("none", "cpu"), cache, "cpu")
     names = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir()}
-    assert {"demo-A1-features", "demo-A1-features-tiny-uni", "demo-A1-tokens-tiny-uni",
-            "demo-A1-token-moments-tiny-uni"} <= names
+    assert {"demo-A1-features", "demo-A1-tiny-uni-features", "demo-A1-tiny-uni-tokens",
+            "demo-A1-tiny-uni-token-moments"} <= names
 
 
 # ----------------------------------------------------------------------------- end to end
