@@ -562,6 +562,6 @@ def test_background_checkpoint_writer_saves_a_snapshot_and_reports_failures(tmp_
     assert saved["epoch"] == 3 and torch.equal(saved["model"]["w"], torch.zeros(1000))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file is left"
     writer.save({"epoch": 4}, tmp_path / "missing-folder" / "last.pt")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises((RuntimeError, OSError), match="missing-folder"):  # torch.save: "Parent directory ... does not exist"
         writer.wait()
     writer.wait()  # the error is reported once
