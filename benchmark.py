@@ -434,7 +434,7 @@ def _step_at(args, device, amp, S):
     split = fold_benchmark.synthetic_fold(S, S * args.context, c, tokens=True, device=device, genes=G)
     batch = next(iter(fold_benchmark.loader(split, B, torch.device("cpu"), workers=0)))
     on = lambda x: x.to(device)
-    local, tokens = on(batch["local"]), None  # the loader serves tokens (frozen) or crops: take both
+    # the loader serves this fold's tokens (frozen mode); the trainable step reads the same spots' crops
     tokens = on(torch.stack([torch.from_numpy(np.array(split.tokens[s][j, 0]).reshape(-1, 512))
                              for s, j in zip(batch["section"].tolist(), batch["index"].tolist())]))
     local = on(torch.stack([torch.from_numpy(split.dataset.crops[s].local[j]).permute(2, 0, 1)
