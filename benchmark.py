@@ -94,7 +94,9 @@ from evaluate import slide_metrics
 from features import extract_features, extract_tokens
 import fold_benchmark
 from fold_benchmark import grid_xy
-from model import GeneDML, GeneDMLConfig, GlobalContext, build_trunk, preprocess
+from model import GeneDML, GeneDMLConfig
+from packing import GlobalContext
+from trunk import build_trunk, preprocess
 
 SECTIONS = ("data", "step", "fold", "eval", "ddp", "scale", "encoders", "slide")
 HER2ST_IMAGES = 13_653 * 26  # her2st's spots x (the local crop + 25 neighbour tiles)

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import FEAT_DIM, IMAGENET_MEAN, IMAGENET_STD, ResNet18Trunk, build_trunk
+from trunk import FEAT_DIM, IMAGENET_MEAN, IMAGENET_STD, ResNet18Trunk, build_trunk
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TILE_FEATURES = ("mean", "cls", "cls+mean")
@@ -61,7 +61,7 @@ _TRIDENT = "TRIDENT trident/patch_encoder_models/load.py"
 ENCODERS = {
     "resnet18": EncoderSpec(
         "resnet18", "resnet18", tile="mean", width=FEAT_DIM, precision="bfloat16",
-        source="torchvision resnet18 up to layer4 (model.ResNet18Trunk); TRIPLEX"),
+        source="torchvision resnet18 up to layer4 (trunk.ResNet18Trunk); TRIPLEX"),
     "uni": EncoderSpec(
         "uni", "vit_large_patch16_224",
         dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),

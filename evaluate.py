@@ -39,7 +39,8 @@ import slide
 from cache import ArrayCache
 from encoders import rebuild_encoder
 from features import Collate, prepare_split
-from model import GeneDML, GeneDMLConfig, GlobalContext
+from model import GeneDML, GeneDMLConfig
+from packing import GlobalContext
 from tqdm import tqdm
 import visium
 

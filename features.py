@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import data
 from encoders import FrozenEncoder, as_encoder, load_encoder, tag, trunk_id  # noqa: F401 (trunk_id: features' API)
-from model import GlobalContext, SpotGrids
+from packing import GlobalContext, SpotGrids
 
 
 def frozen_trunk(weights, device):
@@ -176,7 +176,7 @@ class Split:
 
 class Collate:
     """The DataLoader's collate function: stack the items, then lay out the step's global level
-    (model.SpotGrids.layout) as batch["layout"]. It runs in the loader's workers, ahead of the step,
+    (packing.SpotGrids.layout) as batch["layout"]. It runs in the loader's workers, ahead of the step,
     so the model's forward pass needs no host-device round trip to find the step's sections."""
 
     def __init__(self, grids: SpotGrids):

@@ -17,7 +17,9 @@ import torch
 import data
 import losses
 from features import Collate, Split
-from model import FEAT_DIM, GeneDML, GeneDMLConfig, GlobalContext
+from model import GeneDML, GeneDMLConfig
+from packing import GlobalContext
+from trunk import FEAT_DIM
 
 # Spots per her2st section (counts joined with the spot file), all 36 sections, sorted.
 HER2ST_SIZES = [176, 178, 180, 181, 184, 187, 270, 277, 283, 289, 295, 298, 301, 302, 303, 306, 306, 315,

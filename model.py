@@ -10,27 +10,26 @@ plus, in training, the measured expression. The frozen encoder is a ResNet18 or 
 foundation model (encoders.py); its widths are the config's feat_dim and token_dim. Out: a `GeneDMLOutput` with one L2-normalised embedding per image level, a
 clustering-space image and gene embedding, and the predicted expression of G genes. No loss here:
 see losses.py.
+
+Read top to bottom: the config, the transformer parts, the three levels, the gene encoder, the
+fusion and GeneDML. Two helpers live outside so that this file holds the model alone: trunk.py
+(torchvision's ResNet18 without its classifier, and its weights) and packing.py (the step's
+sections laid out for the global level by the loader). At ~480 lines it stays one file on purpose:
+it is the one a reader re-derives Gene-DML from.
 """
 
-import logging
-from collections import OrderedDict
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
-log = logging.getLogger(__name__)
+from packing import GlobalContext, GlobalLayout  # the global level's packed inputs, laid out by the loader
+from trunk import FEAT_DIM, build_trunk, preprocess  # torchvision's ResNet18 without its classifier
 
 LEVELS = ("local", "neighbour", "global")
 LOCAL_ENCODERS = ("trainable", "frozen")  # TRIPLEX trains the local ResNet18; the Gene-DML reference freezes it
 FROZEN_TOKENS = ("cached", "online")  # a frozen local level reads cached token maps, or runs the encoder per step
-FEAT_DIM = 512  # channels of ResNet18's last stage: the default width of the frozen features and tokens
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -79,85 +78,6 @@ COHORT_SIZES = {
     "cscc": dict(neighbour_depth=4, neighbour_heads=16, neighbour_mlp_ratio=1.0, neighbour_dropout=0.3,
                  global_depth=2, global_heads=16, global_mlp_ratio=1.0, global_dropout=0.1),
 }
-
-
-# ----------------------------------------------------------------------------- trunk
-class ResNet18Trunk(nn.Sequential):
-    """torchvision's ResNet18 (He et al. 2016) up to its last feature map: (B,3,H,W) -> (B,512,H/32,W/32).
-
-    Departures from torchvision.models.resnet18:
-    - no avgpool and no fc: the local level keeps all (H/32)·(W/32) positions as tokens (7x7 at 224 px);
-    - nothing else: the modules keep torchvision's names, so its state dicts (less fc.*) load as they are.
-    """
-
-    def __init__(self):
-        r = torchvision.models.resnet18(weights=None)
-        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-        super().__init__(OrderedDict((n, getattr(r, n)) for n in names))
-
-
-def build_trunk(weights: str = "none", progress: bool = True) -> ResNet18Trunk:
-    """A ResNet18 trunk with random ("none"), torchvision ImageNet ("imagenet") or local-file weights."""
-    trunk = ResNet18Trunk()
-    if weights == "none":
-        return trunk
-    if weights == "imagenet":
-        url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
-        try:  # served from torch.hub's cache when the file is already there
-            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=progress,
-                                                       weights_only=True)
-        except OSError as e:  # URLError, timeouts, refused connections are all OSErrors
-            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-            raise RuntimeError(
-                f"could not download the torchvision ImageNet ResNet18 weights from {url} ({e}). "
-                f"Offline? Put that file at {cache}, or pass the path of a local ResNet18 checkpoint "
-                f"(a state dict, or tenpercent_resnet18.ckpt) as the weights instead of 'imagenet'.") from None
-        _load_trunk_state(trunk, state, url)
-        return trunk
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"trunk weights {path}: no such file (expected 'none', 'imagenet' or a path)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickled non-tensor objects are refused by weights_only=True
-        raise ValueError(f"{path}: cannot be read as a tensor checkpoint with torch.load(weights_only=True) "
-                         f"({e}). If you trust the file, re-save just its state dict.") from None
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
-        ckpt = ckpt["state_dict"]  # a (Lightning) training checkpoint such as Ciga et al.'s
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a state dict (or a dict with key 'state_dict'), got {type(ckpt)}")
-    _load_trunk_state(trunk, ckpt, path)
-    return trunk
-
-
-def _load_trunk_state(trunk: nn.Module, state: dict, source) -> None:
-    """Load a torchvision-style ResNet18 state dict strictly, except for the classifier (fc.*)."""
-    prefixes = ("model.resnet.", "module.", "resnet.")  # Ciga et al.'s SimCLR wrapper, DataParallel
-    state = {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in state.items()}
-    dropped = sorted(k for k in state if k.startswith("fc."))  # classifier or SimCLR projection head
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    expected = trunk.state_dict()
-    # num_batches_tracked only counts BN updates; a checkpoint without it is still complete
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
-    found = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-    problems = [f"{what} {len(keys)} ({', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})"
-                for what, keys in found if keys]
-    if problems:
-        raise ValueError(f"{source}: not a ResNet18 checkpoint this trunk can load: {'; '.join(problems)}")
-    trunk.load_state_dict(state, strict=False)
-    log.info("loaded %d/%d tensors from %s, dropped %s", len(state), len(expected), source,
-             ", ".join(dropped) or "nothing")
-
-
-def preprocess(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images (B,3,H,W) -> float, /255, normalised with ImageNet's mean and std."""
-    assert x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3, \
-        f"expected uint8 images (B,3,H,W), got {x.dtype} {tuple(x.shape)}"
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x.float() / 255 - mean) / std
 
 
 # ----------------------------------------------------------------------------- transformer parts
@@ -271,106 +191,6 @@ class Block(nn.Module):
         x = (x[layout.rows] if queries else x) + self.attn.packed(self.norm1(x), layout, queries)
         return x + self.mlp(self.norm2(x))
 
-
-# ----------------------------------------------------------------------------- the global level's inputs
-@dataclass
-class SpotGrids:
-    """Where every spot of a split lies, for the global level: built once on the CPU when the split is
-    prepared, so that all checks and all index arithmetic happen there and the forward pass has none.
-
-    start (S+1,): section s owns rows start[s]:start[s+1] of the split's stacked features;
-    cell (N,): each spot's cell row * W + col on its section's array grid (origin at the section's
-    smallest x and y); grid (H, W): the largest section's grid, which every section's grid is padded to.
-    """
-    start: np.ndarray       # (S+1,) int64
-    cell: np.ndarray        # (N,) int64
-    grid: tuple             # (H, W)
-
-    @classmethod
-    def of(cls, coords: list) -> "SpotGrids":
-        """From each section's array coordinates (N_s, 2) as (x, y); refuses two spots on one cell."""
-        assert coords, "a split without sections has no global level"
-        xy = [np.asarray(c, np.int64).reshape(-1, 2) for c in coords]
-        xy = [c - c.min(axis=0) for c in xy]
-        W = max(int(c[:, 0].max()) + 1 for c in xy)
-        H = max(int(c[:, 1].max()) + 1 for c in xy)
-        cell = [c[:, 1] * W + c[:, 0] for c in xy]  # row-major: row = array y, column = array x
-        for s, c in enumerate(cell):
-            assert len(np.unique(c)) == len(c), f"section {s}: two spots share an array position"
-        start = np.concatenate([[0], np.cumsum([len(c) for c in cell])]).astype(np.int64)
-        return cls(start, np.concatenate(cell), (H, W))
-
-    def layout(self, section, index) -> "GlobalLayout":
-        """Lay out one step's global level (see GlobalLayout) from the batch's section and row (B,),
-        in numpy: called by the loader's collate function, ahead of the step."""
-        section, index = np.asarray(section, np.int64), np.asarray(index, np.int64)
-        S_all = len(self.start) - 1
-        assert section.ndim == 1 and section.shape == index.shape, "section and index must both be (B,)"
-        assert ((section >= 0) & (section < S_all)).all(), f"section outside the split's {S_all} sections"
-        size_all = np.diff(self.start)
-        assert ((index >= 0) & (index < size_all[section])).all(), "index outside its section's spots"
-        secs, slot = np.unique(section, return_inverse=True)   # the step's S sections; each spot's slot
-        size = size_all[secs]                                  # (S,) spots per section
-        first = np.concatenate([[0], np.cumsum(size)[:-1]])    # where each section starts in the packed tokens
-        n, T = int(size.max()), int(size.sum())
-        valid = np.arange(n)[None] < size[:, None]             # (S, n) slots holding a spot
-        pad = np.where(valid, first[:, None] + np.arange(n)[None], T)  # T: the zero row past the end
-        tokens = (self.start[secs][:, None] + np.arange(n)[None])[valid]  # (T,) rows of the features
-        H, W = self.grid
-        cell = np.repeat(np.arange(len(secs)), size) * (H * W) + self.cell[tokens]  # (T,) in the (S, H, W) stack
-        # the batch's own spots, the only queries of the last layer: per section, padded to r
-        rows = first[slot] + index                             # (B,) packed position of each batch spot
-        by_slot = np.argsort(slot, kind="stable")
-        count = np.bincount(slot, minlength=len(secs))
-        rank = np.empty_like(slot)
-        rank[by_slot] = np.arange(len(slot)) - np.repeat(np.concatenate([[0], np.cumsum(count)[:-1]]), count)
-        r = int(count.max())
-        query = np.repeat(first[:, None], r, axis=1)           # (S, r): spare queries read the section's first spot
-        query[slot, rank] = rows
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
-        return GlobalLayout(tokens=t(tokens), cell=t(cell), pad=t(pad), key_mask=t(valid),
-                            unpad=t(np.flatnonzero(valid)), query=t(query), order=t(slot * r + rank), rows=t(rows),
-                            sizes=size.tolist(), counts=count.tolist())
-
-
-@dataclass
-class GlobalLayout:
-    """One step's global level as one padded batch: the step's S sections are S sequences of up to n
-    spots. Linear layers run on the T packed tokens (no padding: sections differ ~4x in size); only
-    attention sees the padded (S, n) batch, with a key mask (on a GPU, in one call; on a CPU each
-    section's part alone, as padding would add FLOPs there). Every field is built on the CPU
-    (SpotGrids.layout), so the forward pass never waits for the device to say how many there are."""
-    tokens: torch.Tensor    # (T,) rows of the stacked features: every spot of the step's sections
-    cell: torch.Tensor      # (T,) PEG cell of each token in the (S, H, W) stack of grids
-    pad: torch.Tensor       # (S, n) packed position of each slot; T (a zero row) past a section's end
-    key_mask: torch.Tensor  # (S, n) True where a slot holds a spot
-    unpad: torch.Tensor     # (T,) flat slot s * n + j of each packed token
-    query: torch.Tensor     # (S, r) packed positions of the batch's spots, per section, padded
-    order: torch.Tensor     # (B,) flat query s * r + j of each batch spot, in batch order
-    rows: torch.Tensor      # (B,) packed position of each batch spot
-    sizes: list             # (S,) spots of each section, host ints (the CPU's attention runs each alone)
-    counts: list            # (S,) the batch's spots in each section, host ints
-
-    def to(self, device, non_blocking=False) -> "GlobalLayout":
-        return GlobalLayout(**{k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
-                               for k, v in vars(self).items()})
-
-    def pin_memory(self) -> "GlobalLayout":  # called by a DataLoader with pin_memory=True
-        return GlobalLayout(**{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in vars(self).items()})
-
-
-@dataclass
-class GlobalContext:
-    """What the global level reads: the frozen features of every spot of a split's sections, stacked
-    (on the model's device), and where those spots lie (SpotGrids, on the CPU)."""
-    feats: torch.Tensor     # (N, F) float32
-    grids: SpotGrids
-
-    @classmethod
-    def of(cls, sections: list, device=None) -> "GlobalContext":
-        """From one (features (N_s, F), array_xy (N_s, 2)) pair per section."""
-        feats = torch.cat([torch.tensor(np.asarray(f), dtype=torch.float32) for f, _ in sections]).to(device)  # copies
-        return cls(feats, SpotGrids.of([np.asarray(torch.as_tensor(xy).cpu()) for _, xy in sections]))
 
 
 # ----------------------------------------------------------------------------- the three levels

@@ -11,7 +11,7 @@ import torch
 
 import data
 import experiments
-from model import build_trunk
+from trunk import build_trunk
 
 
 def test_paired_difference_and_its_t_interval():

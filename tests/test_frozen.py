@@ -13,7 +13,8 @@ import evaluate
 import features
 import train
 from cache import ArrayCache
-from model import GeneDML, GeneDMLConfig, LocalEncoder, build_trunk, preprocess
+from model import GeneDML, GeneDMLConfig, LocalEncoder
+from trunk import build_trunk, preprocess
 from test_train import (assert_resumed_like, assert_same_tensors, cache_dir, demo_root, eval_argv, load, read_log,  # noqa: F401
                         train_argv)
 

@@ -11,6 +11,8 @@ import torchvision
 
 import features as F_
 import model as M
+import packing as P
+import trunk as T
 from cache import ArrayCache
 
 G, D = 12, 32  # tiny: 12 genes, width 32
@@ -46,14 +48,14 @@ def outputs(out):
 
 # ----------------------------------------------------------------------------- trunk and weights
 def test_trunk_shape_and_preprocess():
-    trunk = M.build_trunk("none")
+    trunk = T.build_trunk("none")
     assert trunk(torch.randn(2, 3, 64, 64)).shape == (2, 512, 2, 2)
     assert len(trunk.state_dict()) == 120  # torchvision's 122 less fc.weight, fc.bias
     x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2)
-    y = M.preprocess(x)
+    y = T.preprocess(x)
     assert torch.allclose(y[0, 0, 0], torch.tensor([-0.485 / 0.229, (1 - 0.485) / 0.229]))
     with pytest.raises(AssertionError, match="uint8"):
-        M.preprocess(x.float())
+        T.preprocess(x.float())
 
 
 def assert_same_weights(trunk, reference):
@@ -66,11 +68,11 @@ def test_trunk_loads_torchvision_state_dict(tmp_path, caplog):
     ref = torchvision.models.resnet18(weights=None)
     torch.save(ref.state_dict(), tmp_path / "with_fc.pth")
     torch.save({k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")}, tmp_path / "no_fc.pth")
-    with caplog.at_level(logging.INFO, logger="model"):
-        trunk = M.build_trunk(str(tmp_path / "with_fc.pth"))
+    with caplog.at_level(logging.INFO, logger="trunk"):
+        trunk = T.build_trunk(str(tmp_path / "with_fc.pth"))
     assert "loaded 120/120 tensors" in caplog.text and "dropped fc.bias, fc.weight" in caplog.text
     assert_same_weights(trunk, ref)
-    assert_same_weights(M.build_trunk(str(tmp_path / "no_fc.pth")), ref)
+    assert_same_weights(T.build_trunk(str(tmp_path / "no_fc.pth")), ref)
 
 
 def test_trunk_loads_ciga_checkpoint(tmp_path):
@@ -80,21 +82,21 @@ def test_trunk_loads_ciga_checkpoint(tmp_path):
     state["model.resnet.fc.0.weight"] = torch.randn(512, 512)
     state["model.resnet.fc.2.weight"] = torch.randn(128, 512)
     torch.save({"state_dict": state, "epoch": 3}, tmp_path / "tenpercent_resnet18.ckpt")
-    assert_same_weights(M.build_trunk(str(tmp_path / "tenpercent_resnet18.ckpt")), ref)
+    assert_same_weights(T.build_trunk(str(tmp_path / "tenpercent_resnet18.ckpt")), ref)
 
 
 def test_mismatching_checkpoint_is_refused(tmp_path):
     state = torchvision.models.resnet34(weights=None).state_dict()  # extra blocks: layer1.2, ...
     torch.save(state, tmp_path / "r34.pth")
     with pytest.raises(ValueError, match=r"r34\.pth.*unexpected .*layer1\.2"):
-        M.build_trunk(str(tmp_path / "r34.pth"))
+        T.build_trunk(str(tmp_path / "r34.pth"))
     state = torchvision.models.resnet18(weights=None).state_dict()
     state["layer9.weight"] = state.pop("layer4.1.bn2.weight")
     torch.save(state, tmp_path / "renamed.pth")
     with pytest.raises(ValueError, match=r"renamed\.pth.*missing 1 \(layer4\.1\.bn2\.weight\)"):
-        M.build_trunk(str(tmp_path / "renamed.pth"))
+        T.build_trunk(str(tmp_path / "renamed.pth"))
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        M.build_trunk(str(tmp_path / "nope.pth"))
+        T.build_trunk(str(tmp_path / "nope.pth"))
 
 
 def test_imagenet_offline_is_a_clear_error_and_hub_cache_works(tmp_path, monkeypatch):
@@ -104,13 +106,13 @@ def test_imagenet_offline_is_a_clear_error_and_hub_cache_works(tmp_path, monkeyp
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(RuntimeError, match="could not download .* ImageNet.*Offline"):
-        M.build_trunk("imagenet")
+        T.build_trunk("imagenet")
     # the same file already in the hub cache is used without the network
     url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
     ref = torchvision.models.resnet18(weights=None)
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.save(ref.state_dict(), tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
-    assert_same_weights(M.build_trunk("imagenet", progress=False), ref)
+    assert_same_weights(T.build_trunk("imagenet", progress=False), ref)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -130,7 +132,7 @@ def test_module_shapes():
     b = make_batch()
     assert M.LocalEncoder()(b["local"]).shape == (4, 4, 512)  # 64 px -> 2x2 map -> 4 tokens
     assert M.NeighbourEncoder(cfg)(b["neighbour"], b["neighbour_mask"]).shape == (4, 25, D)
-    context = M.GlobalContext.of(b["context"])
+    context = P.GlobalContext.of(b["context"])
     layout = context.grids.layout(b["section"], b["index"])
     T = len(layout.tokens)
     assert T == 12 and layout.pad.shape == (2, 7) and layout.query.shape == (2, 2)  # both sections, 7 + 5 spots
@@ -169,7 +171,7 @@ def test_levels_are_checked_and_local_trunk_starts_from_given_weights():
         M.GeneDML(tiny_cfg(levels=("local", "neighbor")))
     with pytest.raises(AssertionError, match="non-empty subset"):
         M.GeneDML(tiny_cfg(levels=()))
-    frozen = M.build_trunk("none")
+    frozen = T.build_trunk("none")
     net = M.GeneDML(tiny_cfg(levels=("local",)))
     net.load_trunk_weights(frozen.state_dict())
     assert_same_weights(net.local_encoder.trunk, frozen)
@@ -261,18 +263,18 @@ def test_a_batch_from_several_sections_runs_the_global_encoder_once():
 
 
 def test_global_layout_is_checked_when_it_is_built():
-    grids = M.SpotGrids.of([np.array([[0, 0], [1, 0]]), np.array([[0, 0]])])
+    grids = P.SpotGrids.of([np.array([[0, 0], [1, 0]]), np.array([[0, 0]])])
     with pytest.raises(AssertionError, match="index outside"):
         grids.layout(np.array([1]), np.array([1]))  # section 1 has one spot
     with pytest.raises(AssertionError, match="section outside"):
         grids.layout(np.array([2]), np.array([0]))
     with pytest.raises(AssertionError, match="share an array position"):
-        M.SpotGrids.of([np.array([[0, 0], [0, 0]])])
+        P.SpotGrids.of([np.array([[0, 0], [0, 0]])])
 
 
 def test_optimiser_step_changes_trainable_not_frozen():
     torch.manual_seed(0)
-    frozen = M.build_trunk("none").requires_grad_(False)
+    frozen = T.build_trunk("none").requires_grad_(False)
     frozen_before = {k: v.clone() for k, v in frozen.state_dict().items()}
     feats = F_.extract_features(frozen, FakeCrops(n=2), progress=False)  # must not touch BN statistics
     net = M.GeneDML(tiny_cfg()).train()
@@ -331,14 +333,14 @@ class FakeCrops:
 
 def test_extract_features_shapes_zeros_and_parity():
     torch.manual_seed(0)
-    trunk, crops = M.build_trunk("none"), FakeCrops()
+    trunk, crops = T.build_trunk("none"), FakeCrops()
     f = F_.extract_features(trunk, crops, batch_size=5, progress=False)  # batches span spots
     assert f["local"].shape == (3, 512) and f["tiles"].shape == (3, 25, 512)
     assert f["local"].dtype == f["tiles"].dtype == np.float32
     assert (f["tiles"][~crops._mask] == 0).all() and (np.abs(f["tiles"][crops._mask]).sum(-1) > 0).all()
     with torch.no_grad():  # one crop on its own
         x = torch.from_numpy(crops._tiles[1, 7]).permute(2, 0, 1)[None]
-        alone = trunk.eval()(M.preprocess(x)).mean(dim=(2, 3))[0].numpy()
+        alone = trunk.eval()(T.preprocess(x)).mean(dim=(2, 3))[0].numpy()
     if crops._mask[1, 7]:
         np.testing.assert_allclose(f["tiles"][1, 7], alone, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(f["tiles"][:, 12], f["local"], rtol=1e-4, atol=1e-5)
@@ -348,7 +350,7 @@ def test_section_features_builds_once(tmp_path, monkeypatch):
     calls = []
     real = F_.extract_features
     monkeypatch.setattr(F_, "extract_features", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    trunk, crops, cache = M.build_trunk("none"), FakeCrops(n=2), ArrayCache(tmp_path)
+    trunk, crops, cache = T.build_trunk("none"), FakeCrops(n=2), ArrayCache(tmp_path)
     first = F_.section_features(trunk, "none", crops, cache, "demo-A1-features", progress=False)
     second = F_.section_features(trunk, "none", crops, cache, "demo-A1-features", progress=False)
     assert len(calls) == 1

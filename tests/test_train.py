@@ -24,7 +24,8 @@ import evaluate
 import train
 from cache import ArrayCache
 from features import prepare_split
-from model import GeneDML, GeneDMLConfig, build_trunk
+from model import GeneDML, GeneDMLConfig
+from trunk import build_trunk
 
 SECTIONS = "A1,B1,C1"  # demo fold 0: test patient A, validation patient B, training patient C
 TIMING = ("seconds", "spots_per_s", "checkpoint_seconds")  # the only log fields allowed to differ between identical runs

@@ -1,0 +1,114 @@
+"""The global level's inputs: where every spot of a split lies, and one step's sections packed as one batch.
+
+A batch of 256 her2st spots touches ~24 sections, and the global level attends over every spot of each
+of them. `SpotGrids` is built once per split, on the CPU; `SpotGrids.layout` lays out one step (in the
+loader's workers, features.Collate) as a `GlobalLayout`: which feature rows to read, each token's PEG
+cell, the padded (S, n) attention batch and its key mask, and where the batch's own spots are. All the
+index arithmetic and every check happen here, so model.GlobalEncoder's forward pass has no host sync.
+`GlobalContext` holds the split's stacked frozen features beside its grids. Needs nothing of ours.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+
+@dataclass
+class SpotGrids:
+    """Where every spot of a split lies, for the global level: built once on the CPU when the split is
+    prepared, so that all checks and all index arithmetic happen there and the forward pass has none.
+
+    start (S+1,): section s owns rows start[s]:start[s+1] of the split's stacked features;
+    cell (N,): each spot's cell row * W + col on its section's array grid (origin at the section's
+    smallest x and y); grid (H, W): the largest section's grid, which every section's grid is padded to.
+    """
+    start: np.ndarray       # (S+1,) int64
+    cell: np.ndarray        # (N,) int64
+    grid: tuple             # (H, W)
+
+    @classmethod
+    def of(cls, coords: list) -> "SpotGrids":
+        """From each section's array coordinates (N_s, 2) as (x, y); refuses two spots on one cell."""
+        assert coords, "a split without sections has no global level"
+        xy = [np.asarray(c, np.int64).reshape(-1, 2) for c in coords]
+        xy = [c - c.min(axis=0) for c in xy]
+        W = max(int(c[:, 0].max()) + 1 for c in xy)
+        H = max(int(c[:, 1].max()) + 1 for c in xy)
+        cell = [c[:, 1] * W + c[:, 0] for c in xy]  # row-major: row = array y, column = array x
+        for s, c in enumerate(cell):
+            assert len(np.unique(c)) == len(c), f"section {s}: two spots share an array position"
+        start = np.concatenate([[0], np.cumsum([len(c) for c in cell])]).astype(np.int64)
+        return cls(start, np.concatenate(cell), (H, W))
+
+    def layout(self, section, index) -> "GlobalLayout":
+        """Lay out one step's global level (see GlobalLayout) from the batch's section and row (B,),
+        in numpy: called by the loader's collate function, ahead of the step."""
+        section, index = np.asarray(section, np.int64), np.asarray(index, np.int64)
+        S_all = len(self.start) - 1
+        assert section.ndim == 1 and section.shape == index.shape, "section and index must both be (B,)"
+        assert ((section >= 0) & (section < S_all)).all(), f"section outside the split's {S_all} sections"
+        size_all = np.diff(self.start)
+        assert ((index >= 0) & (index < size_all[section])).all(), "index outside its section's spots"
+        secs, slot = np.unique(section, return_inverse=True)   # the step's S sections; each spot's slot
+        size = size_all[secs]                                  # (S,) spots per section
+        first = np.concatenate([[0], np.cumsum(size)[:-1]])    # where each section starts in the packed tokens
+        n, T = int(size.max()), int(size.sum())
+        valid = np.arange(n)[None] < size[:, None]             # (S, n) slots holding a spot
+        pad = np.where(valid, first[:, None] + np.arange(n)[None], T)  # T: the zero row past the end
+        tokens = (self.start[secs][:, None] + np.arange(n)[None])[valid]  # (T,) rows of the features
+        H, W = self.grid
+        cell = np.repeat(np.arange(len(secs)), size) * (H * W) + self.cell[tokens]  # (T,) in the (S, H, W) stack
+        # the batch's own spots, the only queries of the last layer: per section, padded to r
+        rows = first[slot] + index                             # (B,) packed position of each batch spot
+        by_slot = np.argsort(slot, kind="stable")
+        count = np.bincount(slot, minlength=len(secs))
+        rank = np.empty_like(slot)
+        rank[by_slot] = np.arange(len(slot)) - np.repeat(np.concatenate([[0], np.cumsum(count)[:-1]]), count)
+        r = int(count.max())
+        query = np.repeat(first[:, None], r, axis=1)           # (S, r): spare queries read the section's first spot
+        query[slot, rank] = rows
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+        return GlobalLayout(tokens=t(tokens), cell=t(cell), pad=t(pad), key_mask=t(valid),
+                            unpad=t(np.flatnonzero(valid)), query=t(query), order=t(slot * r + rank), rows=t(rows),
+                            sizes=size.tolist(), counts=count.tolist())
+
+
+@dataclass
+class GlobalLayout:
+    """One step's global level as one padded batch: the step's S sections are S sequences of up to n
+    spots. Linear layers run on the T packed tokens (no padding: sections differ ~4x in size); only
+    attention sees the padded (S, n) batch, with a key mask (on a GPU, in one call; on a CPU each
+    section's part alone, as padding would add FLOPs there). Every field is built on the CPU
+    (SpotGrids.layout), so the forward pass never waits for the device to say how many there are."""
+    tokens: torch.Tensor    # (T,) rows of the stacked features: every spot of the step's sections
+    cell: torch.Tensor      # (T,) PEG cell of each token in the (S, H, W) stack of grids
+    pad: torch.Tensor       # (S, n) packed position of each slot; T (a zero row) past a section's end
+    key_mask: torch.Tensor  # (S, n) True where a slot holds a spot
+    unpad: torch.Tensor     # (T,) flat slot s * n + j of each packed token
+    query: torch.Tensor     # (S, r) packed positions of the batch's spots, per section, padded
+    order: torch.Tensor     # (B,) flat query s * r + j of each batch spot, in batch order
+    rows: torch.Tensor      # (B,) packed position of each batch spot
+    sizes: list             # (S,) spots of each section, host ints (the CPU's attention runs each alone)
+    counts: list            # (S,) the batch's spots in each section, host ints
+
+    def to(self, device, non_blocking=False) -> "GlobalLayout":
+        return GlobalLayout(**{k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
+                               for k, v in vars(self).items()})
+
+    def pin_memory(self) -> "GlobalLayout":  # called by a DataLoader with pin_memory=True
+        return GlobalLayout(**{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in vars(self).items()})
+
+
+@dataclass
+class GlobalContext:
+    """What the global level reads: the frozen features of every spot of a split's sections, stacked
+    (on the model's device), and where those spots lie (SpotGrids, on the CPU)."""
+    feats: torch.Tensor     # (N, F) float32
+    grids: SpotGrids
+
+    @classmethod
+    def of(cls, sections: list, device=None) -> "GlobalContext":
+        """From one (features (N_s, F), array_xy (N_s, 2)) pair per section."""
+        feats = torch.cat([torch.tensor(np.asarray(f), dtype=torch.float32) for f, _ in sections]).to(device)  # copies
+        return cls(feats, SpotGrids.of([np.asarray(torch.as_tensor(xy).cpu()) for _, xy in sections]))

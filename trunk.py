@@ -1,0 +1,100 @@
+"""The local level's trunk: torchvision's ResNet18 without its classifier, and the weights it starts from.
+
+`build_trunk("none" | "imagenet" | path)` gives random weights, torchvision's ImageNet weights (from
+torch.hub's cache, or downloaded), or a local checkpoint (a torchvision-style state dict, or a training
+checkpoint such as Ciga et al.'s self-supervised tenpercent_resnet18.ckpt), loaded strictly with
+torch.load(weights_only=True). `preprocess` turns uint8 crops into the normalised floats it reads.
+The frozen encoders of the other levels are chosen in encoders.py; this module needs nothing of ours.
+"""
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+log = logging.getLogger(__name__)
+
+FEAT_DIM = 512  # channels of ResNet18's last stage: the default width of the frozen features and tokens
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+
+class ResNet18Trunk(nn.Sequential):
+    """torchvision's ResNet18 (He et al. 2016) up to its last feature map: (B,3,H,W) -> (B,512,H/32,W/32).
+
+    Departures from torchvision.models.resnet18:
+    - no avgpool and no fc: the local level keeps all (H/32)·(W/32) positions as tokens (7x7 at 224 px);
+    - nothing else: the modules keep torchvision's names, so its state dicts (less fc.*) load as they are.
+    """
+
+    def __init__(self):
+        r = torchvision.models.resnet18(weights=None)
+        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        super().__init__(OrderedDict((n, getattr(r, n)) for n in names))
+
+
+def build_trunk(weights: str = "none", progress: bool = True) -> ResNet18Trunk:
+    """A ResNet18 trunk with random ("none"), torchvision ImageNet ("imagenet") or local-file weights."""
+    trunk = ResNet18Trunk()
+    if weights == "none":
+        return trunk
+    if weights == "imagenet":
+        url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+        try:  # served from torch.hub's cache when the file is already there
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=progress,
+                                                       weights_only=True)
+        except OSError as e:  # URLError, timeouts, refused connections are all OSErrors
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+            raise RuntimeError(
+                f"could not download the torchvision ImageNet ResNet18 weights from {url} ({e}). "
+                f"Offline? Put that file at {cache}, or pass the path of a local ResNet18 checkpoint "
+                f"(a state dict, or tenpercent_resnet18.ckpt) as the weights instead of 'imagenet'.") from None
+        _load_trunk_state(trunk, state, url)
+        return trunk
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"trunk weights {path}: no such file (expected 'none', 'imagenet' or a path)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickled non-tensor objects are refused by weights_only=True
+        raise ValueError(f"{path}: cannot be read as a tensor checkpoint with torch.load(weights_only=True) "
+                         f"({e}). If you trust the file, re-save just its state dict.") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
+        ckpt = ckpt["state_dict"]  # a (Lightning) training checkpoint such as Ciga et al.'s
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a state dict (or a dict with key 'state_dict'), got {type(ckpt)}")
+    _load_trunk_state(trunk, ckpt, path)
+    return trunk
+
+
+def _load_trunk_state(trunk: nn.Module, state: dict, source) -> None:
+    """Load a torchvision-style ResNet18 state dict strictly, except for the classifier (fc.*)."""
+    prefixes = ("model.resnet.", "module.", "resnet.")  # Ciga et al.'s SimCLR wrapper, DataParallel
+    state = {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in state.items()}
+    dropped = sorted(k for k in state if k.startswith("fc."))  # classifier or SimCLR projection head
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    expected = trunk.state_dict()
+    # num_batches_tracked only counts BN updates; a checkpoint without it is still complete
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    found = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+    problems = [f"{what} {len(keys)} ({', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})"
+                for what, keys in found if keys]
+    if problems:
+        raise ValueError(f"{source}: not a ResNet18 checkpoint this trunk can load: {'; '.join(problems)}")
+    trunk.load_state_dict(state, strict=False)
+    log.info("loaded %d/%d tensors from %s, dropped %s", len(state), len(expected), source,
+             ", ".join(dropped) or "nothing")
+
+
+def preprocess(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B,3,H,W) -> float, /255, normalised with ImageNet's mean and std."""
+    assert x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3, \
+        f"expected uint8 images (B,3,H,W), got {x.dtype} {tuple(x.shape)}"
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
