@@ -85,6 +85,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+import cohorts
 import data
 import distributed
 import encoders
@@ -336,14 +337,14 @@ def write_slide(path, width, height, rng):
 
 
 def synthetic_section(name, image_path, n, width, height, rng, genes=20):
-    """A data.Section of n spots on a square grid centred on the image, at most SPOT_PX apart."""
+    """A cohorts.Section of n spots on a square grid centred on the image, at most SPOT_PX apart."""
     array_xy = grid_xy(n)
     side = array_xy.max() + 1
     step = min(SPOT_PX, min(width, height) / (side + 1))
     pixel_xy = (array_xy - (side - 1) / 2) * step + np.array([width, height]) / 2  # (n, 2)
     ids = [f"{x}x{y}" for x, y in array_xy]
     counts = pd.DataFrame(rng.poisson(5, (n, genes)).astype(np.float32), index=ids, columns=[f"G{j}" for j in range(genes)])
-    return data.Section("her2st", name, name[0], Path(image_path), ids, array_xy, pixel_xy.astype(np.float64), counts)
+    return cohorts.Section("her2st", name, name[0], Path(image_path), ids, array_xy, pixel_xy.astype(np.float64), counts)
 
 
 class CropPerItem:
@@ -374,7 +375,7 @@ class FakeCrops:
 def bench_data(args, device, tmp):
     rng = np.random.default_rng(0)
     if args.her2st_root:  # a real section: its JPEG and spots instead of a synthetic slide
-        section = data.load_section("her2st", args.her2st_root, args.her2st_section)
+        section = cohorts.load_section("her2st", args.her2st_root, args.her2st_section)
         jpg = section.image_path
         with Image.open(jpg) as im:
             width, height = im.size
@@ -645,7 +646,7 @@ def bench_scale(args, device, amp, tmp):
     # caching a cohort: one section after another, as data.cohort_crops does
     rng = np.random.default_rng(1)
     width, height = args.cohort_px
-    names = data.sections_of("her2st", data.COHORTS["her2st"]["patients"])
+    names = cohorts.sections_of("her2st", cohorts.COHORTS["her2st"]["patients"])
     names = [names[i % len(names)] + ("" if i < len(names) else f"_{i}") for i in range(args.cohort_sections)]
     write_slide(tmp / "cohort" / "slide.jpg", width, height, rng)
     sections = []

@@ -1,4 +1,4 @@
-"""Fetch the her2st cohort from its public GitHub repository into the layout data.py reads.
+"""Fetch the her2st cohort from its public GitHub repository into the layout cohorts.py reads.
 
     python data.py download her2st --root data/her2st [--base-url URL] [--only counts,spots,images] [--sections A1,B4]
     python download.py her2st ...            (the same)
@@ -78,11 +78,11 @@ MANUAL = {
     "cscc": "cSCC (Ji et al., Cell 2020) is on GEO and cannot be fetched by this script.\n"
             "  1. Download GSE144240_RAW.tar from https://www.ncbi.nlm.nih.gov/geo/query/acc.cgi?acc=GSE144240\n"
             "  2. Unpack it into {root}/ (per section: *_stdata.tsv.gz counts, *spot_data-selection*.tsv, *.jpg H&E)\n"
-            "  data.py's module docstring gives the exact layout; check_cohort lists whatever is missing.",
+            "  cohorts.py's module docstring gives the exact layout; check_cohort lists whatever is missing.",
     "stnet": "STNet (He et al., Nature Biomedical Engineering 2020) is on Mendeley Data and cannot be fetched by this script.\n"
              "  1. Download the dataset from https://data.mendeley.com/datasets/29ntw7sh4r\n"
              "  2. Unpack it into {root}/ (per section: counts .tsv.gz, spot coordinates, H&E image)\n"
-             "  data.py's module docstring gives the exact layout; check_cohort lists whatever is missing.",
+             "  cohorts.py's module docstring gives the exact layout; check_cohort lists whatever is missing.",
 }
 
 

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
-import data
+import cohorts
 import prediction
 import slide
 from cache import ArrayCache
@@ -335,20 +335,20 @@ def evaluate_checkpoint(path, args, device, sub=""):
     elif args.external:  # every slide of another cohort (or --sections of it)
         if args.external.endswith(".csv"):
             cohort, root = visium.register_cohort(args.external, crop_um), args.external
-        elif args.external in data.COHORTS:
-            cohort, root = args.external, args.root or data.COHORTS[args.external]["root"]
+        elif args.external in cohorts.COHORTS:
+            cohort, root = args.external, args.root or cohorts.COHORTS[args.external]["root"]
         else:
-            raise ValueError(f"--external must be a built-in cohort {sorted(data.COHORTS)} or a cohort table .csv, "
+            raise ValueError(f"--external must be a built-in cohort {sorted(cohorts.COHORTS)} or a cohort table .csv, "
                              f"got {args.external!r}")
         names = args.sections.split(",") if args.sections else \
-            data.sections_of(cohort, list(data.COHORTS[cohort]["patients"]), root=root)
-        data.check_cohort(cohort, root, names)
-        sections = [data.load_section(cohort, root, n) for n in names]
+            cohorts.sections_of(cohort, list(cohorts.COHORTS[cohort]["patients"]), root=root)
+        cohorts.check_cohort(cohort, root, names)
+        sections = [cohorts.load_section(cohort, root, n) for n in names]
     else:
         root = args.root or d["root"]
         cohort = visium.cohort_for(d["cohort"], root, crop_um)  # a cohort table is registered again
-        data.check_cohort(cohort, root, d["sections"]["test"])
-        sections = [data.load_section(cohort, root, n) for n in d["sections"]["test"]]
+        cohorts.check_cohort(cohort, root, d["sections"]["test"])
+        sections = [cohorts.load_section(cohort, root, n) for n in d["sections"]["test"]]
     split = prepare_split(sections, genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"],
                           local_tokens=model.cfg.local_encoder == "frozen" and model.cfg.frozen_tokens == "cached")
     per_slide, preds = ({}, {0: (predict_slide(model, split, device, args.batch_size, args.global_max_spots), None)}) \

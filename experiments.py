@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-import data
+import cohorts
 import evaluate
 import train
 from features import frozen_trunk, prepare_split
@@ -95,7 +95,7 @@ def ablation(args):
     runs = pd.DataFrame(rows)
     # The ceiling: PCC(M) of the noise-free rates against the labels, on the same held-out sections
     # and genes (demo.py) -- what a model that knew the expected expression exactly would reach.
-    test = data.sections_of("demo", data.fold_split("demo", args.fold)["test"])
+    test = cohorts.sections_of("demo", cohorts.fold_split("demo", args.fold)["test"])
     genes = evaluate.load_checkpoint(Path(args.out) / f"{slug(args.variants[0])}-seed{args.seeds[0]}" / "best.pt")["genes"]
     ceiling = demo.ceiling(root, genes=genes)
     table = runs.groupby("variant", sort=False).agg(pcc_m=("pcc_m", "mean"), pcc_m_std=("pcc_m", "std"),
@@ -131,7 +131,7 @@ def baselines(args, test, val, trainset, ckpt):
     trunk = frozen_trunk("none", device)
     trunk.load_state_dict(ckpt["frozen_trunk"])
     cache, genes, d = ArrayCache(args.cache_dir), ckpt["genes"], ckpt["data"]
-    sections = {n: data.load_section("her2st", args.root, n) for n in [*trainset, val, test]}
+    sections = {n: cohorts.load_section("her2st", args.root, n) for n in [*trainset, val, test]}
     split = {n: prepare_split([sections[n]], genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"])
              for n in sections}
     feats = {n: split[n].context.feats.double() for n in sections}          # (N, 512) frozen features
@@ -267,7 +267,7 @@ def balance(args):
     fresh.load_state_dict({k: v for k, v in trained.state_dict().items() if "mean" in k or "std" in k}, strict=False)
     if fresh.local_encoder is not None and fresh.cfg.local_encoder == "trainable":
         fresh.load_trunk_weights(trunk.state_dict())
-    sections = [data.load_section(d["cohort"], a["root"], n) for n in d["sections"]["train"]]
+    sections = [cohorts.load_section(d["cohort"], a["root"], n) for n in d["sections"]["train"]]
     split = prepare_split(sections, ckpt["genes"], d["crop_size"], trunk, ArrayCache(args.cache_dir), device,
                           smooth=d["smooth"], local_tokens=trained.cfg.local_encoder == "frozen")
     loader = torch.utils.data.DataLoader(split.dataset, batch_size=a["batch_size"], shuffle=True, drop_last=True,

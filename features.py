@@ -164,7 +164,7 @@ def token_statistics(tokens: list, chunk: int = 256) -> tuple[np.ndarray, np.nda
 
 @dataclass
 class Split:
-    sections: list       # data.Section, one per slide
+    sections: list       # cohorts.Section, one per slide
     dataset: object      # data.SpotDataset over those sections
     context: GlobalContext  # every spot's frozen feature (on the device) and where it lies, for the global level
     tokens: list | None = None  # per section: frozen local tokens (N, 8, h, w, 512) float16, if asked for

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import cohorts
 import data
 import losses
 from features import Collate, Split
@@ -50,7 +51,7 @@ def synthetic_fold(sections: int, total: int, crop: int, tokens: bool, device, g
         pixel = (xy * 256 + 1200).astype(np.float64)  # 256 px apart, every 5x5 window on the image
         ids = [f"{x}x{y}" for x, y in xy]
         counts = pd.DataFrame(rng.poisson(5, (n, genes)).astype(np.float32), index=ids, columns=names)
-        secs.append(data.Section("her2st", f"S{k}", f"P{k}", None, ids, xy, pixel, counts))
+        secs.append(cohorts.Section("her2st", f"S{k}", f"P{k}", None, ids, xy, pixel, counts))
         side = int(pixel.max()) + 1200
         image = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (side, side, 3))  # shape only: no tiles are cut
         crops.append(data.SectionCrops(rng.integers(0, 256, (n, crop, crop, 3), dtype=np.uint8), image, crop, {}, pixel))

@@ -259,7 +259,7 @@ class NeighbourEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
 
     def forward(self, feats, mask):  # (B, g², F) float, (B, g²) bool (True = on the image)
-        """The centre tile is the spot itself, on the image by construction (data.load_section checks the
+        """The centre tile is the spot itself, on the image by construction (cohorts.load_section checks the
         spot centres): every row attends to at least that tile. (Not asserted here: that would wait for the device.)"""
         g2, width = self.grid ** 2, self.proj.in_features
         assert feats.ndim == 3 and feats.shape[1:] == (g2, width), \

@@ -18,21 +18,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-import data
+import cohorts
 import h5ad
 import slide
 import visium
 
 
 def spot_file_section(image, spots, genes, crop_um=None):
-    """A data.Section for a slide that has an image and a spot file but no counts. A Space Ranger
+    """A cohorts.Section for a slide that has an image and a spot file but no counts. A Space Ranger
     positions file (known by its columns, whatever its name) is read as a Visium slide, cropped at crop_um µm."""
     if not Path(spots).is_file():
         raise FileNotFoundError(f"{spots}: spot file not found")
     if visium.is_positions_file(spots):
         return visium.positions_section(image, spots, genes, crop_um or visium.DEFAULT_CROP_UM)
-    ids, array_xy, pixel_xy = data.read_spots(Path(spots))  # same checks as the cohort readers
-    return data.Section(cohort="predict", name=Path(image).stem, patient="new", image_path=Path(image),
+    ids, array_xy, pixel_xy = cohorts.read_spots(Path(spots))  # same checks as the cohort readers
+    return cohorts.Section(cohort="predict", name=Path(image).stem, patient="new", image_path=Path(image),
                         spot_ids=ids, array_xy=array_xy, pixel_xy=pixel_xy,
                         counts=pd.DataFrame(0.0, index=ids, columns=genes))
 
@@ -41,14 +41,14 @@ def training_lattice(d) -> str | None:
     """The spot lattice of a checkpoint's training slides: ST cohorts are square, Visium hexagonal."""
     if d.get("geometry"):
         return d["geometry"]
-    if d["cohort"] in data.COHORTS and "table" not in data.COHORTS[d["cohort"]]:
+    if d["cohort"] in cohorts.COHORTS and "table" not in cohorts.COHORTS[d["cohort"]]:
         return "square"  # the built-in cohorts are all ST
     norm = d.get("normalisation", "")
     return "hex" if "hexagonal" in norm else "square" if "3x3" in norm else None
 
 
 def grid_section(path, genes, d, args):
-    """A data.Section of virtual spots on the tissue of a slide that has no spot file (slide.py), and
+    """A cohorts.Section of virtual spots on the tissue of a slide that has no spot file (slide.py), and
     what the outputs say about it: the grid, the tissue search, the overview image."""
     s = slide.open_slide(path, args.um_per_px)
     um = s.resolution()
@@ -71,7 +71,7 @@ def grid_section(path, genes, d, args):
                          f"{slide.MIN_TISSUE:.0%} of its tile on tissue and a mean RGB under {slide.WHITE_MEAN:g}); "
                          f"give the tissue with --tissue-mask")
     ids = [f"{x}x{y}" for x, y in grid["array_xy"]]
-    section = data.Section("predict", Path(path).stem, "new", Path(path), ids, grid["array_xy"], grid["pixel_xy"],
+    section = cohorts.Section("predict", Path(path).stem, "new", Path(path), ids, grid["array_xy"], grid["pixel_xy"],
                            pd.DataFrame(0.0, index=ids, columns=genes), {"image": Path(path)}, lattice, um, crop_um)
     print(f"{path}: {len(ids)} spots on a {lattice} grid of {pitch_um:g} µm, {um:.4g} µm/px ({s.reader}), "
           f"crops of {crop_um:.4g} µm; tissue: {tissue['method']}")

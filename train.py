@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cohorts
 import data
 from cache import ArrayCache
 import demo
@@ -58,7 +59,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train Gene-DML (see README).",
                                 formatter_class=HelpFormatter)
     # data
-    p.add_argument("--data", default="demo", help=f"cohort: {' | '.join(sorted(data.COHORTS))}, or a cohort table .csv of your own slides (README: Your own slides)")
+    p.add_argument("--data", default="demo", help=f"cohort: {' | '.join(sorted(cohorts.COHORTS))}, or a cohort table .csv of your own slides (README: Your own slides)")
     p.add_argument("--crop-um", type=float, default=None, help=f"cohort tables only: a crop's field of view in µm; each slide is resampled so --crop-size px span it (default {visium.DEFAULT_CROP_UM:g} = 224 px at 0.5 µm/px, HEST-1k's)")
     p.add_argument("--root", default=None, help="cohort folder (default: the cohort table's, e.g. data/her2st)")
     p.add_argument("--fold", default="0", help="fold number, or 'all' to run every fold into <out>/fold<i>/")
@@ -121,18 +122,18 @@ def get_args(argv=None):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (default: on for CUDA)")
     p.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates of the loss parts")
     args = p.parse_args(argv)
-    if args.data.endswith(".csv"):  # a cohort table: registered in data.COHORTS under the file's stem
+    if args.data.endswith(".csv"):  # a cohort table: registered in cohorts.COHORTS under the file's stem
         if args.root:
             p.error("--root is for built-in cohorts; a cohort table holds its own paths")
         args.root = args.data
         args.data = visium.register_cohort(args.data, args.crop_um)
-        args.crop_um = data.COHORTS[args.data]["crop_um"]
-    elif args.data not in data.COHORTS:
-        p.error(f"--data must be one of {sorted(data.COHORTS)} or a cohort table .csv, got {args.data!r}")
+        args.crop_um = cohorts.COHORTS[args.data]["crop_um"]
+    elif args.data not in cohorts.COHORTS:
+        p.error(f"--data must be one of {sorted(cohorts.COHORTS)} or a cohort table .csv, got {args.data!r}")
     elif args.crop_um is not None:
         p.error("--crop-um applies to cohort tables; built-in cohorts are cropped at their native resolution")
 
-    spec, recipe = data.COHORTS[args.data], RECIPES.get(args.data, RECIPES["default"])
+    spec, recipe = cohorts.COHORTS[args.data], RECIPES.get(args.data, RECIPES["default"])
     try:
         encoders.resolve_spec(args.encoder)
     except (ValueError, ImportError) as e:
@@ -153,7 +154,7 @@ def get_args(argv=None):
         p.error(f"--levels takes a non-empty comma list of {', '.join(LEVELS)}; got {', '.join(unknown) or 'none'}")
     if args.fold != "all" and not args.fold.isdigit():
         p.error(f"--fold must be a number or 'all', got {args.fold!r}")
-    folds = len(data.COHORTS[args.data]["folds"])
+    folds = len(cohorts.COHORTS[args.data]["folds"])
     if args.fold != "all" and int(args.fold) >= folds:
         p.error(f"--fold {args.fold}: {args.data} has {folds} folds, 0..{folds - 1} (or 'all')")
     if args.n_genes < 1:
@@ -174,7 +175,7 @@ def seed_everything(seed):
 def cohort_sections(args):
     """Every section of the cohort, limited to --sections when given."""
     only = set(args.sections.split(",")) if args.sections else None
-    everything = data.sections_of(args.data, list(data.COHORTS[args.data]["patients"]), root=args.root)
+    everything = cohorts.sections_of(args.data, list(cohorts.COHORTS[args.data]["patients"]), root=args.root)
     return [n for n in everything if only is None or n in only]
 
 
@@ -189,8 +190,8 @@ def split_sections(args, fold):
         val = [] if args.select_on_test else args.val_sections.split(",") if args.val_sections else pool[:1]
         names = {"train": [n for n in pool if n not in val], "val": val, "test": test}
     else:
-        split = data.fold_split(args.data, fold, select_on_test=args.select_on_test)
-        names = {part: [n for n in data.sections_of(args.data, split[part], root=args.root) if n in pool]
+        split = cohorts.fold_split(args.data, fold, select_on_test=args.select_on_test)
+        names = {part: [n for n in cohorts.sections_of(args.data, split[part], root=args.root) if n in pool]
                  for part in ("train", "val", "test")}
         if args.val_sections:
             val = args.val_sections.split(",")
@@ -309,8 +310,8 @@ def train_fold(args, fold):
     if resume:  # as --fold all's re-run does: other settings would silently change the run mid-way
         refuse_other_settings(resume["args"], args, args.resume, RUN_ONLY | {"epochs", "patience"})
     everything = names["train"] + names["val"] + names["test"]
-    data.check_cohort(args.data, args.root, everything)
-    sections = {n: data.load_section(args.data, args.root, n) for n in everything}
+    cohorts.check_cohort(args.data, args.root, everything)
+    sections = {n: cohorts.load_section(args.data, args.root, n) for n in everything}
     if resume:
         genes, genes_from = resume["genes"], args.resume
     elif args.genes:
@@ -320,7 +321,7 @@ def train_fold(args, fold):
     else:  # one list for the cohort: every fold of a cross-validation run gets the same genes
         pool = cohort_sections(args)
         pool += [n for n in everything if n not in pool]  # --test-sections may lie outside --sections
-        genes = data.select_genes([sections[n] if n in sections else data.load_section(args.data, args.root, n)
+        genes = data.select_genes([sections[n] if n in sections else cohorts.load_section(args.data, args.root, n)
                                    for n in pool], args.n_genes)
         genes_from = f"cohort, {len(pool)} sections"
     # the crop's field of view, so an external test (evaluate.py --external) cuts crops of the same width
@@ -370,7 +371,7 @@ def train_fold(args, fold):
                                          prefetch_factor=4 if workers else None)
 
     # ---- model
-    sizes = data.COHORTS[args.data].get("sizes", args.data)  # a cohort table borrows a built-in cohort's encoder sizes
+    sizes = cohorts.COHORTS[args.data].get("sizes", args.data)  # a cohort table borrows a built-in cohort's encoder sizes
     cfg = GeneDMLConfig.for_cohort(sizes, len(genes), levels=args.levels, local_encoder=args.local_encoder,
                                    frozen_tokens="online" if online else "cached", feat_dim=encoder.feature_dim,
                                    token_dim=encoder.token_dim, **({'dim': args.dim} if args.dim else {}))
@@ -538,7 +539,7 @@ def train_all_folds(args):
     reseeding) and rebuilds the table, so it ends where an uninterrupted run ends.
     """
     root_out, best = Path(args.out), []
-    for fold in range(len(data.COHORTS[args.data]["folds"])):
+    for fold in range(len(cohorts.COHORTS[args.data]["folds"])):
         fold_args = argparse.Namespace(**{**vars(args), "out": str(root_out / f"fold{fold}"), "fold": str(fold)})
         last = Path(fold_args.out) / "last.pt"
         if last.is_file():

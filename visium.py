@@ -8,8 +8,8 @@ A cohort of your own is a small CSV, one row per slide (paths relative to the CS
     patient, in table order), geometry (hex | square; HEST default: detected), image_scale (image px
     per position px, when the image was downsampled), um_per_px (instead of deriving it)
 
-`register_cohort(csv)` adds it to data.COHORTS with two hooks, `load` and `check`, which
-data.load_section / data.check_cohort call for table cohorts: this module imports data, data never
+`register_cohort(csv)` adds it to cohorts.COHORTS with two hooks, `load` and `check`, which
+cohorts.load_section / cohorts.check_cohort call for table cohorts: this module imports cohorts, cohorts never
 imports this module (imports run one way). Folds are leave-one-patient-out as for the built-in cohorts.
 
 What is read, and how:
@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-import data
+import cohorts
 import slide
 
 log = logging.getLogger(__name__)
@@ -128,10 +128,10 @@ def read_mex(folder) -> Sparse:
     """A Space Ranger MEX folder (matrix.mtx[.gz], features.tsv[.gz] or genes.tsv[.gz], barcodes.tsv[.gz])."""
     folder = Path(folder)
     mtx = _first(folder, ["matrix.mtx.gz", "matrix.mtx"], "matrix")
-    feats = data._read_table(_first(folder, ["features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"], "features"),
+    feats = cohorts._read_table(_first(folder, ["features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"], "features"),
                              "features", sep="\t", header=None, dtype=str)
     bc_path = _first(folder, ["barcodes.tsv.gz", "barcodes.tsv"], "barcodes")
-    barcodes = data._read_table(bc_path, "barcodes", sep="\t", header=None, dtype=str)[0].tolist()
+    barcodes = cohorts._read_table(bc_path, "barcodes", sep="\t", header=None, dtype=str)[0].tolist()
     try:
         with _open(mtx) as f:
             head = f.readline().decode()
@@ -196,7 +196,7 @@ def read_10x_h5(path) -> Sparse:
 
 
 def counts_frame(sparse: Sparse, rows: np.ndarray, spot_ids: list[str], where: str) -> pd.DataFrame:
-    """(N, genes) float32 counts of the spots sparse.spots[rows], as data.Section wants them. Genes
+    """(N, genes) float32 counts of the spots sparse.spots[rows], as cohorts.Section wants them. Genes
     without a count on these spots are left out (a Visium panel lists ~36k; a slide's
     counts are ~4 bytes x spots x detected genes); duplicate gene names are summed."""
     if len(sparse.values) and (sparse.values.min() < 0 or not np.isfinite(sparse.values).all()):
@@ -226,7 +226,7 @@ def read_positions(path) -> pd.DataFrame:
         raise FileNotFoundError(f"{path}: tissue positions file not found")
     with open(path, "rb") as f:
         has_header = f.readline().startswith(b"barcode")
-    df = data._read_table(path, "tissue positions", header=0 if has_header else None)
+    df = cohorts._read_table(path, "tissue positions", header=0 if has_header else None)
     if df.shape[1] != len(POSITION_COLUMNS) or (has_header and list(df.columns) != POSITION_COLUMNS):
         raise ValueError(f"{path}: expected the columns {','.join(POSITION_COLUMNS)}, got {list(df.columns)}")
     df.columns = POSITION_COLUMNS
@@ -294,7 +294,7 @@ def check_image(path) -> tuple[int, int]:
 
 
 def make_section(cohort, name, patient, image, pos: pd.DataFrame, sparse: Sparse, files: dict, geometry: str,
-                 crop_um=None, image_scale=1.0, resolution=None) -> data.Section:
+                 crop_um=None, image_scale=1.0, resolution=None) -> cohorts.Section:
     """Join counts and positions on the barcode; check the geometry and that the spots lie on the image."""
     where = f"{files['counts']} and {files['spots']}"
     in_matrix = pd.Index(sparse.spots)
@@ -325,7 +325,7 @@ def make_section(cohort, name, patient, image, pos: pd.DataFrame, sparse: Sparse
                          f"e.g. {common[i]} at ({pixel_xy[i, 0]:.1f}, {pixel_xy[i, 1]:.1f})")
     resolution = resolution or um_per_px(array_xy, pixel_xy, geometry, str(files["spots"]))
     counts = counts_frame(sparse, in_matrix.get_indexer(common), common.tolist(), str(files["counts"]))
-    return data.Section(cohort, name, patient, Path(image), common.tolist(), array_xy, pixel_xy, counts,
+    return cohorts.Section(cohort, name, patient, Path(image), common.tolist(), array_xy, pixel_xy, counts,
                         {**files, "image": Path(image)}, geometry, resolution, crop_um)
 
 
@@ -338,7 +338,7 @@ def spaceranger_files(outs) -> dict:
     return {"counts": mex if mex.is_dir() or not h5.is_file() else h5, "spatial": outs / "spatial"}
 
 
-def load_spaceranger(cohort, name, patient, outs, image, **kw) -> data.Section:
+def load_spaceranger(cohort, name, patient, outs, image, **kw) -> cohorts.Section:
     files = spaceranger_files(outs)
     files["spots"] = _first(files["spatial"], ["tissue_positions.csv", "tissue_positions_list.csv"], "tissue positions")
     pos = read_positions(files["spots"])
@@ -346,7 +346,7 @@ def load_spaceranger(cohort, name, patient, outs, image, **kw) -> data.Section:
     return make_section(cohort, name, patient, image, pos, sparse, files, "hex", **kw)
 
 
-def positions_section(image, positions, genes, crop_um) -> data.Section:
+def positions_section(image, positions, genes, crop_um) -> cohorts.Section:
     """A Visium slide without counts, for evaluate.py --predict IMAGE tissue_positions.csv."""
     pos = read_positions(positions)
     empty = Sparse(pos.index.tolist(), list(genes), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
@@ -420,7 +420,7 @@ def read_h5ad(path) -> tuple[pd.DataFrame, Sparse]:
     return frames["obs"], Sparse(frames["obs"].index.tolist(), frames["var"].index.tolist(), spot_idx, gene_idx, values)
 
 
-def load_hest(cohort, name, patient, h5ad, image, geometry=None, **kw) -> data.Section:
+def load_hest(cohort, name, patient, h5ad, image, geometry=None, **kw) -> cohorts.Section:
     obs, sparse = read_h5ad(h5ad)
     need = [c for c in POSITION_COLUMNS[2:] if c not in obs.columns]
     if need:
@@ -438,7 +438,7 @@ def load_hest(cohort, name, patient, h5ad, image, geometry=None, **kw) -> data.S
 def read_cohort_table(path) -> pd.DataFrame:
     """The rows of a cohort table, paths resolved against the table's folder; errors name the row."""
     path = Path(path)
-    df = data._read_table(path, "cohort table", dtype=str, keep_default_na=False)
+    df = cohorts._read_table(path, "cohort table", dtype=str, keep_default_na=False)
     df.columns = [c.strip().lower() for c in df.columns]
     missing = [c for c in ("sample", "patient", "image") if c not in df.columns]
     if missing or ("spaceranger" not in df.columns and "h5ad" not in df.columns):
@@ -460,11 +460,11 @@ def read_cohort_table(path) -> pd.DataFrame:
 
 
 def register_cohort(path, crop_um=None) -> str:
-    """Read a cohort table and add it to data.COHORTS (named after the file); returns the name."""
+    """Read a cohort table and add it to cohorts.COHORTS (named after the file); returns the name."""
     path = Path(path)
     rows = read_cohort_table(path)
     name = path.stem
-    if name in data.COHORTS and "table" not in data.COHORTS[name]:
+    if name in cohorts.COHORTS and "table" not in cohorts.COHORTS[name]:
         raise ValueError(f"{path}: a cohort table cannot be named like the built-in cohort {name!r}; rename the file")
     patients = {p: rows.index[rows["patient"] == p].tolist() for p in dict.fromkeys(rows["patient"])}  # table order
     if (rows["fold"] != "").any():  # folds as the table groups them, in order of first appearance
@@ -482,7 +482,7 @@ def register_cohort(path, crop_um=None) -> str:
             raise ValueError(f"{path}: no sample {sample!r} (samples: {rows.index.tolist()[:10]})")
         return rows.loc[sample]
 
-    data.COHORTS[name] = dict(
+    cohorts.COHORTS[name] = dict(
         layout="table", table=str(path), patients=patients, folds=folds, k=DEFAULT_K, crop=224, genes=250,
         sizes="her2st",  # encoder sizes (model.COHORT_SIZES): the published breast-cancer recipe
         root=str(path), crop_um=crop_um, fetch=f"correct the paths in the cohort table {path}",
@@ -492,7 +492,7 @@ def register_cohort(path, crop_um=None) -> str:
     return name
 
 
-def load_row(cohort, r, crop_um) -> data.Section:
+def load_row(cohort, r, crop_um) -> cohorts.Section:
     kw = dict(crop_um=crop_um, image_scale=float(r["image_scale"] or 1.0),
               resolution=float(r["um_per_px"]) if r["um_per_px"] else None)
     if r["spaceranger"]:
@@ -525,7 +525,7 @@ def check_rows(rows, table) -> None:
 
 
 def cohort_for(name, root, crop_um=None) -> str:
-    """The data.COHORTS name of a checkpoint's cohort, registering a cohort table again if need be."""
+    """The cohorts.COHORTS name of a checkpoint's cohort, registering a cohort table again if need be."""
     if str(root).endswith(".csv"):
         return register_cohort(root, crop_um)
     return name
@@ -536,7 +536,7 @@ def hest_table(cohort, meta, hest_root, out) -> pd.DataFrame:
     """Write the cohort table of a built-in cohort's HEST-1k samples. The id -> patient map is read
     from HEST's metadata CSV (columns id, patient, st_technology), not assumed here."""
     meta_path, hest_root, out = Path(meta), Path(hest_root), Path(out)
-    df = data._read_table(meta_path, "HEST metadata", dtype=str, keep_default_na=False)
+    df = cohorts._read_table(meta_path, "HEST metadata", dtype=str, keep_default_na=False)
     lacking = [c for c in ("id", "patient") if c not in df.columns]
     if lacking:
         raise ValueError(f"{meta_path}: HEST metadata lacks column(s) {lacking} (has {list(df.columns)[:10]})")
@@ -556,7 +556,7 @@ def hest_table(cohort, meta, hest_root, out) -> pd.DataFrame:
         "h5ad": [rel(hest_root.resolve() / "st" / f"{i}.h5ad") for i in ids],
         "image": [rel(hest_root.resolve() / "wsis" / f"{i}.tif") for i in ids],
         "geometry": ["hex" if "visium" in tech[i].lower() else "square" if tech[i] else "" for i in ids]})
-    builtin = data.COHORTS[cohort]
+    builtin = cohorts.COHORTS[cohort]
     if set(rows["patient"]) <= set(builtin["patients"]):  # HEST names the patients as the authors did: their folds
         rows["fold"] = [next(k for k, f in enumerate(builtin["folds"]) if p in f) for p in rows["patient"]]
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -587,10 +587,10 @@ def main(argv=None) -> int:
             return 0
         name = register_cohort(args.table)
         print(f"{'sample':<14}{'patient':<10}{'spots':>6}{'genes':>7}{'µm/px':>8}  grid  image")
-        failed, samples = [], [sample for s in data.COHORTS[name]["patients"].values() for sample in s]
+        failed, samples = [], [sample for s in cohorts.COHORTS[name]["patients"].values() for sample in s]
         for sample in samples:
             try:
-                sec = data.load_section(name, None, sample)
+                sec = cohorts.load_section(name, None, sample)
                 print(f"{sample:<14}{sec.patient:<10}{len(sec.spot_ids):>6}{sec.counts.shape[1]:>7}"
                       f"{sec.um_per_px:>8.3f}  {sec.geometry:<5} {sec.image_path}")
             except (FileNotFoundError, ValueError) as e:

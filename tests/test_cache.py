@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cohorts
 import data
 from cache import ArrayCache, fingerprint
 
@@ -80,7 +81,7 @@ def test_section_crops_rebuilt_only_when_source_changes(tmp_path, monkeypatch):
     real_decode = data._decode
     monkeypatch.setattr(data, "_decode", lambda p, *scale: decodes.append(p) or real_decode(p, *scale))
     cache = ArrayCache(tmp_path / "cache")
-    s = data.load_section("her2st", root, "A1")
+    s = cohorts.load_section("her2st", root, "A1")
     first = data.section_crops(s, cache, 16, progress=False)
     second = data.section_crops(s, cache, 16, progress=False)
     assert len(decodes) == 1 and first.key == second.key
@@ -109,7 +110,7 @@ def test_copied_data_and_two_checkouts_share_one_cache(tmp_path, monkeypatch):
     cache = ArrayCache(tmp_path / "shared-cache")
     keys = []
     for checkout in ("one", "two", "one", "two"):
-        s = data.load_section("her2st", tmp_path / checkout / "her2st", "A1")
+        s = cohorts.load_section("her2st", tmp_path / checkout / "her2st", "A1")
         keys.append(data.section_crops(s, cache, 16, progress=False).key)
     assert len(decodes) == 1, f"decoded {len(decodes)} times: the copy did not find the original's entries"
     assert all(k == keys[0] for k in keys)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cohorts
 import data
 from cache import ArrayCache
 
@@ -62,35 +63,35 @@ def her2st_tiny(tmp_path):
 
 
 # ----------------------------------------------------------------------------- cohort table and folds
-@pytest.mark.parametrize("cohort", list(data.COHORTS))
+@pytest.mark.parametrize("cohort", list(cohorts.COHORTS))
 def test_folds_hold_out_every_patient_once(cohort):
-    c = data.COHORTS[cohort]
+    c = cohorts.COHORTS[cohort]
     patients = set(c["patients"])
     held = []
     for f in range(len(c["folds"])):
-        s = data.fold_split(cohort, f)
+        s = cohorts.fold_split(cohort, f)
         held += s["test"]
         assert not set(s["test"]) & set(s["val"]) and not set(s["train"]) & (set(s["test"]) | set(s["val"]))
         assert len(s["val"]) == 1 and set(s["val"]) <= patients - set(s["test"])  # drawn from the training side
         assert set(s["train"]) | set(s["val"]) | set(s["test"]) == patients
-        assert s == data.fold_split(cohort, f)  # deterministic
+        assert s == cohorts.fold_split(cohort, f)  # deterministic
     assert sorted(held) == sorted(patients)
 
 
 def test_cohort_facts():
-    assert [data.COHORTS[c]["k"] for c in ("her2st", "cscc", "stnet", "demo")] == [18, 25, 90, 8]
-    assert data.COHORTS["demo"]["crop"] == 64 and data.COHORTS["demo"]["genes"] == 50
-    assert len(data.sections_of("her2st", "ABCDEFGH")) == 36
-    assert len(data.sections_of("cscc", ["P2", "P5", "P9", "P10"])) == 12
-    assert len(data.COHORTS["stnet"]["patients"]) == 23
-    assert data.sections_of("demo", "AB") == ["A1", "A2", "A3", "B1", "B2", "B3"]
-    assert data.fold_split("her2st", 3)["test"] == ["D"]
+    assert [cohorts.COHORTS[c]["k"] for c in ("her2st", "cscc", "stnet", "demo")] == [18, 25, 90, 8]
+    assert cohorts.COHORTS["demo"]["crop"] == 64 and cohorts.COHORTS["demo"]["genes"] == 50
+    assert len(cohorts.sections_of("her2st", "ABCDEFGH")) == 36
+    assert len(cohorts.sections_of("cscc", ["P2", "P5", "P9", "P10"])) == 12
+    assert len(cohorts.COHORTS["stnet"]["patients"]) == 23
+    assert cohorts.sections_of("demo", "AB") == ["A1", "A2", "A3", "B1", "B2", "B3"]
+    assert cohorts.fold_split("her2st", 3)["test"] == ["D"]
 
 
 # ----------------------------------------------------------------------------- real her2st files
 def test_real_her2st_all_sections_load(her2st_root):
     with_image = {"B4", "C2", "C3", "C4", "C5"}
-    for name in data.sections_of("her2st", "ABCDEFGH"):
+    for name in cohorts.sections_of("her2st", "ABCDEFGH"):
         spots = pd.read_csv(her2st_root / "ST-spotfiles" / f"{name}_selection.tsv", sep="\t")
         spots = spots[spots.selected == 1]
         with gzip.open(her2st_root / "ST-cnts" / f"{name}.tsv.gz", "rt") as f:
@@ -98,7 +99,7 @@ def test_real_her2st_all_sections_load(her2st_root):
             count_ids = pd.DataFrame({"id": [line.split("\t", 1)[0] for line in f]})
         spots["id"] = spots.x.round().astype(int).astype(str) + "x" + spots.y.round().astype(int).astype(str)
         expected = spots.merge(count_ids, on="id")
-        s = data.load_section("her2st", her2st_root, name)
+        s = cohorts.load_section("her2st", her2st_root, name)
         assert s.spot_ids == expected.id.tolist(), name
         assert s.counts.shape == (len(expected), n_genes), name
         assert np.allclose(s.pixel_xy, expected[["pixel_x", "pixel_y"]].to_numpy()), name
@@ -108,7 +109,7 @@ def test_real_her2st_all_sections_load(her2st_root):
 
 def test_real_counts_and_labels_follow_the_formula(her2st_root):
     raw = pd.read_csv(her2st_root / "ST-cnts" / "C2.tsv.gz", sep="\t", index_col=0)
-    s = data.load_section("her2st", her2st_root, "C2")
+    s = cohorts.load_section("her2st", her2st_root, "C2")
     assert np.array_equal(s.counts.to_numpy(), raw.loc[s.spot_ids, s.counts.columns].to_numpy())
     # the documented rule, written out: highest total first, ties by name (C2 has one at rank 250/251)
     totals = raw.sum(axis=0)
@@ -129,7 +130,7 @@ def test_real_counts_and_labels_follow_the_formula(her2st_root):
 
 
 def test_real_crops_are_the_image_pixels(her2st_root, tmp_path):
-    s = data.load_section("her2st", her2st_root, "C2")
+    s = cohorts.load_section("her2st", her2st_root, "C2")
     crops = data.section_crops(s, ArrayCache(tmp_path), 224, progress=False)
     image = np.asarray(Image.open(s.image_path).convert("RGB"))
     assert crops.image.shape == image.shape and crops.local.shape == (len(s.spot_ids), 224, 224, 3)
@@ -157,8 +158,8 @@ def test_her2st_reader_selected_and_dropped(tmp_path, caplog):
     spots.loc[0, "selected"] = 0  # not under tissue: dropped by the selection, silently by design
     counts = _counts(_ids(spots)[1:-1] + ["9x9"])  # last spot has no counts, 9x9 has no spot
     write_her2st(tmp_path, spots=spots, counts=counts)
-    with caplog.at_level(logging.INFO, logger="data"):
-        s = data.load_section("her2st", tmp_path, "A1")
+    with caplog.at_level(logging.INFO, logger="cohorts"):
+        s = cohorts.load_section("her2st", tmp_path, "A1")
     assert s.spot_ids == _ids(spots)[1:-1]
     assert "1 spot(s) in the counts but not the spot file, 1 in the spot file" in caplog.text
     assert s.image_path.name == "HE_unrelated_name.jpg"
@@ -175,7 +176,7 @@ def test_cscc_reader(tmp_path):
     spots.to_csv(tmp_path / "GSM1_spot_data-selection-P2_ST_rep1.tsv", sep="\t", index=False)
     _image(tmp_path / "GSM1_P2_ST_rep1.jpg")
     _image(tmp_path / "GSM9_P12_ST_rep1.jpg")  # must not be taken for P2
-    s = data.load_section("cscc", tmp_path, "P2_ST_rep1")
+    s = cohorts.load_section("cscc", tmp_path, "P2_ST_rep1")
     assert s.patient == "P2" and s.image_path.name == "GSM1_P2_ST_rep1.jpg"
     assert s.spot_ids == _ids(spots.round().astype({"x": int})) and len(s.counts) == len(spots)
 
@@ -188,8 +189,8 @@ def test_stnet_reader(tmp_path):
         _counts(_ids(spots)).to_csv(folder / f"{sec}.tsv.gz", sep="\t")
         spots.to_csv(folder / f"{sec}.spots.txt", sep="\t", index=False)
         _image(folder / f"{sec}.jpg")
-    assert data.sections_of("stnet", ["BC23209"], root=tmp_path) == ["BC23209_C1", "BC23209_C2"]
-    s = data.load_section("stnet", tmp_path, "BC23209_C2")
+    assert cohorts.sections_of("stnet", ["BC23209"], root=tmp_path) == ["BC23209_C1", "BC23209_C2"]
+    s = cohorts.load_section("stnet", tmp_path, "BC23209_C2")
     assert s.patient == "BC23209" and len(s.spot_ids) == len(spots) and s.image_path == folder / "BC23209_C2.jpg"
 
 
@@ -235,12 +236,12 @@ def test_bad_input_names_file_and_problem(her2st_tiny, case):
     spoil, error, filename, problem = BAD[case]
     spoil(her2st_tiny)
     with pytest.raises(error) as e:
-        data.load_section("her2st", her2st_tiny, "A1")
+        cohorts.load_section("her2st", her2st_tiny, "A1")
     assert filename in str(e.value) and problem in str(e.value), str(e.value)
 
 
 def test_corrupt_jpeg_leaves_nothing_in_cache(her2st_tiny, tmp_path):
-    s = data.load_section("her2st", her2st_tiny, "A1")
+    s = cohorts.load_section("her2st", her2st_tiny, "A1")
     jpg = s.image_path.read_bytes()
     s.image_path.write_bytes(jpg[: len(jpg) // 2])  # header intact, scan data truncated
     cache_root = tmp_path / "cache"
@@ -250,18 +251,18 @@ def test_corrupt_jpeg_leaves_nothing_in_cache(her2st_tiny, tmp_path):
 
 
 def test_check_cohort(her2st_tiny, her2st_root):
-    data.check_cohort("her2st", her2st_tiny, ["A1"])
+    cohorts.check_cohort("her2st", her2st_tiny, ["A1"])
     with pytest.raises(FileNotFoundError) as e:
-        data.check_cohort("her2st", her2st_tiny, ["A1", "A2"])
+        cohorts.check_cohort("her2st", her2st_tiny, ["A1", "A2"])
     msg = str(e.value)
     assert "A2.tsv.gz" in msg and "A2_selection.tsv" in msg and "ST-imgs/A/A2/*.jpg" in msg
     assert "A1" not in msg.split("fetch")[0].replace(str(her2st_tiny), "")  # A1 is complete
     assert f"python data.py download her2st --root {her2st_tiny}" in msg
-    data.check_cohort("her2st", her2st_root, ["C2", "C3"])
+    cohorts.check_cohort("her2st", her2st_root, ["C2", "C3"])
     with pytest.raises(FileNotFoundError, match="31 file"):
-        data.check_cohort("her2st", her2st_root)  # 31 sections lack their image in the copy
+        cohorts.check_cohort("her2st", her2st_root)  # 31 sections lack their image in the copy
     with pytest.raises(FileNotFoundError, match="python demo.py --root somewhere"):
-        data.check_cohort("demo", "somewhere")  # data.py never writes the demo: train.py does
+        cohorts.check_cohort("demo", "somewhere")  # data.py never writes the demo: train.py does
 
 
 # ----------------------------------------------------------------------------- genes and labels
@@ -270,7 +271,7 @@ def test_select_genes_and_absent_genes(tmp_path, caplog):
     b = pd.DataFrame([[0, 30]], index=["1x1"], columns=["X", "W"])
     write_her2st(tmp_path / "a", "A1", _spots(1, 2), a, image=False)
     write_her2st(tmp_path / "b", "A1", _spots(1, 1), b, image=False)
-    sa, sb = data.load_section("her2st", tmp_path / "a", "A1"), data.load_section("her2st", tmp_path / "b", "A1")
+    sa, sb = cohorts.load_section("her2st", tmp_path / "a", "A1"), cohorts.load_section("her2st", tmp_path / "b", "A1")
     assert data.select_genes([sa, sb], 3) == ["W", "X", "Y"]  # totals W 30, X 10, Y 2, Z 0
     with caplog.at_level(logging.INFO, logger="data"):
         c = data.gene_counts(sb, ["W", "Y", "X"])
@@ -311,7 +312,7 @@ def test_neighbour_window_order_and_mask():
 
 # ----------------------------------------------------------------------------- dataset
 def _dataset(root, cache_root, **kw):
-    s = data.load_section("her2st", root, "A1")
+    s = cohorts.load_section("her2st", root, "A1")
     crops = data.section_crops(s, ArrayCache(cache_root), 16, progress=False)
     return s, crops, data.SpotDataset([s, s], [crops, crops], ["G3", "G1", "nope"], **kw)
 

@@ -180,10 +180,8 @@ def test_noise_free_ceiling(cohort):
 
 
 def test_her2st_reader_loads_demo(cohort):
-    data = pytest.importorskip("data")
-    if not hasattr(data, "load_section") or "demo" not in getattr(data, "COHORTS", {}):
-        pytest.skip("data.load_section / COHORTS['demo'] not written yet")
-    section = data.load_section("demo", cohort, "A1")
+    import cohorts
+    section = cohorts.load_section("demo", cohort, "A1")
     counts = _read(cohort, "ST-cnts", "A1")
     assert sorted(section.spot_ids) == sorted(counts.index) and section.patient == "A"
     assert section.image_path.is_file() and section.pixel_xy.shape == (len(counts), 2)

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 
+import cohorts
 import data
 import encoders
 import evaluate
@@ -188,7 +189,7 @@ def test_online_frozen_level_sees_the_augmented_crop(which, tiny, demo_root, tmp
     tokens of the transformed crop (issue 15, item 1: in cached mode the grid turn was invisible)."""
     tiny_weights(tmp_path / "w.bin")
     enc = encoders.load_encoder(which, str(tmp_path / "w.bin") if which == "tiny-uni" else "none")
-    section = data.load_section("demo", demo_root, "A1")
+    section = cohorts.load_section("demo", demo_root, "A1")
     crops = data.section_crops(section, ArrayCache(tmp_path / "cache"), 32, progress=False)
     feats = [{"tiles": np.zeros((len(section.spot_ids), 25, enc.feature_dim), np.float32)}]
     plain = data.SpotDataset([section], [crops], ["TUM01"], features=feats)
@@ -223,7 +224,7 @@ def test_online_frozen_level_sees_the_augmented_crop(which, tiny, demo_root, tmp
 def test_online_token_statistics_equal_those_of_the_cached_tokens(tiny, demo_root, tmp_path):
     tiny_weights(tmp_path / "w.bin")
     enc = encoders.load_encoder("tiny-uni", str(tmp_path / "w.bin"))
-    sections = [data.load_section("demo", demo_root, n) for n in ("A1", "B1")]
+    sections = [cohorts.load_section("demo", demo_root, n) for n in ("A1", "B1")]
     cache = ArrayCache(tmp_path / "cache")
     split = features.prepare_split(sections, ["TUM01"], 32, enc, cache, "cpu", local_tokens=True)
     assert split.tokens[0].shape == (len(sections[0].spot_ids), 8, 4, 4, 64) and split.tokens[0].dtype == np.float16

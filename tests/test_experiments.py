@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+import cohorts
 import data
 import experiments
 from trunk import build_trunk
@@ -96,7 +97,7 @@ def test_baselines_score_the_labels_and_crops_of_the_model_runs(tmp_path):
     # file's copies, so the content-keyed cache holds one entry for all four)
 
     def labels(name, smooth):
-        s = data.load_section("her2st", root, name)
+        s = cohorts.load_section("her2st", root, name)
         return data.expression_labels(data.gene_counts(s, genes), s.array_xy, smooth=smooth)
 
     def mean_mse(smooth):  # the training mean's MSE, by hand

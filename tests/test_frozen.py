@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+import cohorts
 import data
 import evaluate
 import features
@@ -29,7 +30,7 @@ def frozen_run(demo_root, cache_dir, tmp_path_factory):
 
 
 def test_tokens_are_the_maps_of_each_transformed_crop_and_are_cached_by_trunk(demo_root, tmp_path):
-    section = data.load_section("demo", demo_root, "A1")
+    section = cohorts.load_section("demo", demo_root, "A1")
     crops = data.section_crops(section, ArrayCache(tmp_path), 64, progress=False)
     trunk = build_trunk("none").eval()
     cache, wid = ArrayCache(tmp_path), features.trunk_id(trunk)
@@ -60,7 +61,7 @@ def test_token_statistics_match_numpy():
 
 
 def test_an_augmented_item_serves_the_tokens_of_its_transform(demo_root, tmp_path):
-    section = data.load_section("demo", demo_root, "A1")
+    section = cohorts.load_section("demo", demo_root, "A1")
     crops = data.section_crops(section, ArrayCache(tmp_path), 32, progress=False)
     n = len(section.spot_ids)
     grid = np.random.default_rng(0).random((n, 8, 3, 3, 512)).astype(np.float16)  # distinct per transform
@@ -86,7 +87,7 @@ def test_the_frozen_model_sees_the_augmentation(demo_root, tmp_path):
     """The fusion gives local tokens no position, so turning the token grid of the plain crop (as the
     frozen mode once did) left the output unchanged. Served tokens are the trunk's tokens of the
     transformed crop: the output changes, and equals the output on those tokens computed afresh."""
-    section = data.load_section("demo", demo_root, "A1")
+    section = cohorts.load_section("demo", demo_root, "A1")
     crops = data.section_crops(section, ArrayCache(tmp_path), 64, progress=False)
     trunk = build_trunk("none").eval()
     tokens = features.extract_tokens(trunk, crops, progress=False)["tokens"]

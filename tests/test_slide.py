@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cohorts
 import data
 import slide
 from cache import ArrayCache
@@ -165,7 +166,7 @@ def test_grid_lands_on_the_tissue_at_the_pitch_and_crops_show_its_colour(wsi, la
     # the crops, cut as in training (crop_size px spanning crop_um µm), are the colour painted there
     ids = [f"{a}x{b}" for a, b in array_xy]
     import pandas as pd
-    section = data.Section("predict", "slide", "new", wsi, ids, array_xy, xy, pd.DataFrame(index=ids),
+    section = cohorts.Section("predict", "slide", "new", wsi, ids, array_xy, xy, pd.DataFrame(index=ids),
                            geometry=lattice, um_per_px=UM_PER_PX, crop_um=crop_um)
     crops = data.section_crops(section, ArrayCache(tmp_path / "cache"), 16, progress=False)
     assert isinstance(crops.image, slide.SlideView) and crops.image.scale == pytest.approx(16 * UM_PER_PX / crop_um)

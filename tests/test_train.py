@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cohorts
 import data
 import demo
 import evaluate
@@ -125,7 +126,7 @@ def stopped(demo_root, cache_dir, tmp_path_factory):
 
 def test_get_args_defaults_come_from_the_cohort_table_and_flags_override():
     demo_args = train.get_args(["--data", "demo"])
-    spec = data.COHORTS["demo"]
+    spec = cohorts.COHORTS["demo"]
     assert (demo_args.root, demo_args.crop_size, demo_args.k, demo_args.n_genes) == \
         (spec["root"], spec["crop"], spec["k"], spec["genes"])
     assert (demo_args.epochs, demo_args.batch_size, demo_args.weights, demo_args.local_encoder) == \
@@ -190,7 +191,7 @@ def test_evaluate_writes_tables_and_maps(run, evaluated, demo_root):
 
     pred = pd.read_csv(out / "predictions.csv")
     assert list(pred.columns) == ["section", "spot_id", "array_x", "array_y", "pixel_x", "pixel_y", *genes]
-    a1 = data.load_section("demo", demo_root, "A1")
+    a1 = cohorts.load_section("demo", demo_root, "A1")
     assert len(pred) == len(a1.spot_ids) and set(pred["spot_id"]) == set(a1.spot_ids)
     assert (pred["section"] == "A1").all() and np.isfinite(pred[genes].to_numpy()).all()
 
@@ -237,7 +238,7 @@ def test_checkpoint_round_trip(run, evaluated, demo_root, cache_dir):
     model, trunk = evaluate.rebuild(evaluate.load_checkpoint(run / "best.pt"), "cpu")
     fresh = GeneDML(GeneDMLConfig.for_cohort("demo", len(ckpt["genes"]), dim=32)).eval()
     fresh.load_state_dict(ckpt["model"])
-    a1 = data.load_section("demo", demo_root, "A1")
+    a1 = cohorts.load_section("demo", demo_root, "A1")
     split = prepare_split([a1], ckpt["genes"], 32, trunk, ArrayCache(cache_dir), "cpu")
     loader = torch.utils.data.DataLoader(split.dataset, batch_size=64)
     ours = evaluate.predict(model, loader, split.context, "cpu")[0][0]
@@ -408,13 +409,13 @@ def test_checkpoints_that_do_not_belong_together(change, run, cache_dir, tmp_pat
 
 def test_fold_all_trains_each_fold_and_tables_them(demo_root, cache_dir, tmp_path, monkeypatch, capsys):
     # two folds instead of four (test A / val B, test B / val A; C1 trains both), to stay cheap
-    monkeypatch.setitem(data.COHORTS["demo"], "folds", [["A"], ["B"]])
+    monkeypatch.setitem(cohorts.COHORTS["demo"], "folds", [["A"], ["B"]])
     best = train.main(train_argv(demo_root, cache_dir, tmp_path, "--fold", "all", epochs=1))
     assert best == [tmp_path / "fold0" / "best.pt", tmp_path / "fold1" / "best.pt"]
     ckpts = [load(b) for b in best]
     assert [c["data"]["sections"]["test"] for c in ckpts] == [["A1"], ["B1"]]
     # one gene list for the cohort (every section in use), the same in every fold
-    cohort = data.select_genes([data.load_section("demo", demo_root, n) for n in SECTIONS.split(",")], 50)
+    cohort = data.select_genes([cohorts.load_section("demo", demo_root, n) for n in SECTIONS.split(",")], 50)
     assert ckpts[0]["genes"] == ckpts[1]["genes"] == cohort
     folds = pd.read_csv(tmp_path / "eval" / "folds.csv")
     assert list(folds["fold"]) == [0, 1] and list(folds["test"]) == ["A1", "B1"]
@@ -443,15 +444,15 @@ def test_split_of_each_protocol(select_on_test):
 def test_data_folds_counts_the_spots_of_both_protocols(demo_root, capsys):
     assert data.main(["folds", "demo", "--root", str(demo_root)]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
-    folds = data.COHORTS["demo"]["folds"]
+    folds = cohorts.COHORTS["demo"]["folds"]
     assert [r[1:3] for r in rows] == [[",".join(f), folds[(i + 1) % len(folds)][0]] for i, f in enumerate(folds)]
-    sections = {p: [data.load_section("demo", demo_root, n) for n in demo.PATIENTS[p]] for p in demo.PATIENTS}
+    sections = {p: [cohorts.load_section("demo", demo_root, n) for n in demo.PATIENTS[p]] for p in demo.PATIENTS}
     cohort = set(data.select_genes(sum(sections.values(), []), 50))
     spots = {p: sum(len(s.spot_ids) for s in ss) for p, ss in sections.items()}
     for fold, test, val, n_test, n_val, n_train, n_published, _, overlap in rows:
         assert (int(n_test), int(n_val)) == (sum(spots[p] for p in test.split(",")), spots[val])
         assert int(n_published) == sum(spots.values()) - int(n_test) == int(n_train) + spots[val]
-        train_patients = data.fold_split("demo", int(fold))["train"]
+        train_patients = cohorts.fold_split("demo", int(fold))["train"]
         own = data.select_genes(sum((sections[p] for p in train_patients), []), 50)
         assert overlap == f"{len(cohort.intersection(own))}/50"
 
@@ -465,7 +466,7 @@ def fold_all_argv(demo_root, cache_dir, out):
 def straight_folds(demo_root, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("folds")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(data.COHORTS["demo"], "folds", [["A"], ["B"]])
+        mp.setitem(cohorts.COHORTS["demo"], "folds", [["A"], ["B"]])
         train.main(fold_all_argv(demo_root, cache_dir, out))
     return out
 
@@ -476,7 +477,7 @@ def test_select_on_test_fold_all_with_per_fold_genes(straight_folds, demo_root):
                                                       {"train": ["A1", "C1"], "val": [], "test": ["B1"]}]
     assert ckpts[0]["genes"] != ckpts[1]["genes"]  # the premise: per-fold lists differ
     for c in ckpts:
-        train_sections = [data.load_section("demo", demo_root, n) for n in c["data"]["sections"]["train"]]
+        train_sections = [cohorts.load_section("demo", demo_root, n) for n in c["data"]["sections"]["train"]]
         assert c["genes"] == data.select_genes(train_sections, 50)
     folds = pd.read_csv(straight_folds / "eval" / "folds.csv")
     assert folds["selection"].str.startswith("test").all() and np.isfinite(folds["pcc_h"]).all()
@@ -488,7 +489,7 @@ def test_select_on_test_fold_all_with_per_fold_genes(straight_folds, demo_root):
 
 def test_fold_all_resumes_after_a_kill_and_ends_in_the_same_table(straight_folds, demo_root, cache_dir, tmp_path,
                                                                   monkeypatch, capsys):
-    monkeypatch.setitem(data.COHORTS["demo"], "folds", [["A"], ["B"]])
+    monkeypatch.setitem(cohorts.COHORTS["demo"], "folds", [["A"], ["B"]])
     real, calls = train.gene_dml_loss, []
 
     def killed(*a, **kw):  # a kill in fold 1, epoch 1, after its first step: last.pt holds epoch 0

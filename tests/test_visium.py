@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cohorts
 import data
 import evaluate
 import train
@@ -227,15 +228,15 @@ def test_cohort_table_folds_and_bad_tables(tmp_path):
     rows = [{"sample": f"S{i}", "patient": p, "spaceranger": f"s{i}", "image": f"s{i}/fullres.png"}
             for i, p in enumerate(["P1", "P1", "P2", "P3"])]
     name = visium.register_cohort(write_table(tmp_path / "mine.csv", rows))
-    spec = data.COHORTS[name]
+    spec = cohorts.COHORTS[name]
     assert name == "mine" and spec["patients"] == {"P1": ["S0", "S1"], "P2": ["S2"], "P3": ["S3"]}
     assert spec["folds"] == [["P1"], ["P2"], ["P3"]] and spec["crop_um"] == visium.DEFAULT_CROP_UM
-    assert data.fold_split(name, 0) == {"test": ["P1"], "val": ["P2"], "train": ["P3"]}
+    assert cohorts.fold_split(name, 0) == {"test": ["P1"], "val": ["P2"], "train": ["P3"]}
     with pytest.raises(FileNotFoundError, match=r"6 file\(s\) missing:\n  .*s0/filtered_feature_bc_matrix/ \(or .h5\)"):
-        data.check_cohort(name, None, ["S0", "S1"])
+        cohorts.check_cohort(name, None, ["S0", "S1"])
     grouped = [dict(r, fold=f) for r, f in zip(rows, ["a", "a", "b", "a"])]
     visium.register_cohort(write_table(tmp_path / "grouped.csv", grouped))
-    assert data.COHORTS["grouped"]["folds"] == [["P1", "P3"], ["P2"]]
+    assert cohorts.COHORTS["grouped"]["folds"] == [["P1", "P3"], ["P2"]]
     for bad, match in [([{**rows[0], "spaceranger": ""}], "exactly one of spaceranger / h5ad"),
                        ([rows[0], rows[0]], "duplicate sample"),
                        ([{k: v for k, v in rows[0].items() if k != "image"}], "needs the columns"),
@@ -274,7 +275,7 @@ def test_a_fold_trains_and_evaluates_with_pooled_and_per_slide_pcc(trained, tmp_
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
     assert ckpt["data"]["sections"] == {"train": ["S3"], "val": ["S2"], "test": ["S0", "S1"]}
     assert ckpt["data"]["crop_um"] == visium.DEFAULT_CROP_UM and "hexagonal" in ckpt["data"]["normalisation"]
-    data.COHORTS.pop("mine")  # evaluate must register the table again from the checkpoint alone
+    cohorts.COHORTS.pop("mine")  # evaluate must register the table again from the checkpoint alone
     seen = []
     real = evaluate.pooled_pcc
     monkeypatch.setattr(evaluate, "pooled_pcc", lambda p, l: seen.append((p, l)) or real(p, l))
@@ -288,7 +289,7 @@ def test_a_fold_trains_and_evaluates_with_pooled_and_per_slide_pcc(trained, tmp_
     csv = pd.read_csv(tmp_path / "predictions.csv")
     np.testing.assert_allclose(np.concatenate(preds), csv[genes].to_numpy(), rtol=1e-4, atol=1e-6)
     for n, lab in zip(("S0", "S1"), labels):
-        s = data.load_section("mine", None, n)
+        s = cohorts.load_section("mine", None, n)
         np.testing.assert_allclose(lab, data.expression_labels(data.gene_counts(s, genes), s.array_xy, True, "hex"), rtol=1e-6)
     # the pooled PCC, independently: np.corrcoef per gene over both slides' spots together
     p, y = np.concatenate(preds), np.concatenate(labels)
@@ -441,18 +442,18 @@ def test_hest_cohort_table_from_hest_metadata(tmp_path, capsys):
     assert table["h5ad"][0] == "hest/st/NCBI759.h5ad" and table["image"][0] == "hest/wsis/NCBI759.tif"
     assert (table["geometry"] == "square").all() and table["fold"].tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
     name = visium.register_cohort(tmp_path / "hest-cscc.csv")
-    assert data.COHORTS[name]["folds"] == [["P2"], ["P5"], ["P9"], ["P10"]]
+    assert cohorts.COHORTS[name]["folds"] == [["P2"], ["P5"], ["P9"], ["P10"]]
     meta.drop(columns="patient").to_csv(tmp_path / "no_patient.csv", index=False)
     assert visium.main(["hest-cohort", "cscc", "--meta", str(tmp_path / "no_patient.csv"), "--hest-root", "h"]) == 2
     assert "lacks column(s) ['patient']" in capsys.readouterr().err
 
 
 def test_visium_sits_above_data_and_below_train():
-    """data dispatches to cohort tables through the hooks visium registers, never by importing it."""
+    """cohorts dispatches to cohort tables through the hooks visium registers, never by importing it."""
     from test_layout import project_imports
     graph = project_imports()
-    assert graph["visium"] <= {"data", "cache", "slide"}
-    assert "visium" not in graph["data"] | graph["model"] | graph["features"]
+    assert graph["visium"] <= {"cohorts", "cache", "slide"}
+    assert "visium" not in graph["cohorts"] | graph["data"] | graph["model"] | graph["features"]
 
 
 def test_info_lists_every_slide(cohort, capsys):
