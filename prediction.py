@@ -1,7 +1,7 @@
 """Predicting slides that have no counts: the spots to predict, and the AnnData that holds the result.
 
     spot file    `spot_file_section`: a her2st-style spot file (x, y, pixel_x, pixel_y), or Space
-                 Ranger's positions, known by their columns whatever the file is named (visium.py)
+                 Ranger's positions, known by their columns whatever the file is named (visium_files.py)
     no spots     `grid_section`: a virtual grid on the tissue found (slide.py), with the geometry and
                  field of view of the checkpoint's training slides
     big grids    `WindowSpots`: a slide's spots served window by window (slide.grid_windows), so the
@@ -22,6 +22,7 @@ import cohorts
 import h5ad
 import slide
 import visium
+import visium_files
 
 
 def spot_file_section(image, spots, genes, crop_um=None):
@@ -29,7 +30,7 @@ def spot_file_section(image, spots, genes, crop_um=None):
     positions file (known by its columns, whatever its name) is read as a Visium slide, cropped at crop_um µm."""
     if not Path(spots).is_file():
         raise FileNotFoundError(f"{spots}: spot file not found")
-    if visium.is_positions_file(spots):
+    if visium_files.is_positions_file(spots):
         return visium.positions_section(image, spots, genes, crop_um or visium.DEFAULT_CROP_UM)
     ids, array_xy, pixel_xy = cohorts.read_spots(Path(spots))  # same checks as the cohort readers
     return cohorts.Section(cohort="predict", name=Path(image).stem, patient="new", image_path=Path(image),

@@ -13,7 +13,7 @@ import demo
 import evaluate
 import slide
 import train
-import visium
+import visium_files
 
 UM_PER_PX = 200 / 73  # the demo's spot pitch over its spot spacing in pixels
 
@@ -77,7 +77,7 @@ def test_a_slide_alone_gives_predictions_maps_and_an_anndata(ckpt, tmp_path, cap
         hires = f[f"uns/spatial/{image.stem}/images/hires"][:]
         scalef = f[f"uns/spatial/{image.stem}/scalefactors/tissue_hires_scalef"][()]
         assert hires.dtype == np.uint8 and hires.shape[2] == 3 and hires.shape[1] == pytest.approx(800 * scalef, abs=1)
-    obs, X2 = visium.read_h5ad(tmp_path / "predictions.h5ad")  # the project's own reader agrees
+    obs, X2 = visium_files.read_h5ad(tmp_path / "predictions.h5ad")  # the project's own reader agrees
     assert obs.index.tolist() == pred["spot_id"].tolist() and X2.genes == genes
 
 

@@ -81,8 +81,8 @@ def test_openslide_reads_regions_equal_to_the_full_image(wsi):
 
 def test_which_images_are_read_region_by_region(wsi, tmp_path):
     assert slide.reads_regions(wsi)
-    import visium  # a training cohort's whole-slide image passes the up-front check, through OpenSlide
-    assert visium.check_image(wsi) == (W, H)
+    import visium_files  # a training cohort's whole-slide image passes the up-front check, through OpenSlide
+    assert visium_files.check_image(wsi) == (W, H)
     Image.fromarray(painted()[:200, :300]).save(tmp_path / "small.jpg")
     Image.fromarray(painted()[:200, :300]).save(tmp_path / "flat.tif")  # one page, not tiled: PIL decodes it
     assert not slide.reads_regions(tmp_path / "small.jpg") and not slide.reads_regions(tmp_path / "flat.tif")

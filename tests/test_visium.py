@@ -19,6 +19,7 @@ import data
 import evaluate
 import train
 import visium
+import visium_files
 from cache import ArrayCache
 
 NO_H5PY = "h5py is an optional extra: pip install -r requirements-extras.txt (or pip install h5py)"
@@ -218,10 +219,10 @@ def test_images_pil_cannot_decode_whole_are_refused_up_front(tmp_path, monkeypat
     truth = write_slide(tmp_path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ValueError, match="fullres.png.*downsample it.*image_scale"):
-        visium.check_image(truth["image"])
+        visium_files.check_image(truth["image"])
     (tmp_path / "broken.tif").write_bytes(b"II*\x00 not a tiff")
     with pytest.raises(ValueError, match="broken.tif: not an image PIL can read"):
-        visium.check_image(tmp_path / "broken.tif")
+        visium_files.check_image(tmp_path / "broken.tif")
 
 
 def test_cohort_table_folds_and_bad_tables(tmp_path):
@@ -407,7 +408,7 @@ def test_hest_sample_read_with_h5py_alone(tmp_path, layout):
     truth = write_slide(tmp_path)
     Image.open(truth["image"]).save(tmp_path / "S.tif")  # HEST's wsis/<id>.tif
     write_h5ad(tmp_path / "S.h5ad", truth, layout)
-    obs, _ = visium.read_h5ad(tmp_path / "S.h5ad")
+    obs, _ = visium_files.read_h5ad(tmp_path / "S.h5ad")
     assert obs["region"].tolist()[:3] == ["tumour", "stroma", "tumour"]
     s = visium.load_hest("hest", "S", "P", tmp_path / "S.h5ad", tmp_path / "S.tif")
     mex = visium.load_spaceranger("hest", "S", "P", truth["outs"], truth["image"])
@@ -426,7 +427,7 @@ def test_truncated_h5ad_names_the_file(tmp_path):
         del f["X/data"]
         f["X/data"] = np.ones(3)
     with pytest.raises(ValueError, match=r"S.h5ad: X \(csr_matrix\) is truncated"):
-        visium.read_h5ad(tmp_path / "S.h5ad")
+        visium_files.read_h5ad(tmp_path / "S.h5ad")
 
 
 def test_hest_cohort_table_from_hest_metadata(tmp_path, capsys):
@@ -452,7 +453,7 @@ def test_visium_sits_above_data_and_below_train():
     """cohorts dispatches to cohort tables through the hooks visium registers, never by importing it."""
     from test_layout import project_imports
     graph = project_imports()
-    assert graph["visium"] <= {"cohorts", "cache", "slide"}
+    assert graph["visium"] <= {"cohorts", "cache", "slide", "visium_files"} and graph["visium_files"] <= {"cohorts", "slide"}
     assert "visium" not in graph["cohorts"] | graph["data"] | graph["model"] | graph["features"]
 
 
