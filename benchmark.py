@@ -33,7 +33,7 @@ other jobs hold cores: torch's threads then wait on each other, up to 20x slower
          them): seconds, spots/s, the share of the epoch spent waiting for data, peak GPU memory.
   --gpu-check  the one prepared check for a lent GPU (under 5 minutes): step (24 sections) and fold
          at batch 256 in bf16, her2st's sizes. On a CPU it runs the same code at a small size.
-  eval   evaluate.slide_metrics (vectorised) against a per-gene np.corrcoef loop; they must agree.
+  eval   metrics.slide_metrics (vectorised) against a per-gene np.corrcoef loop; they must agree.
   ddp    training steps/s of one process and of two (torchrun's DDP on gloo, one thread each,
          the same global batch, embeddings gathered as train.py does): a smoke figure that the
          distributed path runs, not a scaling claim (two processes share this machine's cores).
@@ -91,7 +91,7 @@ import distributed
 import encoders
 import losses
 from cache import ArrayCache
-from evaluate import slide_metrics
+from metrics import slide_metrics
 from features import extract_features, extract_tokens
 import fold_benchmark
 from fold_benchmark import grid_xy

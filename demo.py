@@ -54,7 +54,7 @@ import pandas as pd
 from PIL import Image
 
 from data import expression_labels, top_genes  # labels and genes exactly as training makes them
-from evaluate import pearson_per_gene
+from metrics import pearson_per_gene
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ Per held-out slide: the Pearson r of every gene across the slide's spots, PCC(M)
 genes, MSE and MAE per gene; then the mean over the slides of a fold, then mean ± std over folds.
 PCC(H) is the mean over the 50 "highly predictive genes", ranked by their PCC averaged over folds.
 Beside it, the pooled PCC(M) of HEST-Benchmark: each gene's r over the pooled spots of all the
-fold's test slides, then the mean over genes. An external test scores the genes the other cohort
+fold's test slides, then the mean over genes (the metrics themselves: metrics.py). An external test scores the genes the other cohort
 has (matched by name) and says how many it lacks.
 Everything the model needs is read from the checkpoint (loaded with weights_only=True); a checkpoint
 trained with a foundation encoder (train.py --encoder uni) also needs that encoder's weights file,
@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +36,10 @@ import cohorts
 import prediction
 import slide
 from cache import ArrayCache
+from checkpoint import load_checkpoint
 from encoders import rebuild_encoder
 from features import Collate, prepare_split
+from metrics import highly_predictive_genes, pooled_pcc, shared_genes, slide_metrics, summarise
 from model import GeneDML, GeneDMLConfig
 from packing import GlobalContext
 from tqdm import tqdm
@@ -58,92 +59,7 @@ PAPER_TABLE1 = {
 }
 
 # -----------------------------------------------------------------------------
-# metrics: one tensor expression per slide, no per-gene loop
-
-def pearson_per_gene(pred, true):
-    """Pearson r of each gene (column) across spots (rows): (N, G), (N, G) -> (G,).
-
-    A gene that is constant over the slide (in prediction or truth) has no defined r: it gets NaN,
-    and the caller reports how many genes that happened to rather than averaging NaN silently.
-    """
-    pred = torch.as_tensor(pred, dtype=torch.float64)
-    true = torch.as_tensor(true, dtype=torch.float64)
-    assert pred.shape == true.shape and pred.ndim == 2, f"expected two (N, G) arrays, got {tuple(pred.shape)} and {tuple(true.shape)}"
-    p = pred - pred.mean(0)
-    t = true - true.mean(0)
-    denom = (p.square().sum(0) * t.square().sum(0)).sqrt()
-    r = (p * t).sum(0) / denom
-    return torch.where(denom > 1e-12, r, torch.full_like(r, float("nan"))).numpy()
-
-
-def slide_metrics(pred, true):
-    """Per-gene PCC, MSE, MAE of one slide, as numpy arrays of shape (G,)."""
-    pred = np.asarray(pred, dtype=np.float64)
-    true = np.asarray(true, dtype=np.float64)
-    return {"pcc": pearson_per_gene(pred, true),
-            "mse": ((pred - true) ** 2).mean(0),
-            "mae": np.abs(pred - true).mean(0)}
-
-
-def summarise(per_slide):
-    """Mean over slides of the per-gene metrics, then over genes. per_slide: {slide: slide_metrics}.
-
-    Returns (per-gene means over slides (dict of (G,) arrays), fold summary dict). PCC(M) skips the
-    genes whose r is undefined (constant on a slide) and says how many there were.
-    """
-    stack = {m: np.stack([s[m] for s in per_slide.values()]) for m in ("pcc", "mse", "mae")}
-    with warnings.catch_warnings():          # a gene constant on every slide: NaN, counted below
-        warnings.simplefilter("ignore", RuntimeWarning)
-        per_gene = {m: np.nanmean(v, axis=0) if m == "pcc" else v.mean(0) for m, v in stack.items()}
-    undefined = int(np.isnan(stack["pcc"]).sum())
-    slide_pcc = [np.nanmean(s["pcc"]) if np.isfinite(s["pcc"]).any() else float("nan")
-                 for s in per_slide.values()]
-    return per_gene, {"pcc_m": float(np.nanmean(slide_pcc)) if np.isfinite(slide_pcc).any() else float("nan"),
-                      "mse": float(stack["mse"].mean()), "mae": float(stack["mae"].mean()),
-                      "undefined_pcc": undefined, "slides": len(per_slide)}
-
-
-def pooled_pcc(preds, labels):
-    """HEST-Benchmark's PCC: each gene's r over the spots of all the slides pooled, (G,). preds and
-    labels: lists of (N_s, G) arrays, one per slide."""
-    return pearson_per_gene(np.concatenate(preds), np.concatenate(labels))
-
-
-def shared_genes(gene_lists):
-    """The genes in every list, in the order of the first (folds of a per-fold gene choice differ)."""
-    common = set.intersection(*map(set, gene_lists))
-    return [g for g in gene_lists[0] if g in common]
-
-
-def highly_predictive_genes(fold_gene_pcc, n=50):
-    """Indices of the n genes with the best PCC rank averaged over folds (PCC(H), METHOD.md).
-
-    fold_gene_pcc: (F, G) per-gene PCC of each fold. Rank 0 = best gene of that fold; undefined
-    PCCs rank last.
-    """
-    pcc = np.nan_to_num(np.asarray(fold_gene_pcc, dtype=np.float64), nan=-np.inf)
-    ranks = (-pcc).argsort(1).argsort(1)             # (F, G) rank of each gene within its fold
-    return np.argsort(ranks.mean(0), kind="stable")[:min(n, pcc.shape[1])]
-
-
-# -----------------------------------------------------------------------------
 # running a checkpoint
-
-def load_checkpoint(path):
-    """Load a Gene-DML checkpoint safely, with an error that names the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle refused by weights_only, truncated file, not a torch file...
-        raise ValueError(f"{path}: not a loadable Gene-DML checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    missing = [k for k in ("model", "frozen_trunk", "config", "genes", "data", "selection")
-               if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path}: not a Gene-DML checkpoint (missing {', '.join(missing)})")
-    return ckpt
-
 
 @torch.no_grad()
 def predict(model, loader, context, device):

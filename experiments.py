@@ -28,7 +28,9 @@ import pandas as pd
 import torch
 
 import cohorts
+import checkpoint
 import evaluate
+import metrics
 import train
 from features import frozen_trunk, prepare_split
 from cache import ArrayCache
@@ -96,7 +98,7 @@ def ablation(args):
     # The ceiling: PCC(M) of the noise-free rates against the labels, on the same held-out sections
     # and genes (demo.py) -- what a model that knew the expected expression exactly would reach.
     test = cohorts.sections_of("demo", cohorts.fold_split("demo", args.fold)["test"])
-    genes = evaluate.load_checkpoint(Path(args.out) / f"{slug(args.variants[0])}-seed{args.seeds[0]}" / "best.pt")["genes"]
+    genes = checkpoint.load_checkpoint(Path(args.out) / f"{slug(args.variants[0])}-seed{args.seeds[0]}" / "best.pt")["genes"]
     ceiling = demo.ceiling(root, genes=genes)
     table = runs.groupby("variant", sort=False).agg(pcc_m=("pcc_m", "mean"), pcc_m_std=("pcc_m", "std"),
                                                     mse=("mse", "mean"), mse_std=("mse", "std"),
@@ -139,13 +141,13 @@ def baselines(args, test, val, trainset, ckpt):
     x_tr, y_tr = torch.cat([feats[n] for n in trainset]), torch.cat([labels[n] for n in trainset])
     mu, sd = x_tr.mean(0), x_tr.std(0).clamp(min=1e-6)
     z = lambda n: (feats[n] - mu) / sd
-    best = max((evaluate.summarise({val: evaluate.slide_metrics(ridge_predict(z(val), ridge_fit((x_tr - mu) / sd, y_tr, a)), labels[val])})[1]["pcc_m"], a)
+    best = max((metrics.summarise({val: metrics.slide_metrics(ridge_predict(z(val), ridge_fit((x_tr - mu) / sd, y_tr, a)), labels[val])})[1]["pcc_m"], a)
                for a in (1.0, 10.0, 100.0, 1000.0, 10000.0))
     w = ridge_fit((x_tr - mu) / sd, y_tr, best[1])
     mean_pred = y_tr.mean(0, keepdim=True).expand_as(labels[test])
     out = {}
     for method, pred in (("training mean", mean_pred), (f"ridge (alpha {best[1]:g})", ridge_predict(z(test), w))):
-        m = evaluate.slide_metrics(pred, labels[test])
+        m = metrics.slide_metrics(pred, labels[test])
         out[method] = {"pcc_m": float("nan") if method == "training mean" else float(np.nanmean(m["pcc"])),
                        "mse": float(m["mse"].mean())}
     return out
@@ -218,7 +220,7 @@ def her2st(args):
                               Path(args.out) / f"{slug(name)}-seed{seed}" / f"test-{test}", args.cache_dir)
                 rows.append({"test": test, "seed": seed, "method": name,
                              "pcc_m": summary["pcc_m_mean"], "mse": summary["mse_mean"]})
-        ckpt = evaluate.load_checkpoint(Path(args.out) / f"{slug(args.variants[0])}-seed{args.seeds[0]}"
+        ckpt = checkpoint.load_checkpoint(Path(args.out) / f"{slug(args.variants[0])}-seed{args.seeds[0]}"
                                         / f"test-{test}" / "best.pt")  # the runs' genes, labels and trunk
         for method, m in baselines(args, test, val, trainset, ckpt).items():  # deterministic: one row per seed
             rows += [{"test": test, "seed": seed, "method": method.split(" (")[0], **m} for seed in args.seeds]
@@ -259,7 +261,7 @@ def balance(args):
     import losses
     from model import GeneDML
     device = torch.device("cpu")
-    ckpt = evaluate.load_checkpoint(args.ckpt)
+    ckpt = checkpoint.load_checkpoint(args.ckpt)
     a, d = ckpt["args"], ckpt["data"]
     trained, trunk = evaluate.rebuild(ckpt, device)
     torch.manual_seed(args.seed)

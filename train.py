@@ -8,8 +8,11 @@ Train Gene-DML on one fold (or all folds) of a spatial-transcriptomics cohort.
     python train.py --data her2st --encoder uni --weights ~/models/uni/pytorch_model.bin   # the paper's frozen UNI
     torchrun --standalone --nproc_per_node 4 train.py --data her2st    # 4 GPUs (see distributed.py)
 
-The story, in order: data (sections, gene list, crops, frozen features) -> model -> losses ->
-optimiser -> resume -> loop (train, select on the validation patient, checkpoint, stop early).
+The story, in order, is `train_fold`: start_run (device, processes, precision) -> prepare_data
+(sections, gene list, crops, frozen features, the loader) -> build_model -> build_optimiser ->
+resume_from -> the loop (train_epoch, select on the validation patient, checkpoint, stop early).
+Read train_fold and train_epoch first; the steps follow them. The file is long because of its
+flags (get_args: every one with its help) and those steps; checkpoints are checkpoint.py's.
 The best epoch is chosen on a validation patient drawn from the training patients; the published
 protocol (every non-test patient trains, the best epoch is chosen on the held-out fold itself) is
 `--select-on-test`, and every output made that way says so. `--fold all` runs every fold, then the
@@ -23,8 +26,8 @@ import math
 import os
 import random
 import sys
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +41,9 @@ import demo
 import distributed
 import encoders
 import evaluate
-from evaluate import HelpFormatter, evaluate_split, load_checkpoint, summarise
+from checkpoint import CheckpointWriter, check_resume, load_checkpoint, plain, refuse_other_settings, save_atomic
+from evaluate import HelpFormatter, evaluate_split
+from metrics import summarise
 from features import Collate, online_token_statistics, prepare_split, token_statistics
 from losses import gene_dml_loss
 from model import LEVELS, GeneDML, GeneDMLConfig
@@ -204,65 +209,6 @@ def split_sections(args, fold):
     return names
 
 
-# -----------------------------------------------------------------------------
-
-def save_atomic(obj, path):
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class CheckpointWriter:
-    """Writes a checkpoint in a background thread, so the next epoch trains while it is written: the
-    loop waits only for a copy of the tensors to the host (the snapshot of this epoch; training then
-    changes the originals) and, if the previous write is still going, for that. A write that failed
-    raises at the next save or at wait(); the file appears only when complete (save_atomic). Off the
-    background (the CPU's default: its epochs take minutes, a write a second) save() writes at once,
-    so a run killed in the next epoch always leaves this epoch's checkpoint."""
-
-    def __init__(self, background: bool = True):
-        self.background, self.thread, self.error = background, None, None
-
-    def save(self, obj, path):
-        self.wait()
-        if not self.background:
-            return save_atomic(obj, path)
-        snapshot = _to_host(obj)
-
-        def write():
-            try:
-                save_atomic(snapshot, path)
-            except BaseException as e:  # re-raised in the training loop by wait()
-                self.error = e
-
-        self.thread = threading.Thread(target=write, name=f"write {Path(path).name}", daemon=False)
-        self.thread.start()
-
-    def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-
-def _to_host(obj):
-    """A copy of every tensor in a nested dict / list on the CPU (a copy even when it is already there)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_host(v) for v in obj)
-    return obj
-
-
-def plain(x):
-    """Arguments as checkpoint-safe primitives (weights_only=True loads no Path or Namespace)."""
-    return {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v) for k, v in vars(x).items()}
-
-
 def freeze_unreached(model, args):
     """Freeze the parameters that no loss term reaches when a loss weight is 0: the clustering head
     without the instance-group loss (--lam 0), the gene encoder too when neither pathway runs, the
@@ -275,12 +221,138 @@ def freeze_unreached(model, args):
             getattr(model, name).requires_grad_(False)
 
 
+# ----------------------------------------------------------------------------- one fold, step by step
 def train_fold(args, fold):
+    """Train one fold: the steps below in order, then the loop. Returns the path of its best.pt."""
+    run = start_run(args)                                # device, processes, precision, the checkpoint to resume
+    d = prepare_data(args, fold, run)                    # sections, genes, crops, frozen features, the loader
+    model, cfg = build_model(args, d, run.device)
+    opt, sched, scaler = build_optimiser(args, model, run)
+    progress = resume_from(args, run, model, opt, sched, scaler, d.select_part)
+    ddp = distributed.wrap(model, run.device)            # DDP under torchrun; the model itself in one process
+    writer = CheckpointWriter(background=run.device.type == "cuda")  # on a GPU last.pt is written during the next epoch
+
+    # ---- loop: train an epoch, select on the validation patient (or, labelled, on the test fold), checkpoint
+    for epoch in range(progress.start, args.epochs):
+        if progress.bad >= args.patience:  # also when resuming a run that had already stopped early
+            if run.main:
+                print(f"early stop: no better {d.select_part} PCC(M) for {args.patience} epochs")
+            break
+        seen, sums, train_time = train_epoch(args, epoch, model, ddp, d, opt, sched, scaler, run,
+                                             first=epoch == progress.start)
+        if run.main:  # rank 0 alone validates and writes
+            per_slide, _ = evaluate_split(model, d.splits[d.select_part], run.device, args.batch_size)
+            metric = summarise(per_slide)[1]
+            score = metric["pcc_m"] if math.isfinite(metric["pcc_m"]) else -math.inf
+            improved = score > progress.best
+            if improved:
+                progress.best, progress.best_epoch, progress.bad = score, epoch, 0
+            else:
+                progress.bad += 1
+            record = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
+                      f"{d.select_part}_pcc_m": metric["pcc_m"], f"{d.select_part}_mse": metric["mse"],
+                      "lr": opt.param_groups[0]["lr"], "spots_per_s": seen / train_time, "seconds": train_time}
+            print(f"epoch {epoch}: loss {record.get('train_total', float('nan')):.4f} "
+                  f"(inst {record.get('train_inst', 0):.3f} group {record.get('train_group', 0):.3f} "
+                  f"mse {record.get('train_mse', 0):.4f}) | {d.select_part} PCC(M) {metric['pcc_m']:.4f} "
+                  f"MSE {metric['mse']:.4f}{' *' if improved else ''} | {record['spots_per_s']:.0f} spots/s")
+            t1 = time.time()
+            ckpt = fold_checkpoint(args, fold, d, model, cfg, epoch, progress)
+            if improved:
+                save_atomic(ckpt, run.out / "best.pt")  # the model, no optimiser: what evaluation reads
+            # last.pt: best.pt's contents plus what --resume needs (Adam's state is 2x the model)
+            writer.save({**ckpt, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "scaler": scaler.state_dict()}, run.out / "last.pt")
+            record["checkpoint_seconds"] = time.time() - t1  # what checkpointing kept the loop waiting
+            with open(run.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        progress.bad = distributed.broadcast(progress.bad, run.device)  # rank 0's count: every process stops together
+
+    writer.wait()
+    if run.main:
+        print(f"best {d.select_part} PCC(M) {progress.best:.4f} at epoch {progress.best_epoch}; checkpoint {run.out / 'best.pt'}")
+    return run.out / "best.pt"
+
+
+def train_epoch(args, epoch, model, ddp, d, opt, sched, scaler, run, first=False):
+    """One pass over the training spots. Returns the spots seen, the summed loss parts and the seconds,
+    over every process."""
+    # Every epoch reseeds from (seed, epoch): shuffling, augmentation and dropout then do not
+    # depend on what ran before, which makes --resume exact without saving RNG states. The batches
+    # are the same on every process; augmentation and dropout draw from each process's own seed.
+    d.batches.set_epoch(epoch)
+    seed_everything(args.seed * 1000 + epoch + 10**9 * distributed.rank())
+    model.train()
+    device, use_genes = run.device, bool(args.w_inst or args.lam)  # regression only: the gene side is not run at all
+    sums, seen, t0 = {}, 0, time.time()
+    # The step never waits for the device: the loss parts are summed where they are, and the loss is
+    # checked for being finite at each progress update (the first step's included), not every step.
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    bar = tqdm(d.loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not run.main)
+    for step, batch in enumerate(bar):
+        on = lambda x: x.to(device, non_blocking=True)
+        label = on(batch["label"])
+        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp):
+            outputs = ddp(on(batch["local"]), on(batch["neighbour_feats"]), on(batch["neighbour_mask"]),
+                          on(batch["section"]), on(batch["index"]), d.splits["train"].context,
+                          expression=label if use_genes else None, layout=batch["layout"].to(device, non_blocking=True))
+        if args.gather == "global" and use_genes:    # under torchrun: InfoNCE and k-means over the global batch
+            outputs = distributed.gather_outputs(outputs)
+        loss, parts = gene_dml_loss(outputs, label, tau=args.tau, tau_group=args.tau_group, k=args.k,
+                                    lam=args.lam, w_inst=args.w_inst, w_mse=args.w_mse, sync=False)
+        nonfinite |= ~torch.isfinite(loss.detach())
+        if step % args.log_every == 0:
+            stop_if_nonfinite(nonfinite, f"epoch {epoch} step {step}", run)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if first and step == 0 and run.world > 1:
+            distributed.check_every_parameter_trained(model)
+        scaler.step(opt)
+        scaler.update()
+        n = len(label)
+        seen += n
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + value * n
+        if step % args.log_every == 0:
+            bar.set_postfix_str(" ".join(f"{k} {float(sums[k]) / seen:.3f}" for k in ("total", "inst", "group", "mse"))
+                                + f" {seen / (time.time() - t0):.0f} spots/s")
+    stop_if_nonfinite(nonfinite, f"epoch {epoch} (its last steps)", run)
+    sched.step()
+    train_time = time.time() - t0
+    sums = {k: float(v) for k, v in sums.items()}
+    totals = distributed.sum_over_processes([seen, *sums.values()], device)   # log every process's spots
+    return totals[0], dict(zip(sums, totals[1:])), train_time
+
+
+def stop_if_nonfinite(flag, when, run):
+    """Stop on a non-finite loss; every process takes the decision together (one process stopping
+    alone would leave the others waiting in the next collective)."""
+    failed = distributed.ranks_where(flag, run.device)
+    if failed:
+        where = f" on process(es) {failed} of {run.world}" if run.world > 1 else ""
+        raise SystemExit(f"{when}: non-finite loss{where}; stopping. The last good checkpoint is "
+                         f"{run.out / 'last.pt'} (lower --lr or disable --amp).")
+
+
+# ---- the steps
+@dataclass
+class Run:
+    """Where and how this process trains."""
+    out: Path
+    device: torch.device
+    main: bool                 # the process that prints, validates and writes files (rank 0 under torchrun)
+    amp: bool
+    amp_dtype: torch.dtype
+    resume: dict | None        # the last.pt --resume continues from
+    world: int                 # processes (torchrun's), 1 without it
+
+
+def start_run(args) -> Run:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = distributed.device_for(args.device)     # under torchrun: this process's GPU
     distributed.init(device)                         # a no-op without torchrun
-    main_process = distributed.is_main()             # prints, validates and writes files
+    main_process = distributed.is_main()
     if not main_process:                             # the other processes log warnings only
         logging.getLogger().setLevel(logging.WARNING)
     amp = (device.type == "cuda") if args.amp is None else args.amp
@@ -291,29 +363,38 @@ def train_fold(args, fold):
         torch.backends.cudnn.allow_tf32 = True
     resume = load_checkpoint(args.resume) if args.resume else None
     seed_everything(args.seed)
+    return Run(out, device, main_process, amp, amp_dtype, resume, distributed.world_size())
 
-    # ---- data
+
+@dataclass
+class FoldData:
+    """What a fold trains and selects on."""
+    names: dict                # part ("train", "val", "test") -> section names
+    sections: dict             # name -> cohorts.Section
+    genes: list
+    crop_um: float | None      # a crop's field of view, so an external test cuts crops of the same width
+    encoder: object            # the frozen encoder (encoders.FrozenEncoder)
+    online: bool               # a frozen local level that runs the encoder on each step's crops
+    splits: dict               # part -> features.Split (rank 0 holds all, the others "train" only)
+    train_tokens: tuple | None  # (mean, std) of the frozen local tokens over the training crops
+    select_part: str           # "val", or "test" under --select-on-test
+    batches: object            # distributed.ShardedBatchSampler
+    loader: object             # the training DataLoader
+
+
+def prepare_data(args, fold, run) -> FoldData:
+    """Sections, the gene list, crops and frozen features of each part, the training loader."""
     if args.data == "demo":
         with distributed.main_process_first():      # rank 0 writes it, the others then find it there
             demo.make_demo_cohort(args.root)
     names = split_sections(args, fold)
-    was = ((resume.get("encoder") or {}).get("spec") or {}).get("name", "resnet18") if resume else None
-    if resume and was != args.encoder:
-        raise SystemExit(f"--resume {args.resume} was trained with --encoder {was}, not {args.encoder}")
-    if resume and resume["config"].get("local_encoder", "trainable") != args.local_encoder:
-        raise SystemExit(f"--resume {args.resume} has a {resume['config'].get('local_encoder', 'trainable')} "
-                         f"local encoder, not {args.local_encoder}: pass the same --local-encoder")
-    if resume and "optimizer" not in resume:
-        raise SystemExit(f"--resume {args.resume} holds the model only (a best.pt): resume from the run's last.pt")
-    if resume and resume["data"]["sections"] != names:
-        raise SystemExit(f"--resume {args.resume} was trained on {resume['data']['sections']}, not {names}")
-    if resume:  # as --fold all's re-run does: other settings would silently change the run mid-way
-        refuse_other_settings(resume["args"], args, args.resume, RUN_ONLY | {"epochs", "patience"})
+    if run.resume:
+        check_resume(run.resume, args, names)
     everything = names["train"] + names["val"] + names["test"]
     cohorts.check_cohort(args.data, args.root, everything)
     sections = {n: cohorts.load_section(args.data, args.root, n) for n in everything}
-    if resume:
-        genes, genes_from = resume["genes"], args.resume
+    if run.resume:
+        genes, genes_from = run.resume["genes"], args.resume
     elif args.genes:
         genes, genes_from = data.read_gene_list(args.genes), args.genes
     elif args.genes_from == "train":
@@ -324,211 +405,122 @@ def train_fold(args, fold):
         genes = data.select_genes([sections[n] if n in sections else cohorts.load_section(args.data, args.root, n)
                                    for n in pool], args.n_genes)
         genes_from = f"cohort, {len(pool)} sections"
-    # the crop's field of view, so an external test (evaluate.py --external) cuts crops of the same width
     crop_um = args.crop_um or visium.native_crop_um([sections[n] for n in names["train"]], args.crop_size)
     cache = ArrayCache(args.cache_dir)
     # Rank 0 fetches the weights and fills the caches (crops, frozen features) first; the other processes
     # wait, then read them. Only rank 0 validates, so only it prepares the validation and test sections.
     # The frozen local level runs its encoder online (on each augmented crop) or reads cached token maps.
     online = args.local_encoder == "frozen" and (args.frozen_tokens == "online" or args.frozen_tokens == "auto"
-                                                 and (args.encoder != "resnet18" or device.type == "cuda"))
+                                                 and (args.encoder != "resnet18" or run.device.type == "cuda"))
     with distributed.main_process_first():
         # a resumed run's encoder is the checkpoint's: nothing downloaded (GPU nodes are often offline)
-        if resume:  # the checkpoint's own encoder (a foundation model's file must be the same file)
-            encoder = encoders.rebuild_encoder(resume.get("encoder"), resume["frozen_trunk"],
-                                               None if str(args.weights).startswith("hub") else args.weights, device)
+        if run.resume:  # the checkpoint's own encoder (a foundation model's file must be the same file)
+            encoder = encoders.rebuild_encoder(run.resume.get("encoder"), run.resume["frozen_trunk"],
+                                               None if str(args.weights).startswith("hub") else args.weights, run.device)
         else:
-            encoder = encoders.load_encoder(args.encoder, args.weights, device)
-        splits = {part: prepare_split([sections[n] for n in ns], genes, args.crop_size, encoder, cache, device,
+            encoder = encoders.load_encoder(args.encoder, args.weights, run.device)
+        splits = {part: prepare_split([sections[n] for n in ns], genes, args.crop_size, encoder, cache, run.device,
                                       smooth=not args.no_smooth, augment=part == "train" and not args.no_augment,
                                       local_tokens=args.local_encoder == "frozen" and not online)
-                  for part, ns in names.items() if ns and (main_process or part == "train")}
+                  for part, ns in names.items() if ns and (run.main or part == "train")}
         train_tokens = None
         if args.local_encoder == "frozen":  # the frozen tokens' per-channel statistics, over the training crops
-            train_tokens = online_token_statistics(encoder, splits["train"], cache, device) if online \
+            train_tokens = online_token_statistics(encoder, splits["train"], cache, run.device) if online \
                 else token_statistics(splits["train"].tokens)
     select_part = "test" if args.select_on_test else "val"
-    if main_process:
+    if run.main:
         print(f"fold {fold}: train {names['train']}  val {names['val']}  test {names['test']}  "
               f"| {len(splits['train'].dataset)} training spots, {len(genes)} genes ({genes_from}), selection on {select_part}, "
               f"{args.local_encoder}{' (online)' if online else ''} local encoder, {args.encoder} "
               f"({encoder.feature_dim}-d features, {encoder.token_dim}-d tokens)")
     # --batch-size is the global batch: under torchrun each process loads its 1/N share of every one.
-    world, train_set = distributed.world_size(), splits["train"].dataset
-    if args.batch_size % world or len(train_set) < world:
+    train_set = splits["train"].dataset
+    if args.batch_size % run.world or len(train_set) < run.world:
         raise SystemExit(f"--batch-size {args.batch_size} (the global batch) and the {len(train_set)} training "
-                         f"spots must split into {world} equal shares, one per process")
+                         f"spots must split into {run.world} equal shares, one per process")
     batches = distributed.ShardedBatchSampler(len(train_set), args.batch_size, drop_last=len(train_set) > args.batch_size,
-                                              seed=args.seed, rank=distributed.rank(), world=world)
+                                              seed=args.seed, rank=distributed.rank(), world=run.world)
     workers = args.workers if args.workers is not None else \
-        min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+        min(8, max(1, (os.cpu_count() or 2) - 1)) if run.device.type == "cuda" else 0
     # Workers stack each batch and lay out its global level (features.Collate) ahead of the step; pinned
     # memory lets the copies to the GPU overlap the step (non_blocking). Persistent workers keep their
     # own random streams across epochs: exact --resume is a property of --workers 0 (the CPU default).
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=workers,
                                          collate_fn=Collate(splits["train"].context.grids),
-                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                         pin_memory=run.device.type == "cuda", persistent_workers=workers > 0,
                                          prefetch_factor=4 if workers else None)
+    return FoldData(names, sections, genes, crop_um, encoder, online, splits, train_tokens, select_part, batches, loader)
 
-    # ---- model
+
+def build_model(args, d: FoldData, device):
     sizes = cohorts.COHORTS[args.data].get("sizes", args.data)  # a cohort table borrows a built-in cohort's encoder sizes
-    cfg = GeneDMLConfig.for_cohort(sizes, len(genes), levels=args.levels, local_encoder=args.local_encoder,
-                                   frozen_tokens="online" if online else "cached", feat_dim=encoder.feature_dim,
-                                   token_dim=encoder.token_dim, **({'dim': args.dim} if args.dim else {}))
+    cfg = GeneDMLConfig.for_cohort(sizes, len(d.genes), levels=args.levels, local_encoder=args.local_encoder,
+                                   frozen_tokens="online" if d.online else "cached", feat_dim=d.encoder.feature_dim,
+                                   token_dim=d.encoder.token_dim, **({'dim': args.dim} if args.dim else {}))
     model = GeneDML(cfg).to(device)
-    model.attach_encoder(encoder)                   # online: the local level runs it (never trained, never saved)
-    model.load_trunk_weights(encoder.net.state_dict())  # the trainable local trunk starts where the frozen one is
-    model.set_statistics(np.concatenate(splits["train"].dataset.labels),
-                         splits["train"].context.feats.cpu(), tokens=train_tokens)
+    model.attach_encoder(d.encoder)                   # online: the local level runs it (never trained, never saved)
+    model.load_trunk_weights(d.encoder.net.state_dict())  # the trainable local trunk starts where the frozen one is
+    model.set_statistics(np.concatenate(d.splits["train"].dataset.labels),
+                         d.splits["train"].context.feats.cpu(), tokens=d.train_tokens)
     freeze_unreached(model, args)
-    use_genes = bool(args.w_inst or args.lam)       # regression only: the gene side is not run at all
+    return model, cfg
 
-    # ---- optimiser: Adam (fused: one kernel for all parameters), StepLR(20, 0.95), gradient scaling only for float16
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))
+
+def build_optimiser(args, model, run):
+    """Adam (fused: one kernel for all parameters), StepLR(20, 0.95), gradient scaling only for float16."""
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=run.device.type in ("cpu", "cuda"))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.95)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp and run.amp_dtype == torch.float16)
+    return opt, sched, scaler
 
-    # ---- resume
-    start, best, best_epoch, bad = 0, -math.inf, -1, 0
-    if resume:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        start, best, best_epoch, bad = resume["epoch"] + 1, resume["best"]["metric"], resume["best"]["epoch"], resume["best"]["bad_epochs"]
-        if main_process:
-            print(f"=> loaded checkpoint '{args.resume}' (epoch {resume['epoch']}, best {select_part} PCC(M) {best:.4f} at epoch {best_epoch})")
+
+@dataclass
+class Progress:
+    start: int = 0             # the first epoch to run
+    best: float = -math.inf    # the best selection PCC(M) so far
+    best_epoch: int = -1
+    bad: int = 0               # epochs since it last improved (early stopping)
+
+
+def resume_from(args, run, model, opt, sched, scaler, select_part) -> Progress:
+    """A fresh Progress, or the resumed checkpoint's states and progress."""
+    if not run.resume:
+        return Progress()
+    r = run.resume
+    model.load_state_dict(r["model"])
+    opt.load_state_dict(r["optimizer"])
+    sched.load_state_dict(r["scheduler"])
+    scaler.load_state_dict(r["scaler"])
+    progress = Progress(r["epoch"] + 1, r["best"]["metric"], r["best"]["epoch"], r["best"]["bad_epochs"])
+    if run.main:
+        print(f"=> loaded checkpoint '{args.resume}' (epoch {r['epoch']}, best {select_part} PCC(M) "
+              f"{progress.best:.4f} at epoch {progress.best_epoch})")
         # Drop log lines of epochs after the checkpoint (a run killed between its log line and its
         # checkpoint), so the resumed log reads as if the run had never stopped.
-        if main_process and (out / "log.jsonl").exists():
-            lines = [l for l in (out / "log.jsonl").read_text().splitlines() if json.loads(l)["epoch"] < start]
-            (out / "log.jsonl").write_text("".join(l + "\n" for l in lines))
-
-    def checkpoint(epoch):
-        # the ResNet18's weights travel in the checkpoint; a foundation model's stay in their file (recorded)
-        return {"model": model.state_dict(), "encoder": encoder.record(),
-                "frozen_trunk": encoder.net.state_dict() if encoder.spec.arch == "resnet18" else None,
-                "config": dataclasses.asdict(cfg), "genes": list(genes),
-                "data": {"cohort": args.data, "root": str(args.root), "crop_size": args.crop_size, "crop_um": crop_um,
-                         "geometry": sections[names["train"][0]].geometry,  # the spot lattice, for --predict SLIDE
-                         "smooth": not args.no_smooth, "fold": None if args.test_sections else fold, "sections": names,
-                         "normalisation": "counts of the selected genes scaled to 1e4 per spot, log10(1+x)"
-                                          + ("" if args.no_smooth else ", 7-spot hexagonal array-grid mean"
-                                             if sections[names["train"][0]].geometry == "hex" else ", 3x3 array-grid mean")},
-                "selection": "test (published protocol: best epoch chosen on the held-out fold; optimistic)"
-                             if args.select_on_test else "validation",
-                "args": plain(args), "epoch": epoch, "best": {"metric": best, "epoch": best_epoch, "bad_epochs": bad}}
-
-    def resumable(ckpt):  # last.pt: best.pt's contents plus what --resume needs (Adam's state is 2x the model)
-        return {**ckpt, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict()}
-
-    ddp = distributed.wrap(model, device)            # DDP under torchrun; the model itself in one process
-
-    def stop_if_nonfinite(flag, when):
-        """Stop on a non-finite loss; every process takes the decision together (one process stopping
-        alone would leave the others waiting in the next collective)."""
-        failed = distributed.ranks_where(flag, device)
-        if failed:
-            where = f" on process(es) {failed} of {world}" if world > 1 else ""
-            raise SystemExit(f"{when}: non-finite loss{where}; stopping. The last good checkpoint is "
-                             f"{out / 'last.pt'} (lower --lr or disable --amp).")
-
-    # ---- loop
-    writer = CheckpointWriter(background=device.type == "cuda")  # on a GPU last.pt is written during the next epoch
-    for epoch in range(start, args.epochs):
-        if bad >= args.patience:  # also when resuming a run that had already stopped early
-            if main_process:
-                print(f"early stop: no better {select_part} PCC(M) for {args.patience} epochs")
-            break
-        # Every epoch reseeds from (seed, epoch): shuffling, augmentation and dropout then do not
-        # depend on what ran before, which makes --resume exact without saving RNG states. The batches
-        # are the same on every process; augmentation and dropout draw from each process's own seed.
-        batches.set_epoch(epoch)
-        seed_everything(args.seed * 1000 + epoch + 10**9 * distributed.rank())
-        model.train()
-        sums, seen, t0 = {}, 0, time.time()
-        # The step never waits for the device: the loss parts are summed where they are, and the loss is
-        # checked for being finite at each progress update (the first step's included), not every step.
-        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not main_process)
-        for step, batch in enumerate(bar):
-            on = lambda x: x.to(device, non_blocking=True)
-            label = on(batch["label"])
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                outputs = ddp(on(batch["local"]), on(batch["neighbour_feats"]), on(batch["neighbour_mask"]),
-                              on(batch["section"]), on(batch["index"]), splits["train"].context,
-                              expression=label if use_genes else None, layout=batch["layout"].to(device, non_blocking=True))
-            if args.gather == "global" and use_genes:    # under torchrun: InfoNCE and k-means over the global batch
-                outputs = distributed.gather_outputs(outputs)
-            loss, parts = gene_dml_loss(outputs, label, tau=args.tau, tau_group=args.tau_group, k=args.k,
-                                        lam=args.lam, w_inst=args.w_inst, w_mse=args.w_mse, sync=False)
-            nonfinite |= ~torch.isfinite(loss.detach())
-            if step % args.log_every == 0:
-                stop_if_nonfinite(nonfinite, f"epoch {epoch} step {step}")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if epoch == start and step == 0 and world > 1:
-                distributed.check_every_parameter_trained(model)
-            scaler.step(opt)
-            scaler.update()
-            n = len(label)
-            seen += n
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + value * n
-            if step % args.log_every == 0:
-                bar.set_postfix_str(" ".join(f"{k} {float(sums[k]) / seen:.3f}" for k in ("total", "inst", "group", "mse"))
-                                    + f" {seen / (time.time() - t0):.0f} spots/s")
-        stop_if_nonfinite(nonfinite, f"epoch {epoch} (its last steps)")
-        sched.step()
-        train_time = time.time() - t0
-        sums = {k: float(v) for k, v in sums.items()}
-        totals = distributed.sum_over_processes([seen, *sums.values()], device)   # log every process's spots
-        seen, sums = totals[0], dict(zip(sums, totals[1:]))
-
-        # ---- select: PCC(M) on the validation patient (or, labelled, on the test fold); rank 0 only
-        if main_process:
-            per_slide, _ = evaluate_split(model, splits[select_part], device, args.batch_size)
-            metric = summarise(per_slide)[1]
-            score = metric["pcc_m"] if math.isfinite(metric["pcc_m"]) else -math.inf
-            improved = score > best
-            if improved:
-                best, best_epoch, bad = score, epoch, 0
-            else:
-                bad += 1
-            record = {"epoch": epoch, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
-                      f"{select_part}_pcc_m": metric["pcc_m"], f"{select_part}_mse": metric["mse"],
-                      "lr": opt.param_groups[0]["lr"], "spots_per_s": seen / train_time, "seconds": train_time}
-            print(f"epoch {epoch}: loss {record.get('train_total', float('nan')):.4f} "
-                  f"(inst {record.get('train_inst', 0):.3f} group {record.get('train_group', 0):.3f} "
-                  f"mse {record.get('train_mse', 0):.4f}) | {select_part} PCC(M) {metric['pcc_m']:.4f} "
-                  f"MSE {metric['mse']:.4f}{' *' if improved else ''} | {record['spots_per_s']:.0f} spots/s")
-            t1 = time.time()
-            ckpt = checkpoint(epoch)
-            if improved:
-                save_atomic(ckpt, out / "best.pt")  # the model, no optimiser: what evaluation reads
-            writer.save(resumable(ckpt), out / "last.pt")
-            record["checkpoint_seconds"] = time.time() - t1  # what checkpointing kept the loop waiting
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        bad = distributed.broadcast(bad, device)   # rank 0's count everywhere: every process stops at the same epoch
-
-    writer.wait()
-    if main_process:
-        print(f"best {select_part} PCC(M) {best:.4f} at epoch {best_epoch}; checkpoint {out / 'best.pt'}")
-    return out / "best.pt"
+        log_file = run.out / "log.jsonl"
+        if log_file.exists():
+            lines = [l for l in log_file.read_text().splitlines() if json.loads(l)["epoch"] < progress.start]
+            log_file.write_text("".join(l + "\n" for l in lines))
+    return progress
 
 
-# Flags that do not change what a run computes: a re-run of --fold all may differ in these.
-RUN_ONLY = {"out", "fold", "resume", "root", "cache_dir", "workers", "device", "log_every"}
-
-
-def refuse_other_settings(saved: dict, args, source, allowed=RUN_ONLY):
-    """Stop, naming the flags, when args differ from the saved run's (a checkpoint's "args") outside `allowed`."""
-    now = plain(args)
-    changed = sorted(k for k in now if k not in allowed and saved.get(k) != now[k])
-    if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in changed)
-        raise SystemExit(f"{source} was trained with other settings ({was}); re-run with those, or give another --out")
+def fold_checkpoint(args, fold, d: FoldData, model, cfg, epoch, progress: Progress) -> dict:
+    """best.pt: everything evaluate.py needs to rebuild the model and its inputs (no optimiser)."""
+    geometry = d.sections[d.names["train"][0]].geometry  # the spot lattice, for --predict SLIDE
+    return {"model": model.state_dict(), "encoder": d.encoder.record(),
+            # the ResNet18's weights travel in the checkpoint; a foundation model's stay in their file (recorded)
+            "frozen_trunk": d.encoder.net.state_dict() if d.encoder.spec.arch == "resnet18" else None,
+            "config": dataclasses.asdict(cfg), "genes": list(d.genes),
+            "data": {"cohort": args.data, "root": str(args.root), "crop_size": args.crop_size, "crop_um": d.crop_um,
+                     "geometry": geometry,
+                     "smooth": not args.no_smooth, "fold": None if args.test_sections else fold, "sections": d.names,
+                     "normalisation": "counts of the selected genes scaled to 1e4 per spot, log10(1+x)"
+                                      + ("" if args.no_smooth else ", 7-spot hexagonal array-grid mean"
+                                         if geometry == "hex" else ", 3x3 array-grid mean")},
+            "selection": "test (published protocol: best epoch chosen on the held-out fold; optimistic)"
+                         if args.select_on_test else "validation",
+            "args": plain(args), "epoch": epoch,
+            "best": {"metric": progress.best, "epoch": progress.best_epoch, "bad_epochs": progress.bad}}
 
 
 def train_all_folds(args):

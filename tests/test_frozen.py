@@ -10,6 +10,7 @@ import torch
 
 import cohorts
 import data
+import checkpoint
 import evaluate
 import features
 import train
@@ -132,7 +133,7 @@ def test_frozen_run_trains_evaluates_and_records_its_mode(frozen_run, cache_dir)
     folds = pd.read_csv(out / "folds.csv")
     assert folds.loc[0, "test"] == "A1" and np.isfinite(folds.loc[0, "pcc_m"])
     # evaluate.rebuild makes the same model from the checkpoint alone
-    model, _ = evaluate.rebuild(evaluate.load_checkpoint(frozen_run / "best.pt"), "cpu")
+    model, _ = evaluate.rebuild(checkpoint.load_checkpoint(frozen_run / "best.pt"), "cpu")
     assert model.local_encoder.mode == "frozen"
     fresh = GeneDML(GeneDMLConfig.for_cohort("demo", len(ckpt["genes"]), dim=32, local_encoder="frozen"))
     fresh.load_state_dict(ckpt["model"])

@@ -21,6 +21,7 @@ from PIL import Image
 import cohorts
 import data
 import demo
+import checkpoint
 import evaluate
 import train
 from cache import ArrayCache
@@ -235,7 +236,7 @@ def test_checkpoint_round_trip(run, evaluated, demo_root, cache_dir):
         torch.manual_seed(0)
         assert_same_tensors(build_trunk("none").state_dict(), ckpt["frozen_trunk"], "frozen_trunk")
 
-    model, trunk = evaluate.rebuild(evaluate.load_checkpoint(run / "best.pt"), "cpu")
+    model, trunk = evaluate.rebuild(checkpoint.load_checkpoint(run / "best.pt"), "cpu")
     fresh = GeneDML(GeneDMLConfig.for_cohort("demo", len(ckpt["genes"]), dim=32)).eval()
     fresh.load_state_dict(ckpt["model"])
     a1 = cohorts.load_section("demo", demo_root, "A1")
@@ -555,7 +556,7 @@ def test_missing_cohort_names_the_files_and_the_fetch_command(tmp_path):
 def test_background_checkpoint_writer_saves_a_snapshot_and_reports_failures(tmp_path):
     """The GPU's last.pt: written by a thread while training goes on; what lands on disk is the state
     at save(), even if the tensors change right after, and a failed write raises in the loop."""
-    writer = train.CheckpointWriter(background=True)
+    writer = checkpoint.CheckpointWriter(background=True)
     weights = torch.zeros(1000)
     writer.save({"model": {"w": weights}, "epoch": 3}, tmp_path / "last.pt")
     weights += 1  # the next step, while the thread may still be writing

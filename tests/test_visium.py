@@ -17,6 +17,7 @@ from PIL import Image
 import cohorts
 import data
 import evaluate
+import metrics
 import train
 import visium
 import visium_files
@@ -278,7 +279,7 @@ def test_a_fold_trains_and_evaluates_with_pooled_and_per_slide_pcc(trained, tmp_
     assert ckpt["data"]["crop_um"] == visium.DEFAULT_CROP_UM and "hexagonal" in ckpt["data"]["normalisation"]
     cohorts.COHORTS.pop("mine")  # evaluate must register the table again from the checkpoint alone
     seen = []
-    real = evaluate.pooled_pcc
+    real = metrics.pooled_pcc
     monkeypatch.setattr(evaluate, "pooled_pcc", lambda p, l: seen.append((p, l)) or real(p, l))
     assert evaluate.main(["--ckpt", str(best), "--out", str(tmp_path), "--cache-dir", str(cache),
                           "--device", "cpu", "--maps", "1"]) == 0
