@@ -48,7 +48,7 @@ import visium
 log = logging.getLogger("evaluate")
 
 # Paper Table 1 (MSE / PCC(M) / PCC(H)), for the printed comparison. These are the published
-# numbers, chosen with the best epoch on the test fold; see README "Results".
+# numbers, chosen with the best epoch on the test fold; see docs/results.md.
 PAPER_TABLE1 = {
     "her2st": {"ST-Net": (.260, .194, .345), "BLEEP": (.277, .151, .277),
                "TRIPLEX": (.228, .314, .497), "Gene-DML": (.210, .331, .541)},
@@ -167,14 +167,14 @@ def get_args(argv=None):
     p.add_argument("--genes", default=None, help="comma list of genes to map instead of the best-predicted ones")
     p.add_argument("--n-hpg", type=int, default=50, help="number of highly predictive genes in PCC(H)")
     p.add_argument("--predict", nargs="+", metavar="SLIDE", default=None,
-                   help="predict a slide without counts: SLIDE alone (spots laid on the tissue found; README 'Predict a slide'), "
+                   help="predict a slide without counts: SLIDE alone (spots laid on the tissue found; docs/data.md, 'Predict a slide'), "
                         "or IMAGE SPOTFILE (a spot file with x, y, pixel_x, pixel_y, or Space Ranger's tissue positions)")
     p.add_argument("--tissue-mask", default=None, help="with --predict SLIDE: an image of the tissue (nonzero = tissue, any size) instead of finding it")
     p.add_argument("--um-per-px", type=float, default=None, help="with --predict SLIDE: its µm per pixel (default: the slide's metadata)")
     p.add_argument("--pitch-um", type=float, default=None, help="with --predict SLIDE: spot pitch in µm (default: the training cohort's, ST 200, Visium 100)")
     p.add_argument("--lattice", choices=sorted(slide.PITCH_UM), default=None, help="with --predict SLIDE: spot lattice (default: the training cohort's)")
     p.add_argument("--global-max-spots", type=int, default=slide.MAX_GLOBAL_SPOTS,
-                   help="with --predict: spots per global-level pass; a larger grid is cut into windows of the array (README)")
+                   help="with --predict: spots per global-level pass; a larger grid is cut into windows of the array (docs/data.md)")
     p.add_argument("--external", default=None, metavar="COHORT",
                    help="external test: score the checkpoint on the slides of another cohort (a built-in name with --root, or a cohort table .csv); genes matched by name")
     p.add_argument("--sections", default=None, help="comma list: with --external, score only these slides")

@@ -1,5 +1,5 @@
 """
-Evidence: does each part of Gene-DML pull its weight? One command per table in README "Results".
+Evidence: does each part of Gene-DML pull its weight? One command per table in docs/results.md.
 
     python experiments.py ablation                      # demo cohort: full model vs 5 ablations x 3 seeds
     python experiments.py ablation --out runs/ablation-trainable -- --local-encoder trainable

@@ -21,7 +21,7 @@ trained on, over the tissue found on a thumbnail. Three steps, plain numpy and P
 
 The global level attends over every spot of a slide at once, which grows quadratically; a grid of
 a whole slide can hold tens of thousands of spots. `grid_windows` cuts a large grid into square
-windows of the array, each seen with a margin of context around it (README, "Predict a slide").
+windows of the array, each seen with a margin of context around it (docs/data.md, "Predict a slide").
 """
 import logging
 import math

@@ -64,7 +64,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train Gene-DML (see README).",
                                 formatter_class=HelpFormatter)
     # data
-    p.add_argument("--data", default="demo", help=f"cohort: {' | '.join(sorted(cohorts.COHORTS))}, or a cohort table .csv of your own slides (README: Your own slides)")
+    p.add_argument("--data", default="demo", help=f"cohort: {' | '.join(sorted(cohorts.COHORTS))}, or a cohort table .csv of your own slides (docs/data.md: Your own slides)")
     p.add_argument("--crop-um", type=float, default=None, help=f"cohort tables only: a crop's field of view in µm; each slide is resampled so --crop-size px span it (default {visium.DEFAULT_CROP_UM:g} = 224 px at 0.5 µm/px, HEST-1k's)")
     p.add_argument("--root", default=None, help="cohort folder (default: the cohort table's, e.g. data/her2st)")
     p.add_argument("--fold", default="0", help="fold number, or 'all' to run every fold into <out>/fold<i>/")
@@ -83,7 +83,7 @@ def get_args(argv=None):
     # model
     p.add_argument("--encoder", default="resnet18",
                    help=f"the frozen encoder of every level: {' | '.join(encoders.ENCODERS)} | timm:<model>[,key=value...] "
-                        "(README: A foundation model as the encoder; all but resnet18 need pip install timm)")
+                        "(docs/encoders.md; all but resnet18 need pip install timm)")
     p.add_argument("--weights", default=None, help="encoder weights: resnet18: none | imagenet | path to a checkpoint "
                    "(default: imagenet; demo: none); a foundation model: its pytorch_model.bin / .safetensors, hub (default: "
                    "fetch the published file from the Hugging Face hub, if online) or hub:<repo id>[:<file>]")
@@ -91,7 +91,7 @@ def get_args(argv=None):
     p.add_argument("--dim", type=int, default=None, help="shared width D of tokens and embeddings (default: 512; demo: 128)")
     p.add_argument("--local-encoder", default=None, choices=["trainable", "frozen"],
                    help="trainable: a ResNet18 trained on each crop (TRIPLEX); frozen: the frozen encoder's token map "
-                        "of each crop (the Gene-DML reference; cheaper per step: README Results). Default: trainable; "
+                        "of each crop (the Gene-DML reference; cheaper per step: docs/results.md). Default: trainable; "
                         "demo and every --encoder but resnet18: frozen")
     p.add_argument("--frozen-tokens", default="auto", choices=["auto", "cached", "online"],
                    help="frozen local encoder: cached = token maps extracted once (disk: UNI ~400 KB a spot); online = "
