@@ -263,15 +263,16 @@ def balance(args):
     device = torch.device("cpu")
     ckpt = checkpoint.load_checkpoint(args.ckpt)
     a, d = ckpt["args"], ckpt["data"]
-    trained, trunk = evaluate.rebuild(ckpt, device)
+    trained, encoder = evaluate.rebuild(ckpt, device)
     torch.manual_seed(args.seed)
     fresh = GeneDML(trained.cfg)  # same config, fresh weights, the trained model's training statistics
     fresh.load_state_dict({k: v for k, v in trained.state_dict().items() if "mean" in k or "std" in k}, strict=False)
-    if fresh.local_encoder is not None and fresh.cfg.local_encoder == "trainable":
-        fresh.load_trunk_weights(trunk.state_dict())
+    fresh.attach_encoder(encoder)                   # an online frozen local level runs it, as in training
+    fresh.load_trunk_weights(encoder.net.state_dict())  # a trainable local trunk starts where training started it
     sections = [cohorts.load_section(d["cohort"], a["root"], n) for n in d["sections"]["train"]]
-    split = prepare_split(sections, ckpt["genes"], d["crop_size"], trunk, ArrayCache(args.cache_dir), device,
-                          smooth=d["smooth"], local_tokens=trained.cfg.local_encoder == "frozen")
+    cfg = trained.cfg
+    split = prepare_split(sections, ckpt["genes"], d["crop_size"], encoder, ArrayCache(args.cache_dir), device,
+                          smooth=d["smooth"], local_tokens=cfg.local_encoder == "frozen" and cfg.frozen_tokens == "cached")
     loader = torch.utils.data.DataLoader(split.dataset, batch_size=a["batch_size"], shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(args.seed))
     rows = []

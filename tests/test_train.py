@@ -568,3 +568,13 @@ def test_background_checkpoint_writer_saves_a_snapshot_and_reports_failures(tmp_
     with pytest.raises((RuntimeError, OSError), match="missing-folder"):  # torch.save: "Parent directory ... does not exist"
         writer.wait()
     writer.wait()  # the error is reported once
+
+
+def test_experiments_balance_runs_on_a_trained_checkpoint(run, cache_dir, tmp_path):
+    """experiments.py balance rebuilds a trained run's model and encoder and measures each loss part's pull."""
+    import experiments
+    experiments.main(["balance", "--ckpt", str(run / "best.pt"), "--batches", "1", "--cache-dir", str(cache_dir),
+                      "--out", str(tmp_path / "balance.csv")])
+    df = pd.read_csv(tmp_path / "balance.csv")
+    assert list(dict.fromkeys(df["state"])) == ["initialisation", "trained (best.pt)"] and len(df) == 6
+    assert (df["grad_fusion_output"] > 0).all() and np.isfinite(df["times_regression"]).all()
