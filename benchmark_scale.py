@@ -7,7 +7,6 @@ import dataclasses
 import gc
 import math
 import os
-import shutil
 import socket
 import time
 from contextlib import nullcontext
@@ -143,12 +142,10 @@ def bench_scale(args, device, amp, tmp):
     width, height = args.cohort_px
     names = cohorts.sections_of("her2st", cohorts.COHORTS["her2st"]["patients"])
     names = [names[i % len(names)] + ("" if i < len(names) else f"_{i}") for i in range(args.cohort_sections)]
-    write_slide(tmp / "cohort" / "slide.jpg", width, height, rng)
     sections = []
-    for name in names:  # a copy per section: each has its own cache entry, as on disk
+    for name in names:  # a slide of its own per section: the cache is keyed by content, so copies would share one entry
         jpg = tmp / "cohort" / name / "slide.jpg"
-        jpg.parent.mkdir(parents=True)
-        shutil.copy(tmp / "cohort" / "slide.jpg", jpg)
+        write_slide(jpg, width, height, rng)
         sections.append(synthetic_section(name, jpg, args.cohort_spots, width, height, rng))
     cache, kept, peaks, rss, anon = ArrayCache(tmp / "cohort-cache"), [], [], [], []
     t = time.perf_counter()
