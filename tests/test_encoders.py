@@ -324,12 +324,12 @@ def test_hub_weights_are_fetched_through_hf_hub_download(tiny, tmp_path, monkeyp
     asked = []
 
     def fake_download(repo, filename, local_files_only=False):  # stands in for the network
-        asked.append((repo, filename))
+        asked.append((repo, filename, local_files_only))
         return str(tmp_path / "w.bin")
     monkeypatch.setattr(hub, "hf_hub_download", fake_download)
     enc = encoders.load_encoder("tiny-uni", "hub:someone/tiny-vit:w.bin")
-    assert asked == [("someone/tiny-vit", "w.bin")] and enc.weights["hub"] == "someone/tiny-vit:w.bin"
+    assert asked == [("someone/tiny-vit", "w.bin", False)] and enc.weights["hub"] == "someone/tiny-vit:w.bin"
     # a checkpoint whose file is gone finds it again in the hub's local cache, and nowhere else
     record = dict(enc.record(), weights=dict(enc.weights, file=str(tmp_path / "gone.bin")))
     again = encoders.rebuild_encoder(record, None)
-    assert asked[-1] == ("someone/tiny-vit", "w.bin") and again.weights["sha256"] == enc.weights["sha256"]
+    assert asked[1:] == [("someone/tiny-vit", "w.bin", True)] and again.weights["sha256"] == enc.weights["sha256"]

@@ -134,9 +134,9 @@ def test_module_shapes():
     assert M.NeighbourEncoder(cfg)(b["neighbour"], b["neighbour_mask"]).shape == (4, 25, D)
     context = P.GlobalContext.of(b["context"])
     layout = context.grids.layout(b["section"], b["index"])
-    T = len(layout.tokens)
-    assert T == 12 and layout.pad.shape == (2, 7) and layout.query.shape == (2, 2)  # both sections, 7 + 5 spots
-    assert M.PEG(D)(torch.randn(T, D), layout.cell, 2, context.grids.grid).shape == (T, D)
+    n_tok = len(layout.tokens)
+    assert n_tok == 12 and layout.pad.shape == (2, 7) and layout.query.shape == (2, 2)  # both sections, 7 + 5 spots
+    assert M.PEG(D)(torch.randn(n_tok, D), layout.cell, 2, context.grids.grid).shape == (n_tok, D)
     assert M.GlobalEncoder(cfg)(context.feats[layout.tokens], layout, context.grids.grid).shape == (4, D)
     g = M.GeneEncoder(cfg)(torch.rand(4, G))
     assert g.shape == (4, D) and torch.allclose(g.norm(dim=-1), torch.ones(4))
