@@ -19,7 +19,7 @@ other jobs hold cores: torch's threads then wait on each other, up to 20x slower
   step   spots/s of a full training step at her2st's shape: a fold of --step-sections sections of
          her2st sizes (~400 spots each; fold_benchmark), a batch of --batch spots drawn from all of
          it, so the global level runs over every spot of every section the batch touches (one
-         padded pass). GeneDML with all three levels, gene_dml_loss with all losses, fused Adam as
+         packed pass: one padded attention call on CUDA, each section alone on a CPU). GeneDML with all three levels, gene_dml_loss with all losses, fused Adam as
          train.py, with the trainable local encoder (crops) and with the frozen one (cached tokens),
          against a bare torchvision ResNet18 step on the same crops (default and channels-last
          layouts), all timed interleaved, round after round (median); where the trainable step's
@@ -58,9 +58,10 @@ other jobs hold cores: torch's threads then wait on each other, up to 20x slower
          predictions are from the full pass's (slide.grid_windows, --wsi-window spots a window).
 
 "Peak RSS" is the process's high-water mark (VmHWM), reset at the start of each measurement where
-Linux allows it, else resource.getrusage's lifetime peak. On CUDA the step and scale sections run
-on the GPU under bf16 autocast (--amp) and report torch.cuda.max_memory_allocated; data and eval
-are CPU work on any device.
+Linux allows it, else resource.getrusage's lifetime peak. On CUDA the step, fold and scale sections
+run on the GPU under bf16 autocast (--amp), and fold and scale report torch.cuda.max_memory_allocated;
+data and eval are CPU work on any device. The ddp, encoders, scale and slide sections live in
+benchmark_scale.py, the timing helpers and synthetic inputs in measure.py.
 """
 import argparse
 import dataclasses

@@ -6,7 +6,7 @@ of each spot and of its 5x5 neighbourhood, cached once per section (`section_cro
 `SpotDataset`, which serves any cohort and split with fixed keys. `python data.py download | info |
 folds` fetches, lists and splits a published cohort.
 
-Labels (METHOD.md, Data): counts over the selected genes, library size normalised to 1e4 per spot,
+Labels (README: The method in one page): counts over the selected genes, library size normalised to 1e4 per spot,
 log10(1 + x), then each spot replaced by the mean over itself and its array-grid neighbours (3x3;
 on a Visium slide's hexagonal grid, the 6 neighbours). Your own Visium / HEST-1k slides: visium.py.
 """
@@ -233,7 +233,7 @@ class SpotDataset(torch.utils.data.Dataset):
                  tokens: list[np.ndarray] | None = None):
         assert len(crops) == len(sections), f"{len(sections)} sections but {len(crops)} crops"
         assert features is None or len(features) == len(sections), "one features dict per section"
-        assert tokens is None or len(tokens) == len(sections), "one token array (N, h, w, 512) per section"
+        assert tokens is None or len(tokens) == len(sections), "one token array (N, 8, h, w, C) per section"
         self.sections, self.crops, self.genes = sections, crops, list(genes)
         self.augment, self.features, self.tokens = augment, features, tokens
         self.counts = [gene_counts(s, self.genes) for s in sections]  # per section (N_s, G)

@@ -9,8 +9,8 @@ entry of `ENCODERS`, or `timm:<model>[,key=value...]` for any timm backbone. Eac
   - its input: the mean/std it was trained with and the size crops are resized to;
   - its outputs: a tile's feature (the CLS token; Virchow2: CLS joined with the mean patch token, as
     its model card does) for the neighbour and global levels, and the local level's tokens (the patch
-    tokens of `forward_features` laid out on their h x w grid, so a flip of the crop can be mirrored
-    on them; the reference also keeps the CLS token among them, which has no place on a grid);
+    tokens of `forward_features` laid out on their h x w grid; the reference also keeps the CLS token
+    among them, which has no place on a grid);
   - its widths and the precision it runs in on a GPU (autocast; float32 on a CPU).
 
 Published weights are the user's to obtain (most are gated). `load_encoder` reads a local
@@ -18,7 +18,7 @@ Published weights are the user's to obtain (most are gated). `load_encoder` read
 tensors is refused, naming them), or fetches the file from the Hugging Face hub when the machine is
 online. timm (and huggingface_hub for the hub) are optional extras, imported only here, only then.
 
-Imports run one way: model -> encoders -> features.
+Imports run one way: trunk -> encoders -> features.
 """
 import ast
 import dataclasses

@@ -45,7 +45,6 @@ from packing import GlobalContext
 from tqdm import tqdm
 import visium
 
-log = logging.getLogger("evaluate")
 
 # Paper Table 1 (MSE / PCC(M) / PCC(H)), for the printed comparison. These are the published
 # numbers, chosen with the best epoch on the test fold; see docs/results.md.
@@ -321,9 +320,9 @@ def main(argv=None):
     try:
         if len(args.ckpt) > 1 and not args.predict:  # refuse a mixed fold table before the long part
             meta = [(c["data"]["cohort"], c["selection"], c["genes"]) for c in map(load_checkpoint, args.ckpt)]
-            cohorts, selections = sorted({m[0] for m in meta}), sorted({m[1] for m in meta})
-            if len(cohorts) > 1 or len(selections) > 1:
-                raise ValueError(f"the checkpoints do not belong together (cohorts {cohorts}, selection {selections})")
+            cohort_names, selections = sorted({m[0] for m in meta}), sorted({m[1] for m in meta})
+            if len(cohort_names) > 1 or len(selections) > 1:
+                raise ValueError(f"the checkpoints do not belong together (cohorts {cohort_names}, selection {selections})")
             if not shared_genes([m[2] for m in meta]):
                 raise ValueError("the checkpoints do not belong together: no gene is in every fold's list")
         # One output folder per checkpoint, named after its folder (fold0, fold1...) when unique.
@@ -336,7 +335,7 @@ def main(argv=None):
     if args.predict:
         print(f"predictions for {args.predict[0]} written to {args.out}")
         return 0
-    cohorts = {r[0]["data"]["cohort"] for r in results}
+    cohort_names = {r[0]["data"]["cohort"] for r in results}
 
     # fold table: PCC(M), MSE, MAE per fold over its own genes; PCC(H) over the genes ranked best across
     # folds, among the genes every fold predicts (all of them when the folds share one list). The genes
@@ -362,7 +361,7 @@ def main(argv=None):
     write_csv(pd.concat([pcc, pooled], axis=1).rename_axis("gene").reset_index()
               .assign(hpg=lambda d: d["gene"].isin(hpg)), args.out / "genes.csv")
 
-    cohort = cohorts.pop()
+    cohort = cohort_names.pop()
     if args.external:
         print(f"\n{cohort} checkpoint(s) on external slides {args.external}: {len(gene_lists[0])} of "
               f"{len(results[0][0]['genes'])} genes scored, the others missing there")

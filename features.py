@@ -12,7 +12,7 @@ sections into what the model reads: crops -> frozen features -> a `data.SpotData
 level's context; `Split.loader` batches it. With --frozen-tokens online only the tokens' statistics
 are prepared here (`online_token_statistics`): the encoder itself runs inside the model on every step.
 
-Imports run one way: cache -> data -> model -> encoders -> features -> evaluate -> train.
+Imports run one way: cache -> data, trunk -> encoders, packing -> features -> evaluate -> train.
 """
 from dataclasses import dataclass
 
@@ -167,7 +167,7 @@ class Split:
     sections: list       # cohorts.Section, one per slide
     dataset: object      # data.SpotDataset over those sections
     context: GlobalContext  # every spot's frozen feature (on the device) and where it lies, for the global level
-    tokens: list | None = None  # per section: frozen local tokens (N, 8, h, w, 512) float16, if asked for
+    tokens: list | None = None  # per section: frozen local tokens (N, 8, h, w, C) float16, if asked for
 
     def loader(self, batch_size: int, **kw) -> torch.utils.data.DataLoader:
         """A DataLoader over the split whose batches carry their global-level layout (Collate)."""

@@ -12,7 +12,7 @@ parts written here:
                  squidpy's spatial_scatter reads: images/hires (a downsampled H&E, uint8) and
                  scalefactors/tissue_hires_scalef (image px per full-resolution px)
 
-visium.py reads the same format back with h5py (HEST-1k's .h5ad). h5py is an optional extra;
+visium_files.py reads the same format back with h5py (HEST-1k's .h5ad). h5py is an optional extra;
 `write_predictions` says what to install when it is missing. anndata itself is not needed: the
 tests read these files back with anndata in an environment of their own (.ci/run).
 """
@@ -24,7 +24,7 @@ import numpy as np
 
 def _h5py(path):
     try:
-        import h5py  # optional: only .h5ad output (and the .h5 / .h5ad readers of visium.py) need it
+        import h5py  # optional: only .h5ad output (and the .h5 / .h5ad readers of visium_files.py) need it
     except ImportError:
         raise ValueError(f"{path}: writing .h5ad needs h5py, which is not installed (pip install h5py)") from None
     return h5py

@@ -70,7 +70,7 @@ def shared_genes(gene_lists):
 
 
 def highly_predictive_genes(fold_gene_pcc, n=50):
-    """Indices of the n genes with the best PCC rank averaged over folds (PCC(H), METHOD.md).
+    """Indices of the n genes with the best PCC rank averaged over folds (PCC(H), README: The method in one page).
 
     fold_gene_pcc: (F, G) per-gene PCC of each fold. Rank 0 = best gene of that fold; undefined
     PCCs rank last.

@@ -235,8 +235,7 @@ class LocalEncoder(nn.Module):
             assert self.encoder is not None, "online frozen local encoder: attach its frozen encoder first (GeneDML.attach_encoder)"
             assert local.dtype == torch.uint8 and local.ndim == 4, \
                 f"online frozen local encoder: expected uint8 crops (B,3,c,c), got {local.dtype} {tuple(local.shape)}"
-            with torch.no_grad():
-                local = self.encoder.tokens(local).flatten(1, 2)  # (B, h*w, C), never differentiated
+            local = self.encoder.tokens(local).flatten(1, 2)  # (B, h*w, C); FrozenEncoder.tokens runs under no_grad
         if self.mode == "frozen":
             C = len(self.token_mean)
             assert local.ndim == 3 and local.shape[-1] == C and local.is_floating_point(), \
@@ -445,7 +444,7 @@ class GeneDML(nn.Module):
             context = GlobalContext.of(context, section.device)
         if layout is None:
             layout = context.grids.layout(section.cpu(), index.cpu()).to(section.device)
-        feats = (context.feats[layout.tokens].float() - self.feat_mean) / self.feat_std  # (T, 512)
+        feats = (context.feats[layout.tokens].float() - self.feat_mean) / self.feat_std  # (T, F)
         return self.global_encoder(feats, layout, context.grids.grid)  # (B, D)
 
     def forward(self, local, neighbour, neighbour_mask, section, index, context, expression=None,

@@ -8,7 +8,7 @@
                  global level attends over one window of the array at a time (evaluate.predict_slide)
     AnnData      `write_anndata`: predictions.h5ad for every mode of evaluate.py (h5ad.py writes it)
 
-Imports run one way: data, visium, slide, h5ad -> prediction -> evaluate.
+Imports run one way: cohorts, visium, visium_files, slide, h5ad -> prediction -> evaluate.
 """
 import hashlib
 import importlib.util

@@ -49,7 +49,6 @@ from losses import gene_dml_loss
 from model import LEVELS, GeneDML, GeneDMLConfig
 import visium
 
-log = logging.getLogger("train")
 
 # Training recipe per cohort; explicit flags override. The reference used 200 epochs with early
 # stopping and batches of 256-512; the demo is sized to finish in minutes on a laptop CPU, so it
@@ -527,8 +526,8 @@ def train_all_folds(args):
     """Every fold into <out>/fold<i>/, then the cohort table into <out>/eval/.
 
     Re-running the same command after an interruption (mid-epoch, between folds, during the table)
-    skips the finished folds, resumes the interrupted one from its last.pt (exactly: see the loop's
-    reseeding) and rebuilds the table, so it ends where an uninterrupted run ends.
+    skips the finished folds, resumes the interrupted one from its last.pt (exactly: see
+    train_epoch's reseeding) and rebuilds the table, so it ends where an uninterrupted run ends.
     """
     root_out, best = Path(args.out), []
     for fold in range(len(cohorts.COHORTS[args.data]["folds"])):

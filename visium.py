@@ -22,7 +22,7 @@ Geometry. The Visium array is hexagonal: array_row + array_col is even, neighbou
 x = (array_col - array_row) / 2, y = array_row, where the six neighbours are (±1, 0), (0, ±1),
 (+1, -1), (-1, +1): a lattice without holes, on which a lattice shift is an integer shift. The
 array's rectangle becomes a parallelogram, so its bounding box (the grid the PEG convolves) is not
-full: a whole Visium array, 4,992 spots, fills 62.7 % of its 102 x 78 box (docs/data.md: Geometry).
+full: a whole Visium array, 4,992 spots, fills 62.7 % of its 102 x 78 box (docs/data.md: Your own slides).
 The label smoothing averages the spot and those six (data.SMOOTH_OFFSETS["hex"]); the global level's
 PEG runs its 3x3 depthwise conv on the same grid, so it sees all six neighbours plus the two
 second-ring spots on one diagonal (Δcol = ±3, Δrow = ±1), the same two for every spot.

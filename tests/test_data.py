@@ -1,4 +1,4 @@
-"""data.py: cohort readers, folds, genes, labels, crops, dataset, bad input.
+"""cohorts.py and data.py: cohort readers, folds, genes, labels, crops, dataset, bad input.
 
 Real-file tests use the her2st copy (fixture her2st_root) and compute what they expect independently
 (pandas / gzip / PIL / numpy loops). Everything else runs on tiny synthetic cohorts in tmp_path.
