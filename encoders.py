@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trunk import FEAT_DIM, IMAGENET_MEAN, IMAGENET_STD, ResNet18Trunk, build_trunk
+from trunk import FEAT_DIM, IMAGENET_MEAN, IMAGENET_STD, ResNet18Trunk, build_trunk, check_keys, read_state_dict
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TILE_FEATURES = ("mean", "cls", "cls+mean")
@@ -165,41 +165,6 @@ def trunk_id(trunk: nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def read_state_dict(path) -> dict:
-    """A plain state dict from a .safetensors file or a torch file (weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder weights {path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except ImportError:
-        raise ImportError(f"{path}: reading .safetensors needs: pip install safetensors") from None
-    except Exception as e:  # pickled objects, a truncated or foreign file
-        raise ValueError(f"{path}: cannot be read as a state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict (names -> tensors), got {type(state).__name__}")
-    return state
-
-
-def check_keys(expected: dict, state: dict, source, what: str) -> None:
-    """Refuse a state dict whose tensors are not exactly the expected ones, naming what differs."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
-             for k in state if k in expected and state[k].shape != expected[k].shape]
-    found = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-    problems = [f"{kind} {len(keys)}: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
-                for kind, keys in found if keys]
-    if problems:
-        raise ValueError(f"{source}: not the weights of {what}; {'; '.join(problems)}")
 
 
 def load_net(spec: EncoderSpec, path) -> nn.Module:

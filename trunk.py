@@ -3,7 +3,8 @@
 `build_trunk("none" | "imagenet" | path)` gives random weights, torchvision's ImageNet weights (from
 torch.hub's cache, or downloaded), or a local checkpoint (a torchvision-style state dict, or a training
 checkpoint such as Ciga et al.'s self-supervised tenpercent_resnet18.ckpt), loaded strictly with
-torch.load(weights_only=True). `preprocess` turns uint8 crops into the normalised floats it reads.
+torch.load(weights_only=True). `read_state_dict` and `check_keys` read and check any encoder's weights
+(encoders.py uses them too). `preprocess` turns uint8 crops into the normalised floats it reads.
 The frozen encoders of the other levels are chosen in encoders.py; this module needs nothing of ours.
 """
 import logging
@@ -57,16 +58,7 @@ def build_trunk(weights: str = "none", progress: bool = True) -> ResNet18Trunk:
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"trunk weights {path}: no such file (expected 'none', 'imagenet' or a path)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickled non-tensor objects are refused by weights_only=True
-        raise ValueError(f"{path}: cannot be read as a tensor checkpoint with torch.load(weights_only=True) "
-                         f"({e}). If you trust the file, re-save just its state dict.") from None
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
-        ckpt = ckpt["state_dict"]  # a (Lightning) training checkpoint such as Ciga et al.'s
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a state dict (or a dict with key 'state_dict'), got {type(ckpt)}")
-    _load_trunk_state(trunk, ckpt, path)
+    _load_trunk_state(trunk, read_state_dict(path), path)
     return trunk
 
 
@@ -78,17 +70,48 @@ def _load_trunk_state(trunk: nn.Module, state: dict, source) -> None:
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     expected = trunk.state_dict()
     # num_batches_tracked only counts BN updates; a checkpoint without it is still complete
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
-    found = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-    problems = [f"{what} {len(keys)} ({', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})"
-                for what, keys in found if keys]
-    if problems:
-        raise ValueError(f"{source}: not a ResNet18 checkpoint this trunk can load: {'; '.join(problems)}")
+    check_keys(expected, state, source, "a ResNet18 this trunk can load", optional="num_batches_tracked")
     trunk.load_state_dict(state, strict=False)
     log.info("loaded %d/%d tensors from %s, dropped %s", len(state), len(expected), source,
              ", ".join(dropped) or "nothing")
+
+
+def read_state_dict(path) -> dict:
+    """A plain state dict from a .safetensors file or a torch file (torch.load(weights_only=True));
+    a training checkpoint's "state_dict" (Lightning's, such as Ciga et al.'s) is unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise ImportError(f"{path}: reading .safetensors needs: pip install safetensors") from None
+    except Exception as e:  # pickled objects (refused by weights_only=True), a truncated or foreign file
+        raise ValueError(f"{path}: cannot be read as a state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         f"if you trust the file, re-save just its state dict") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict (names -> tensors), got {type(state).__name__}")
+    return state
+
+
+def check_keys(expected: dict, state: dict, source, what: str, optional: str | None = None) -> None:
+    """Refuse a state dict whose tensors are not exactly the expected ones, naming what differs
+    (a missing key that ends with `optional` is allowed)."""
+    missing = [k for k in expected if k not in state and not (optional and k.endswith(optional))]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+             for k in state if k in expected and state[k].shape != expected[k].shape]
+    found = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+    problems = [f"{kind} {len(keys)}: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
+                for kind, keys in found if keys]
+    if problems:
+        raise ValueError(f"{source}: not the weights of {what}; {'; '.join(problems)}")
 
 
 def preprocess(x: torch.Tensor) -> torch.Tensor:
