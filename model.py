@@ -14,7 +14,7 @@ see losses.py.
 Read top to bottom: the config, the transformer parts, the three levels, the gene encoder, the
 fusion and GeneDML. Two helpers live outside so that this file holds the model alone: trunk.py
 (torchvision's ResNet18 without its classifier, and its weights) and packing.py (the step's
-sections laid out for the global level by the loader). At ~480 lines it stays one file on purpose:
+sections laid out for the global level by the loader, and attention over them). At ~460 lines it stays one file:
 it is the one a reader re-derives Gene-DML from.
 """
 
@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from packing import GlobalContext, GlobalLayout  # the global level's packed inputs, laid out by the loader
+import packing  # the global level's packed inputs, laid out by the loader, and attention over them
+from packing import GlobalContext, GlobalLayout
 from trunk import FEAT_DIM, build_trunk, preprocess  # torchvision's ResNet18 without its classifier
 
 LEVELS = ("local", "neighbour", "global")
@@ -137,37 +138,11 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, n, C/h)
         return self.proj(y.transpose(1, 2).reshape(B, n, C))  # (B, n, C)
 
-    padded_on = ("cuda",)  # device types that run the global level's attention as one padded call
-
     def packed(self, x, layout, queries=False):
-        """Self-attention within each section of a GlobalLayout: x (T, C) packed tokens -> (T, C), or,
-        with queries, the output at the batch's own spots only (B, C). On a GPU the T tokens are laid
-        out as an (S, n) padded batch for one attention call (padded keys masked, padded queries
-        discarded); on a CPU, where FLOPs are the cost and padding is ~1.8x of them on her2st, each
-        section's contiguous run of packed tokens attends alone."""
-        T, C = x.shape
-        S, n = layout.pad.shape
-        h, d = self.heads, C // self.heads
-        qkv = self.qkv(x)  # (T, 3C)
-        if x.device.type in self.padded_on:
-            padded = F.pad(qkv, (0, 0, 0, 1))  # (T + 1, 3C): the last row is what padded slots read
-            q, k, v = padded[layout.pad].view(S, n, 3, h, d).permute(2, 0, 3, 1, 4)  # (S, h, n, d)
-            if queries:
-                q = qkv[layout.query].view(S, -1, 3, h, d)[:, :, 0].transpose(1, 2)  # (S, h, r, d)
-            mask = torch.zeros(S, 1, 1, n, device=x.device).masked_fill(~layout.key_mask[:, None, None, :], float("-inf"))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))  # (S, h, n_q, d)
-            y = y.transpose(1, 2).reshape(-1, C)[layout.order if queries else layout.unpad]  # (B, C) or (T, C)
-            return self.proj(y)
-        parts, start, r = [], 0, layout.query.shape[1]
-        for s, (n_s, r_s) in enumerate(zip(layout.sizes, layout.counts)):
-            q, k, v = qkv[start:start + n_s].view(n_s, 3, h, d).permute(1, 2, 0, 3)  # (h, n_s, d) each
-            if queries:
-                q = qkv[layout.query[s, :r_s]].view(r_s, 3, h, d)[:, 0].transpose(0, 1)  # (h, r_s, d)
-            y = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(-1, C)  # (n_s or r_s, C)
-            parts.append(F.pad(y, (0, 0, 0, r - r_s)) if queries else y)
-            start += n_s
-        y = torch.cat(parts)  # (T, C) in packed order, or (S * r, C) as the padded queries
-        return self.proj(y[layout.order] if queries else y)
+        """Self-attention within each section of a GlobalLayout (packing.attend: one padded call on a
+        GPU, each section alone on a CPU): x (T, C) packed tokens -> (T, C), or, with queries, the
+        output at the batch's own spots only (B, C)."""
+        return self.proj(packing.attend(self.qkv(x), layout, self.heads, queries))
 
 
 class Block(nn.Module):

@@ -228,7 +228,7 @@ def test_batched_global_level_equals_each_section_on_its_own(depth, padded, monk
     """Four sections of different sizes and grid shapes, a batch that visits three of them unevenly (one
     spot twice): the packed pass gives each spot its section's row, values and gradients, with the
     attention as the GPU runs it (one padded, masked call) and as the CPU runs it (section by section)."""
-    monkeypatch.setattr(M.Attention, "padded_on", ("cpu", "cuda") if padded else ())
+    monkeypatch.setattr(P, "PADDED_ON", ("cpu", "cuda") if padded else ())
     torch.manual_seed(0)
     net = M.GeneDML(tiny_cfg(levels=("global",), global_depth=depth)).eval()
     rng = np.random.default_rng(0)
