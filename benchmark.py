@@ -86,7 +86,7 @@ import fold_benchmark
 import losses
 from benchmark_scale import bench_ddp, bench_encoders, bench_scale, bench_slide
 from cache import ArrayCache
-from features import extract_features, extract_tokens
+from features import default_workers, extract_features, extract_tokens
 from measure import (CropPerItem, FakeCrops, _status_mb, counting_kmeans, peak_rss_mb, reset_peak_rss,
                      synthetic_section, timed, write_slide)
 from metrics import slide_metrics
@@ -362,8 +362,7 @@ def _without_tokens(split):
 
 def bench_fold(args, device, amp):
     """One epoch of a synthetic her2st-sized fold per local-encoder mode, through train.py's loader."""
-    workers = args.workers if args.workers is not None else \
-        min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+    workers = default_workers(device) if args.workers is None else args.workers
     split = fold_benchmark.synthetic_fold(args.fold_sections, args.fold_spots, args.crop, tokens=True, device=device,
                                           genes=args.genes)
     fig, rows = {"sections": args.fold_sections, "spots": len(split.dataset), "batch": args.batch, "workers": workers}, []

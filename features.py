@@ -14,6 +14,7 @@ are prepared here (`online_token_statistics`): the encoder itself runs inside th
 
 Imports run one way: cache -> data, trunk -> encoders, packing -> features -> evaluate -> train.
 """
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,6 +173,22 @@ class Split:
     def loader(self, batch_size: int, **kw) -> torch.utils.data.DataLoader:
         """A DataLoader over the split whose batches carry their global-level layout (Collate)."""
         return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, collate_fn=Collate(self.context.grids), **kw)
+
+    def train_loader(self, batch_sampler, device, workers: int | None = None) -> torch.utils.data.DataLoader:
+        """The training loader (train.py's): the sampler's batches, stacked and laid out (Collate) by
+        `workers` processes ahead of the step (default_workers when None); pinned memory lets the copies
+        to a GPU overlap the step (non_blocking). Persistent workers keep their own random streams
+        across epochs: exact --resume is a property of workers = 0 (the CPU default)."""
+        workers = default_workers(device) if workers is None else workers
+        cuda = torch.device(device).type == "cuda"
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batch_sampler, num_workers=workers,
+                                           collate_fn=Collate(self.context.grids), pin_memory=cuda,
+                                           persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+
+def default_workers(device) -> int:
+    """Loader workers: min(8, cores - 1) on CUDA; 0 on a CPU, where they would take the step's cores."""
+    return min(8, max(1, (os.cpu_count() or 2) - 1)) if torch.device(device).type == "cuda" else 0
 
 
 class Collate:

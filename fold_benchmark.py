@@ -17,7 +17,7 @@ import torch
 import cohorts
 import data
 import losses
-from features import Collate, Split
+from features import Split
 from model import GeneDML, GeneDMLConfig
 from packing import GlobalContext
 from trunk import FEAT_DIM
@@ -69,9 +69,7 @@ def loader(split: Split, batch: int, device, workers: int, seed: int = 0):
     """The training loader as train.py builds it: shuffled full batches, laid out by Collate in workers."""
     sampler = torch.utils.data.BatchSampler(
         torch.utils.data.RandomSampler(split.dataset, generator=torch.Generator().manual_seed(seed)), batch, drop_last=True)
-    return torch.utils.data.DataLoader(split.dataset, batch_sampler=sampler, num_workers=workers,
-                                       collate_fn=Collate(split.context.grids), pin_memory=device.type == "cuda",
-                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    return split.train_loader(sampler, device, workers)
 
 
 def items_per_s(split: Split, batch: int, batches: int) -> float:

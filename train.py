@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -44,7 +43,7 @@ import evaluate
 from checkpoint import CheckpointWriter, check_resume, load_checkpoint, plain, refuse_other_settings, save_atomic
 from evaluate import HelpFormatter, evaluate_split
 from metrics import summarise
-from features import Collate, online_token_statistics, prepare_split, token_statistics
+from features import online_token_statistics, prepare_split, token_statistics
 from losses import gene_dml_loss
 from model import LEVELS, GeneDML, GeneDMLConfig
 import visium
@@ -439,15 +438,7 @@ def prepare_data(args, fold, run) -> FoldData:
                          f"spots must split into {run.world} equal shares, one per process")
     batches = distributed.ShardedBatchSampler(len(train_set), args.batch_size, drop_last=len(train_set) > args.batch_size,
                                               seed=args.seed, rank=distributed.rank(), world=run.world)
-    workers = args.workers if args.workers is not None else \
-        min(8, max(1, (os.cpu_count() or 2) - 1)) if run.device.type == "cuda" else 0
-    # Workers stack each batch and lay out its global level (features.Collate) ahead of the step; pinned
-    # memory lets the copies to the GPU overlap the step (non_blocking). Persistent workers keep their
-    # own random streams across epochs: exact --resume is a property of --workers 0 (the CPU default).
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=workers,
-                                         collate_fn=Collate(splits["train"].context.grids),
-                                         pin_memory=run.device.type == "cuda", persistent_workers=workers > 0,
-                                         prefetch_factor=4 if workers else None)
+    loader = splits["train"].train_loader(batches, run.device, args.workers)  # workers lay out batches ahead
     return FoldData(names, sections, genes, crop_um, encoder, online, splits, train_tokens, select_part, batches, loader)
 
 
