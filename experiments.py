@@ -32,7 +32,8 @@ import checkpoint
 import evaluate
 import metrics
 import train
-from features import frozen_trunk, prepare_split
+from encoders import rebuild_encoder
+from features import prepare_split
 from cache import ArrayCache
 
 # name -> extra train.py flags. Each switches off one part; the full model switches off nothing.
@@ -130,8 +131,7 @@ def baselines(args, test, val, trainset, ckpt):
     labels and features depend on comes from a model run's checkpoint (its genes, crop size, smoothing
     and frozen trunk), so the baselines are scored on the model runs' labels whatever flags followed `--`."""
     device = torch.device("cpu")
-    trunk = frozen_trunk("none", device)
-    trunk.load_state_dict(ckpt["frozen_trunk"])
+    trunk = rebuild_encoder(ckpt.get("encoder"), ckpt["frozen_trunk"], device=device)  # the model runs' encoder
     cache, genes, d = ArrayCache(args.cache_dir), ckpt["genes"], ckpt["data"]
     sections = {n: cohorts.load_section("her2st", args.root, n) for n in [*trainset, val, test]}
     split = {n: prepare_split([sections[n]], genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"])

@@ -22,17 +22,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from encoders import FrozenEncoder, as_encoder, load_encoder, tag, trunk_id  # noqa: F401 (trunk_id: features' API)
+from encoders import FrozenEncoder, as_encoder, tag
 from packing import GlobalContext, SpotGrids
-
-
-def frozen_trunk(weights, device):
-    """The frozen ResNet18 whose features feed the neighbour and global levels (the default encoder).
-
-    With weights "none" it is a fixed random init (seed 0, whatever --seed), so runs of different
-    seeds share one feature cache; it travels in the checkpoint, so evaluation sees the same features.
-    """
-    return load_encoder("resnet18", weights, device).net
 
 
 @torch.no_grad()

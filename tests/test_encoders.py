@@ -232,7 +232,7 @@ def test_online_token_statistics_equal_those_of_the_cached_tokens(tiny, demo_roo
     want_mean, want_std = features.token_statistics(split.tokens)  # float16-rounded tokens: close, not equal
     assert np.allclose(mean, want_mean, atol=2e-3) and np.allclose(std, want_std, rtol=2e-3, atol=2e-3)
     # every cache entry names its encoder: the ResNet18's are not evicted by another encoder's
-    features.prepare_split(sections[:1], ["TUM01"], 32, features.frozen_trunk("none", "cpu"), cache, "cpu")
+    features.prepare_split(sections[:1], ["TUM01"], 32, encoders.load_encoder("resnet18", "none", "cpu"), cache, "cpu")
     names = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir()}
     assert {"demo-A1-features", "demo-A1-tiny-uni-features", "demo-A1-tiny-uni-tokens",
             "demo-A1-tiny-uni-token-moments"} <= names

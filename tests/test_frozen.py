@@ -11,6 +11,7 @@ import torch
 import cohorts
 import data
 import checkpoint
+import encoders
 import evaluate
 import features
 import train
@@ -34,7 +35,7 @@ def test_tokens_are_the_maps_of_each_transformed_crop_and_are_cached_by_trunk(de
     section = cohorts.load_section("demo", demo_root, "A1")
     crops = data.section_crops(section, ArrayCache(tmp_path), 64, progress=False)
     trunk = build_trunk("none").eval()
-    cache, wid = ArrayCache(tmp_path), features.trunk_id(trunk)
+    cache, wid = ArrayCache(tmp_path), encoders.trunk_id(trunk)
     tokens = features.section_tokens(trunk, wid, crops, cache, "demo-A1-tokens", progress=False)["tokens"]
     assert tokens.shape == (len(section.spot_ids), 8, 2, 2, 512) and tokens.dtype == np.float16  # 64 px -> 2x2
     for t in range(8):  # tokens[:, t] is the trunk's map of the crop under transform t, not a turned grid
@@ -49,7 +50,7 @@ def test_tokens_are_the_maps_of_each_transformed_crop_and_are_cached_by_trunk(de
     again = features.section_tokens(None, wid, crops, cache, "demo-A1-tokens", progress=False)["tokens"]
     assert np.array_equal(again, tokens)
     other = build_trunk("none").eval()
-    features.section_tokens(other, features.trunk_id(other), crops, cache, "demo-A1-tokens", progress=False)
+    features.section_tokens(other, encoders.trunk_id(other), crops, cache, "demo-A1-tokens", progress=False)
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("demo-A1-tokens-")]) == 1
 
 
