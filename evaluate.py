@@ -61,16 +61,18 @@ PAPER_TABLE1 = {
 # running a checkpoint
 
 @torch.no_grad()
-def predict(model, loader, context, device):
-    """Run the image side over a loader (bf16 autocast on CUDA, as in training); returns
-    {section index: (predictions (N, G), rows (N,))}. Batches of Split.loader carry their global layout."""
+def predict(model, loader, context, device, amp=None):
+    """Run the image side over a loader (amp: autocast in bf16, float16 where a GPU lacks bf16; default:
+    on CUDA, as in training); returns {section index: (predictions (N, G), rows (N,))}. Batches of
+    Split.loader carry their global layout."""
     model.eval()
     device = torch.device(device)
+    amp = device.type == "cuda" if amp is None else amp
     half = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
     out = {}
     for batch in loader:
         layout = batch["layout"].to(device) if "layout" in batch else None
-        with torch.autocast(device.type, dtype=half, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=half, enabled=amp):
             pred = model(batch["local"].to(device), batch["neighbour_feats"].to(device),
                          batch["neighbour_mask"].to(device), batch["section"].to(device),
                          batch["index"].to(device), context, layout=layout).prediction.float().cpu()
@@ -81,9 +83,9 @@ def predict(model, loader, context, device):
     return {s: (p[r.argsort()].numpy(), r.sort().values.numpy()) for s, (p, r) in out.items()}
 
 
-def evaluate_split(model, split, device, batch_size=64):
-    """Per-slide metrics of a model on one prepared split (see features.prepare_split)."""
-    preds = predict(model, split.loader(batch_size), split.context, device)
+def evaluate_split(model, split, device, batch_size=64, amp=None):
+    """Per-slide metrics of a model on one prepared split (see features.prepare_split); amp as predict's."""
+    preds = predict(model, split.loader(batch_size), split.context, device, amp)
     per_slide = {}
     for s, (pred, rows) in sorted(preds.items()):
         assert len(rows) == len(split.sections[s].spot_ids), "every spot of a slide must be predicted"
@@ -113,17 +115,18 @@ def _colour(values):
     return ((1 - f) * ramp[i] + f * ramp[i + 1]).astype(np.uint8)
 
 
-def expression_map(thumb, scale, pixel_xy, panels, path, title):
+def expression_map(thumb, scale, pixel_xy, panels, path, title, spacing=None):
     """Save a PNG: the H&E thumbnail once per panel with the spots coloured by each panel's values.
 
     thumb: the slide's map thumbnail (PIL RGB, see map_thumbnail) at `scale` thumbnail px per slide
     px, or None for a white canvas around the spots. panels: list of (label, values (N,)), typically
-    [("measured", y), ("predicted", y_hat)].
+    [("measured", y), ("predicted", y_hat)]. spacing: slide.spot_spacing(pixel_xy), when the caller
+    draws several maps of one slide and has it already.
     """
     if thumb is None:  # no image: white canvas around the spots
         scale = 600 / (pixel_xy[:, 0].max() + 100)
         thumb = Image.new("RGB", (600, round((pixel_xy[:, 1].max() + 100) * scale)), "white")
-    radius = max(2, round(0.4 * slide.spot_spacing(pixel_xy) * scale))
+    radius = max(2, round(0.4 * (slide.spot_spacing(pixel_xy) if spacing is None else spacing) * scale))
     canvas = Image.new("RGB", (thumb.width * len(panels), thumb.height + 36), "white")
     for p, (label, values) in enumerate(panels):
         tile = thumb.copy()
@@ -301,6 +304,7 @@ def evaluate_checkpoint(path, args, device, sub=""):
         chosen = args.genes.split(",") if args.genes else \
             [genes[j] for j in np.argsort(-np.nan_to_num(pcc, nan=-2), kind="stable")[:args.maps]]
         thumb, scale = map_thumbnail(overviews[i])
+        spacing = slide.spot_spacing(s.pixel_xy)  # once per slide, not once per map
         for g in chosen:
             j = genes.index(g)
             panels = [("predicted", preds[i][0][:, j])]
@@ -308,7 +312,7 @@ def evaluate_checkpoint(path, args, device, sub=""):
             if per_slide:
                 panels.insert(0, ("measured", split.dataset.labels[i][:, j]))
                 title += f"  r = {pcc[j]:.3f}"
-            expression_map(thumb, scale, s.pixel_xy, panels, out / "maps" / f"{s.name}_{g}.png", title)
+            expression_map(thumb, scale, s.pixel_xy, panels, out / "maps" / f"{s.name}_{g}.png", title, spacing)
     return ckpt, per_slide, {"genes": [genes[j] for j in scored], "pooled": pooled}
 
 

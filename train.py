@@ -239,7 +239,7 @@ def train_fold(args, fold):
         seen, sums, train_time = train_epoch(args, epoch, model, ddp, d, opt, sched, scaler, run,
                                              first=epoch == progress.start)
         if run.main:  # rank 0 alone validates and writes
-            per_slide, _ = evaluate_split(model, d.splits[d.select_part], run.device, args.batch_size)
+            per_slide, _ = evaluate_split(model, d.splits[d.select_part], run.device, args.batch_size, run.amp)
             metric = summarise(per_slide)[1]
             score = metric["pcc_m"] if math.isfinite(metric["pcc_m"]) else -math.inf
             improved = score > progress.best
