@@ -226,7 +226,7 @@ class SpotDataset(torch.utils.data.Dataset):
     token maps are served for that same transform of the crop (features.extract_tokens caches all 8);
     served tiles get the same transform as a whole window (the tile grid is rotated with them); frozen
     tile features describe the unaugmented tiles and are left as they are. An item holds only what a
-    step reads; the raw counts, coordinates and spot ids stay on the dataset (counts, sections)."""
+    step reads; the raw counts, coordinates and spot ids stay on the dataset's sections."""
 
     def __init__(self, sections: list[Section], crops: list[SectionCrops], genes: list[str],
                  smooth: bool = True, augment: bool = False, features: list[dict] | None = None,
@@ -236,8 +236,8 @@ class SpotDataset(torch.utils.data.Dataset):
         assert tokens is None or len(tokens) == len(sections), "one token array (N, 8, h, w, C) per section"
         self.sections, self.crops, self.genes = sections, crops, list(genes)
         self.augment, self.features, self.tokens = augment, features, tokens
-        self.counts = [gene_counts(s, self.genes) for s in sections]  # per section (N_s, G)
-        self.labels = [expression_labels(c, s.array_xy, smooth, s.geometry) for c, s in zip(self.counts, sections)]
+        self.labels = [expression_labels(gene_counts(s, self.genes), s.array_xy, smooth, s.geometry)
+                       for s in sections]  # per section (N_s, G); the raw counts stay on each Section
         for s, c in zip(sections, crops):
             assert len(c.local) == len(s.spot_ids), f"{s.name}: {len(c.local)} crops for {len(s.spot_ids)} spots"
         for s, t in zip(sections, tokens or []):

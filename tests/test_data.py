@@ -327,7 +327,7 @@ def test_dataset_keys_and_shapes(her2st_tiny, tmp_path):
                       "neighbour_mask": ((25,), torch.bool), "label": ((3,), torch.float32)}  # what a step reads
     assert set(item) == set(shapes) | {"section", "index"}
     assert np.array_equal(item["local"].permute(1, 2, 0).numpy(), crops.local[1])
-    assert ds.counts[1][1].tolist() == [s.counts.loc[s.spot_ids[1], "G3"], s.counts.loc[s.spot_ids[1], "G1"], 0]
+    assert data.gene_counts(s, ds.genes)[1].tolist() == [s.counts.loc[s.spot_ids[1], "G3"], s.counts.loc[s.spot_ids[1], "G1"], 0]
     feats = [{"tiles": np.random.rand(len(s.spot_ids), 25, 7).astype(np.float32)}] * 2
     fitem = data.SpotDataset([s, s], [crops, crops], ["G1"], features=feats)[3]
     assert "neighbour_tiles" not in fitem
