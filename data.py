@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import slide
-from cache import ArrayCache, fingerprint
-from cohorts import COHORTS, Section, fold_split, load_section, sections_of
+from genedml import slide
+from genedml.cache import ArrayCache, fingerprint
+from genedml.cohorts import COHORTS, Section, fold_split, load_section, sections_of
 
 log = logging.getLogger(__name__)
 CROP_VERSION = 1  # bump when the way crops are cut changes, so cached crops are rebuilt (PIL's bomb guard: cohorts.py)
@@ -344,7 +344,7 @@ def _folds(argv) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "download":
-        import download  # lazily: only the download command needs it
+        from genedml import download  # lazily: only the download command needs it
         return download.main(argv[1:])
     if argv and argv[0] in ("info", "folds"):
         logging.basicConfig(level=logging.WARNING)

@@ -32,18 +32,18 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
-import cohorts
-import prediction
-import slide
-from cache import ArrayCache
-from checkpoint import load_checkpoint
-from encoders import rebuild_encoder
-from features import Collate, prepare_split
-from metrics import highly_predictive_genes, pooled_pcc, shared_genes, slide_metrics, summarise
+from genedml import cohorts
+from genedml import prediction
+from genedml import slide
+from genedml.cache import ArrayCache
+from genedml.checkpoint import load_checkpoint
+from genedml.encoders import rebuild_encoder
+from genedml.features import Collate, prepare_split
+from genedml.metrics import highly_predictive_genes, pooled_pcc, shared_genes, slide_metrics, summarise
 from model import GeneDML, GeneDMLConfig
-from packing import GlobalContext
+from genedml.packing import GlobalContext
 from tqdm import tqdm
-import visium
+from genedml import visium
 
 
 # Paper Table 1 (MSE / PCC(M) / PCC(H)), for the printed comparison. These are the published

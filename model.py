@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import packing  # the global level's packed inputs, laid out by the loader, and attention over them
-from packing import GlobalContext, GlobalLayout
-from trunk import FEAT_DIM, build_trunk, preprocess  # torchvision's ResNet18 without its classifier
+from genedml import packing  # the global level's packed inputs, laid out by the loader, and attention over them
+from genedml.packing import GlobalContext, GlobalLayout
+from genedml.trunk import FEAT_DIM, build_trunk, preprocess  # torchvision's ResNet18 without its classifier
 
 LEVELS = ("local", "neighbour", "global")
 LOCAL_ENCODERS = ("trainable", "frozen")  # TRIPLEX trains the local ResNet18; the Gene-DML reference freezes it

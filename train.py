@@ -33,20 +33,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import cohorts
+from genedml import cohorts
 import data
-from cache import ArrayCache
-import demo
-import distributed
-import encoders
+from genedml.cache import ArrayCache
+from genedml import demo
+from genedml import distributed
+from genedml import encoders
 import evaluate
-from checkpoint import CheckpointWriter, check_resume, load_checkpoint, plain, refuse_other_settings, save_atomic
+from genedml.checkpoint import CheckpointWriter, check_resume, load_checkpoint, plain, refuse_other_settings, save_atomic
 from evaluate import HelpFormatter, evaluate_split
-from metrics import summarise
-from features import online_token_statistics, prepare_split, token_statistics
+from genedml.metrics import summarise
+from genedml.features import online_token_statistics, prepare_split, token_statistics
 from losses import gene_dml_loss
 from model import LEVELS, GeneDML, GeneDMLConfig
-import visium
+from genedml import visium
 
 
 # Training recipe per cohort; explicit flags override. The reference used 200 epochs with early

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-import benchmark
+from experiments import benchmark
 
 
 def test_quick_benchmark_runs_and_reports(tmp_path):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cohorts
+from genedml import cohorts
 import data
-from cache import ArrayCache, fingerprint
+from genedml.cache import ArrayCache, fingerprint
 
 
 def _builder(calls, value=1.0):

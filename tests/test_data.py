@@ -6,8 +6,6 @@ Real-file tests use the her2st copy (fixture her2st_root) and compute what they 
 
 import gzip
 import logging
-import sys
-import types
 
 import numpy as np
 import pandas as pd
@@ -15,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-import cohorts
+from genedml import cohorts
+from genedml import download
 import data
-from cache import ArrayCache
+from genedml.cache import ArrayCache
 
 
 # ----------------------------------------------------------------------------- synthetic cohorts
@@ -158,7 +157,7 @@ def test_her2st_reader_selected_and_dropped(tmp_path, caplog):
     spots.loc[0, "selected"] = 0  # not under tissue: dropped by the selection, silently by design
     counts = _counts(_ids(spots)[1:-1] + ["9x9"])  # last spot has no counts, 9x9 has no spot
     write_her2st(tmp_path, spots=spots, counts=counts)
-    with caplog.at_level(logging.INFO, logger="cohorts"):
+    with caplog.at_level(logging.INFO, logger="genedml.cohorts"):
         s = cohorts.load_section("her2st", tmp_path, "A1")
     assert s.spot_ids == _ids(spots)[1:-1]
     assert "1 spot(s) in the counts but not the spot file, 1 in the spot file" in caplog.text
@@ -363,7 +362,7 @@ def test_cli_info_and_download_dispatch(her2st_tiny, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "A1" in out and "100x80" in out and "A2" in out  # A2 absent: reported as an error line
     calls = []
-    monkeypatch.setitem(sys.modules, "download", types.SimpleNamespace(main=lambda argv: calls.append(argv) or 0))
+    monkeypatch.setattr(download, "main", lambda argv: calls.append(argv) or 0)
     assert data.main(["download", "her2st", "--root", "x"]) == 0 and calls == [["her2st", "--root", "x"]]
 
 

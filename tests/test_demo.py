@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import demo
+from genedml import demo
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_noise_free_ceiling(cohort):
 
 
 def test_her2st_reader_loads_demo(cohort):
-    import cohorts
+    from genedml import cohorts
     section = cohorts.load_section("demo", cohort, "A1")
     counts = _read(cohort, "ST-cnts", "A1")
     assert sorted(section.spot_ids) == sorted(counts.index) and section.patient == "A"

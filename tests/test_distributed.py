@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import demo
-import distributed
+from genedml import demo
+from genedml import distributed
 import evaluate
 import train
 from losses import gene_dml_loss

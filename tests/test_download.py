@@ -5,8 +5,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-import download
-from download import DownloadError, download_cohort, her2st_files, main
+from genedml import download
+from genedml.download import DownloadError, download_cohort, her2st_files, main
 
 
 class RangeHandler(BaseHTTPRequestHandler):

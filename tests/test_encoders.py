@@ -22,13 +22,13 @@ import pandas as pd
 import pytest
 import torch
 
-import cohorts
+from genedml import cohorts
 import data
-import encoders
+from genedml import encoders
 import evaluate
-import features
+from genedml import features
 import train
-from cache import ArrayCache
+from genedml.cache import ArrayCache
 from model import GeneDML, GeneDMLConfig
 from test_train import cache_dir, demo_root, eval_argv, load, train_argv  # noqa: F401
 

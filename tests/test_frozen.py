@@ -8,16 +8,16 @@ import pandas as pd
 import pytest
 import torch
 
-import cohorts
+from genedml import cohorts
 import data
-import checkpoint
-import encoders
+from genedml import checkpoint
+from genedml import encoders
 import evaluate
-import features
+from genedml import features
 import train
-from cache import ArrayCache
+from genedml.cache import ArrayCache
 from model import GeneDML, GeneDMLConfig, LocalEncoder
-from trunk import build_trunk, preprocess
+from genedml.trunk import build_trunk, preprocess
 from test_train import (assert_resumed_like, assert_same_tensors, cache_dir, demo_root, eval_argv, load, read_log,  # noqa: F401
                         train_argv)
 

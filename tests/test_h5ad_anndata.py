@@ -4,7 +4,7 @@ anndata, pytest), and it skips where anndata is absent. h5ad.py needs numpy and 
 import numpy as np
 import pytest
 
-import h5ad
+from genedml import h5ad
 
 anndata = pytest.importorskip("anndata")
 

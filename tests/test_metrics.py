@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from metrics import highly_predictive_genes, pearson_per_gene, slide_metrics, summarise
+from genedml.metrics import highly_predictive_genes, pearson_per_gene, slide_metrics, summarise
 
 
 def test_pearson_matches_numpy_corrcoef():

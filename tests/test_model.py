@@ -9,11 +9,11 @@ import pytest
 import torch
 import torchvision
 
-import features as F_
+from genedml import features as F_
 import model as M
-import packing as P
-import trunk as T
-from cache import ArrayCache
+from genedml import packing as P
+from genedml import trunk as T
+from genedml.cache import ArrayCache
 
 G, D = 12, 32  # tiny: 12 genes, width 32
 
@@ -68,7 +68,7 @@ def test_trunk_loads_torchvision_state_dict(tmp_path, caplog):
     ref = torchvision.models.resnet18(weights=None)
     torch.save(ref.state_dict(), tmp_path / "with_fc.pth")
     torch.save({k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")}, tmp_path / "no_fc.pth")
-    with caplog.at_level(logging.INFO, logger="trunk"):
+    with caplog.at_level(logging.INFO, logger="genedml.trunk"):
         trunk = T.build_trunk(str(tmp_path / "with_fc.pth"))
     assert "loaded 120/120 tensors" in caplog.text and "dropped fc.bias, fc.weight" in caplog.text
     assert_same_weights(trunk, ref)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import demo
+from genedml import demo
 import evaluate
-import slide
+from genedml import slide
 import train
-import visium_files
+from genedml import visium_files
 
 UM_PER_PX = 200 / 73  # the demo's spot pitch over its spot spacing in pixels
 

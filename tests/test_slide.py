@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cohorts
+from genedml import cohorts
 import data
-import slide
-from cache import ArrayCache
+from genedml import slide
+from genedml.cache import ArrayCache
 
 UM_PER_PX = 1.0
 W, H = 2400, 1800
@@ -81,7 +81,7 @@ def test_openslide_reads_regions_equal_to_the_full_image(wsi):
 
 def test_which_images_are_read_region_by_region(wsi, tmp_path):
     assert slide.reads_regions(wsi)
-    import visium_files  # a training cohort's whole-slide image passes the up-front check, through OpenSlide
+    from genedml import visium_files  # a training cohort's whole-slide image passes the up-front check, through OpenSlide
     assert visium_files.check_image(wsi) == (W, H)
     Image.fromarray(painted()[:200, :300]).save(tmp_path / "small.jpg")
     Image.fromarray(painted()[:200, :300]).save(tmp_path / "flat.tif")  # one page, not tiled: PIL decodes it

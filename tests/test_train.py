@@ -18,16 +18,16 @@ import pytest
 import torch
 from PIL import Image
 
-import cohorts
+from genedml import cohorts
 import data
-import demo
-import checkpoint
+from genedml import demo
+from genedml import checkpoint
 import evaluate
 import train
-from cache import ArrayCache
-from features import prepare_split
+from genedml.cache import ArrayCache
+from genedml.features import prepare_split
 from model import GeneDML, GeneDMLConfig
-from trunk import build_trunk
+from genedml.trunk import build_trunk
 
 SECTIONS = "A1,B1,C1"  # demo fold 0: test patient A, validation patient B, training patient C
 TIMING = ("seconds", "spots_per_s", "checkpoint_seconds")  # the only log fields allowed to differ between identical runs
@@ -571,9 +571,9 @@ def test_background_checkpoint_writer_saves_a_snapshot_and_reports_failures(tmp_
 
 
 def test_experiments_balance_runs_on_a_trained_checkpoint(run, cache_dir, tmp_path):
-    """experiments.py balance rebuilds a trained run's model and encoder and measures each loss part's pull."""
-    import experiments
-    experiments.main(["balance", "--ckpt", str(run / "best.pt"), "--batches", "1", "--cache-dir", str(cache_dir),
+    """experiments/ablation.py balance rebuilds a trained run's model and encoder and measures each loss part's pull."""
+    from experiments import ablation
+    ablation.main(["balance", "--ckpt", str(run / "best.pt"), "--batches", "1", "--cache-dir", str(cache_dir),
                       "--out", str(tmp_path / "balance.csv")])
     df = pd.read_csv(tmp_path / "balance.csv")
     assert list(dict.fromkeys(df["state"])) == ["initialisation", "trained (best.pt)"] and len(df) == 6

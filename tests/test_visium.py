@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-import cohorts
+from genedml import cohorts
 import data
 import evaluate
-import metrics
+from genedml import metrics
 import train
-import visium
-import visium_files
-from cache import ArrayCache
+from genedml import visium
+from genedml import visium_files
+from genedml.cache import ArrayCache
 
 NO_H5PY = "h5py is an optional extra: pip install -r requirements-extras.txt (or pip install h5py)"
 
@@ -336,7 +336,7 @@ def test_predict_a_visium_slide_from_its_positions(trained, cohort, tmp_path):
 def test_predict_knows_positions_by_columns_and_reuses_the_cache(trained, cohort, tmp_path, monkeypatch):
     """A renamed copy of S0's positions file is still a positions file, and S0, a test slide of the
     checkpoint, is neither resampled nor cropped nor run through the frozen trunk again."""
-    import features
+    from genedml import features
     best, cache = trained
     _, root = cohort
     renamed = tmp_path / "s0_spots.csv"

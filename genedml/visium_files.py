@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-import cohorts
-import slide
+from genedml import cohorts
+from genedml import slide
 
 log = logging.getLogger(__name__)
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]

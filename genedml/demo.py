@@ -54,7 +54,7 @@ import pandas as pd
 from PIL import Image
 
 from data import expression_labels, top_genes  # labels and genes exactly as training makes them
-from metrics import pearson_per_gene
+from genedml.metrics import pearson_per_gene
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-import cohorts
+from genedml import cohorts
 import data
 import losses
-from fold_benchmark import grid_xy
+from experiments.fold_benchmark import grid_xy
 
 SPOT_PX = 256  # her2st: spots ~ 200-260 px apart on the full-resolution image
 

@@ -27,14 +27,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-import cohorts
-import checkpoint
+from genedml import cohorts
+from genedml import checkpoint
 import evaluate
-import metrics
+from genedml import metrics
 import train
-from encoders import rebuild_encoder
-from features import prepare_split
-from cache import ArrayCache
+from genedml.encoders import rebuild_encoder
+from genedml.features import prepare_split
+from genedml.cache import ArrayCache
 
 # name -> extra train.py flags. Each switches off one part; the full model switches off nothing.
 VARIANTS = {
@@ -80,7 +80,7 @@ def group_pcc(per_gene_csv, groups):
 
 
 def ablation(args):
-    import demo
+    from genedml import demo
     root = Path(args.root)
     demo.make_demo_cohort(root)
     rows = []

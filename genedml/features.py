@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from encoders import FrozenEncoder, as_encoder, tag
-from packing import GlobalContext, SpotGrids
+from genedml.encoders import FrozenEncoder, as_encoder, tag
+from genedml.packing import GlobalContext, SpotGrids
 
 
 @torch.no_grad()

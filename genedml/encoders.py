@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trunk import FEAT_DIM, IMAGENET_MEAN, IMAGENET_STD, ResNet18Trunk, build_trunk, check_keys, read_state_dict
+from genedml.trunk import FEAT_DIM, IMAGENET_MEAN, IMAGENET_STD, ResNet18Trunk, build_trunk, check_keys, read_state_dict
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TILE_FEATURES = ("mean", "cls", "cls+mean")

@@ -80,18 +80,18 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-import cohorts
+from genedml import cohorts
 import data
-import fold_benchmark
+from experiments import fold_benchmark
 import losses
-from benchmark_scale import bench_ddp, bench_encoders, bench_scale, bench_slide
-from cache import ArrayCache
-from features import default_workers, extract_features, extract_tokens
-from measure import (CropPerItem, FakeCrops, _status_mb, counting_kmeans, peak_rss_mb, reset_peak_rss,
+from experiments.benchmark_scale import bench_ddp, bench_encoders, bench_scale, bench_slide
+from genedml.cache import ArrayCache
+from genedml.features import default_workers, extract_features, extract_tokens
+from experiments.measure import (CropPerItem, FakeCrops, _status_mb, counting_kmeans, peak_rss_mb, reset_peak_rss,
                      synthetic_section, timed, write_slide)
-from metrics import slide_metrics
+from genedml.metrics import slide_metrics
 from model import GeneDML, GeneDMLConfig
-from trunk import build_trunk, preprocess
+from genedml.trunk import build_trunk, preprocess
 
 SECTIONS = ("data", "step", "fold", "eval", "ddp", "scale", "encoders", "slide")
 QUICK = dict(slide_px="2000x2000", spots=64, items=32, decode_items=1, batch=8, crop=64, context=64,

@@ -17,18 +17,18 @@ import pandas as pd
 import torch
 import torch.multiprocessing as mp
 
-import cohorts
+from genedml import cohorts
 import data
-import distributed
-import encoders
+from genedml import distributed
+from genedml import encoders
 import losses
-from cache import ArrayCache
-from fold_benchmark import grid_xy
-from measure import _status_mb, extrapolate, peak_rss_mb, reset_peak_rss, synthetic_section, timed, write_slide
-from metrics import slide_metrics
+from genedml.cache import ArrayCache
+from experiments.fold_benchmark import grid_xy
+from experiments.measure import _status_mb, extrapolate, peak_rss_mb, reset_peak_rss, synthetic_section, timed, write_slide
+from genedml.metrics import slide_metrics
 from model import GeneDML, GeneDMLConfig
-from packing import GlobalContext
-from trunk import build_trunk
+from genedml.packing import GlobalContext
+from genedml.trunk import build_trunk
 
 HER2ST_IMAGES = 13_653 * 26  # her2st's spots x (the local crop + 25 neighbour tiles)
 
@@ -170,9 +170,9 @@ def bench_scale(args, device, amp, tmp):
 def bench_slide(args, device, tmp):
     """--predict SLIDE on a synthetic pyramidal TIFF, cold and warm; the grid windows against the full pass."""
     import evaluate
-    import prediction
-    import slide
-    from features import prepare_split
+    from genedml import prediction
+    from genedml import slide
+    from genedml.features import prepare_split
     try:
         import openslide  # noqa: F401  (the region reader under test)
         import tifffile

@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import cohorts
-import slide
-from visium_files import (POSITION_COLUMNS, Sparse, check_image, counts_frame, first_file, in_tissue_positions,
+from genedml import cohorts
+from genedml import slide
+from genedml.visium_files import (POSITION_COLUMNS, Sparse, check_image, counts_frame, first_file, in_tissue_positions,
                           read_10x_h5, read_h5ad, read_mex, read_positions)
 
 log = logging.getLogger(__name__)

@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-import cohorts
+from genedml import cohorts
 import data
 import losses
-from features import Split
+from genedml.features import Split
 from model import GeneDML, GeneDMLConfig
-from packing import GlobalContext
-from trunk import FEAT_DIM
+from genedml.packing import GlobalContext
+from genedml.trunk import FEAT_DIM
 
 # Spots per her2st section (counts joined with the spot file), all 36 sections, sorted.
 HER2ST_SIZES = [176, 178, 180, 181, 184, 187, 270, 277, 283, 289, 295, 298, 301, 302, 303, 306, 306, 315,

@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-import cohorts
-import h5ad
-import slide
-import visium
-import visium_files
+from genedml import cohorts
+from genedml import h5ad
+from genedml import slide
+from genedml import visium
+from genedml import visium_files
 
 
 def spot_file_section(image, spots, genes, crop_um=None):
