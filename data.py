@@ -12,9 +12,9 @@ on a Visium slide's hexagonal grid, the 6 neighbours). Your own Visium / HEST-1k
 """
 
 import argparse
-import hashlib
+import json
 import logging
-import re
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +25,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from genedml import slide
-from genedml.cache import ArrayCache, fingerprint
 from genedml.cohorts import COHORTS, Section, fold_split, load_section, sections_of
+from genedml.crops import N_DIHEDRAL, SectionCrops, cohort_crops, dihedral, neighbour_mask
+from genedml.encoders import as_encoder, tag
+from genedml.features import section_features, section_tokens
+from genedml.metrics import pearson_per_gene
+from genedml.packing import GlobalContext, SpotGrids
 
 log = logging.getLogger(__name__)
-CROP_VERSION = 1  # bump when the way crops are cut changes, so cached crops are rebuilt (PIL's bomb guard: cohorts.py)
 
 
 # ----------------------------------------------------------------------------- genes and labels
@@ -106,123 +108,11 @@ def expression_labels(counts: np.ndarray, array_xy: np.ndarray, smooth: bool = T
     return (total / n[:, None]).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- crops
-def _corner(centre_xy, size: int) -> tuple[int, int]:
-    """Top-left pixel of the size x size crop centred on centre_xy (rounded half up)."""
-    return int(np.floor(centre_xy[0] + 0.5)) - size // 2, int(np.floor(centre_xy[1] + 0.5)) - size // 2
-
-
-def crop_image(image: np.ndarray, centre_xy, size: int) -> np.ndarray:
-    """(size, size, 3) uint8 crop centred on the spot; what falls off the image is white (255), the
-    crop is never shifted to fit."""
-    H, W = image.shape[:2]
-    x0, y0 = _corner(centre_xy, size)
-    out = np.full((size, size, 3), 255, np.uint8)
-    xa, xb, ya, yb = max(x0, 0), min(x0 + size, W), max(y0, 0), min(y0 + size, H)
-    if xa < xb and ya < yb:
-        out[ya - y0:yb - y0, xa - x0:xb - x0] = image[ya:yb, xa:xb]
-    return out
-
-
-def neighbour_mask(image_shape, centre_xy, size: int, grid: int = 5) -> np.ndarray:
-    """(grid*grid,) bool, True where the tile's centre lies on the image (row-major, row = y offset)."""
-    H, W = image_shape[:2]
-    cx, cy = np.floor(np.asarray(centre_xy, np.float64) + 0.5)
-    offsets = (np.arange(grid) - grid // 2) * size
-    tx, ty = cx + offsets[None, :], cy + offsets[:, None]  # (1, g), (g, 1)
-    return ((tx >= 0) & (tx < W) & (ty >= 0) & (ty < H)).reshape(-1)
-
-
-def neighbour_window(image, centre_xy, size: int, grid: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """The grid x grid tiles of `size` px around the spot (a grid*size px window) and their mask."""
-    assert grid % 2 == 1, f"grid must be odd so the spot's tile is the centre, got {grid}"
-    window = crop_image(image, centre_xy, grid * size)  # (g*c, g*c, 3); centre tile == the local crop
-    tiles = window.reshape(grid, size, grid, size, 3).transpose(0, 2, 1, 3, 4).reshape(grid * grid, size, size, 3)
-    return tiles, neighbour_mask(image.shape, centre_xy, size, grid)
-
-
-def _decode(path: Path, scale: float = 1.0) -> np.ndarray:
-    """(H, W, 3) uint8 image, resampled by `scale` (new px per image px) when scale != 1."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = im if im.mode == "RGB" else im.convert("RGB")
-            if scale != 1.0:  # resampled before numpy sees it: one full-size copy, not two
-                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                               Image.Resampling.LANCZOS)
-            return np.asarray(im)  # (H, W, 3) uint8
-    except Exception as e:  # truncated or corrupt JPEG
-        raise ValueError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
-
-
-@dataclass
-class SectionCrops:
-    local: np.ndarray    # (N, c, c, 3) uint8, memory-mapped from the cache
-    image: np.ndarray    # (H, W, 3) uint8 decoded image, memory-mapped from the cache (or a slide.SlideView)
-    crop_size: int
-    key: dict            # what the crops were built from (source fingerprints + sizes), for feature keys
-    centres: np.ndarray  # (N, 2) float64 pixel centres
-    grid: int = 5
-
-    def tiles(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return neighbour_window(self.image, self.centres[i], self.crop_size, self.grid)
-
-    def mask(self, i: int) -> np.ndarray:
-        return neighbour_mask(self.image.shape, self.centres[i], self.crop_size, self.grid)
-
-
-def section_crops(section: Section, cache: ArrayCache, crop_size: int, progress=True) -> SectionCrops:
-    """Decode the section's JPEG once (cached as a uint8 .npy) and cut every spot's local crop (cached).
-    A whole-slide image (slide.reads_regions) is never decoded whole: each crop and window is read
-    from the slide's pyramid on demand (slide.SlideView), and only the crops are cached."""
-    if section.image_path is None:
-        raise FileNotFoundError(f"{section.cohort}/{section.name}: no image found; "
-                                f"fetch it with: {COHORTS[section.cohort]['fetch'].format(root='<root>')}")
-    # A section with a field of view in µm (visium.py) is resampled so crop_size px span crop_um µm.
-    scale = 1.0 if section.crop_um is None else crop_size * section.um_per_px / section.crop_um
-    image_key = {"image": fingerprint(section.image_path), "version": CROP_VERSION,
-                 **({"scale": round(scale, 9)} if scale != 1.0 else {})}
-    tag = re.sub(r"[^A-Za-z0-9_.\-]", "_", f"{section.cohort}-{section.name}")  # a plain file name
-    if slide.reads_regions(section.image_path):  # a whole-slide image: only the regions cut are read
-        image = slide.open_slide(section.image_path).view(scale)
-    else:
-        image = cache.get(f"{tag}-image" + (f"-x{scale:.4g}" if scale != 1.0 else ""), image_key,
-                          lambda: {"image": _decode(section.image_path, scale)})["image"]
-    # pixel p's centre sits at p + 0.5 in continuous coordinates, which resampling multiplies by scale
-    centres = np.ascontiguousarray((section.pixel_xy + 0.5) * scale - 0.5, np.float64)  # (N, 2) resampled px
-    key = dict(image_key, centres=hashlib.sha1(centres.tobytes()).hexdigest(), spots=len(centres), crop=crop_size)
-
-    def build():
-        spots = tqdm(centres, desc=f"crops {tag}", disable=not progress, leave=False)
-        return {"local": np.stack([crop_image(image, c, crop_size) for c in spots])}  # (N, c, c, 3)
-
-    local = cache.get(f"{tag}-crops{crop_size}", key, build)["local"]
-    return SectionCrops(local, image, crop_size, key, centres)
-
-
-def cohort_crops(sections: list[Section], cache: ArrayCache, crop_size: int, progress=True) -> list[SectionCrops]:
-    """section_crops for every section, with a progress bar over the sections."""
-    one = len(sections) == 1  # one slide (evaluate.py --predict): a bar over its spots instead
-    bar = tqdm(sections, desc=f"caching crops ({crop_size} px)", disable=not progress or one)
-    return [section_crops(s, cache, crop_size, progress=progress and one) for s in bar]
-
-
 # ----------------------------------------------------------------------------- dataset
-N_DIHEDRAL = 8  # the flips and 90-degree rotations of a square: the crop augmentation's transforms
-
-
-def dihedral(a: np.ndarray, t: int, axes=(0, 1)) -> np.ndarray:
-    """Transform t in 0..7 of the square's symmetries on two axes (rows, columns): rotate by
-    (t // 2) * 90 degrees, then mirror left-right if t is odd. t = 0 leaves the array as it is."""
-    assert 0 <= t < N_DIHEDRAL, f"transform must be in 0..{N_DIHEDRAL - 1}, got {t}"
-    a = np.rot90(a, t // 2, axes=axes)
-    return np.flip(a, axis=axes[1]) if t % 2 else a
-
-
 class SpotDataset(torch.utils.data.Dataset):
     """Every spot of the given sections: its local crop (or, given tokens, the frozen trunk's token map
     of it), its neighbour tiles (or their frozen features) and its label, with its section and row.
-    With augment=True the local crop gets a random flip / 90-degree rotation (one of 8, data.dihedral);
+    With augment=True the local crop gets a random flip / 90-degree rotation (one of 8, crops.dihedral);
     token maps are served for that same transform of the crop (features.extract_tokens caches all 8);
     served tiles get the same transform as a whole window (the tile grid is rotated with them); frozen
     tile features describe the unaugmented tiles and are left as they are. An item holds only what a
@@ -275,6 +165,89 @@ class SpotDataset(torch.utils.data.Dataset):
         item.update(neighbour_mask=torch.from_numpy(np.ascontiguousarray(mask)),
                     label=torch.tensor(self.labels[s][j]), section=s, index=j)
         return item
+
+
+# ----------------------------------------------------------------------------- a split, ready to train or score
+@dataclass
+class Split:
+    sections: list       # cohorts.Section, one per slide
+    dataset: object      # data.SpotDataset over those sections
+    context: GlobalContext  # every spot's frozen feature (on the device) and where it lies, for the global level
+    tokens: list | None = None  # per section: frozen local tokens (N, 8, h, w, C) float16, if asked for
+
+    def loader(self, batch_size: int, **kw) -> torch.utils.data.DataLoader:
+        """A DataLoader over the split whose batches carry their global-level layout (Collate)."""
+        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, collate_fn=Collate(self.context.grids), **kw)
+
+    def train_loader(self, batch_sampler, device, workers: int | None = None) -> torch.utils.data.DataLoader:
+        """The training loader (train.py's): the sampler's batches, stacked and laid out (Collate) by
+        `workers` processes ahead of the step (default_workers when None); pinned memory lets the copies
+        to a GPU overlap the step (non_blocking). Persistent workers keep their own random streams
+        across epochs: exact --resume is a property of workers = 0 (the CPU default)."""
+        workers = default_workers(device) if workers is None else workers
+        cuda = torch.device(device).type == "cuda"
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batch_sampler, num_workers=workers,
+                                           collate_fn=Collate(self.context.grids), pin_memory=cuda,
+                                           persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+
+def default_workers(device) -> int:
+    """Loader workers: min(8, cores - 1) on CUDA; 0 on a CPU, where they would take the step's cores."""
+    return min(8, max(1, (os.cpu_count() or 2) - 1)) if torch.device(device).type == "cuda" else 0
+
+
+class Collate:
+    """The DataLoader's collate function: stack the items, then lay out the step's global level
+    (packing.SpotGrids.layout) as batch["layout"]. It runs in the loader's workers, ahead of the step,
+    so the model's forward pass needs no host-device round trip to find the step's sections."""
+
+    def __init__(self, grids: SpotGrids):
+        self.grids = grids
+
+    def __call__(self, items: list) -> dict:
+        batch = torch.utils.data.default_collate(items)
+        batch["layout"] = self.grids.layout(batch["section"].numpy(), batch["index"].numpy())
+        return batch
+
+
+def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True, augment=False, local_tokens=False):
+    """Crop every section (cached), extract its frozen features once (cached), build the dataset.
+    trunk: an encoders.FrozenEncoder (or a bare ResNet18 trunk). local_tokens: the dataset serves the
+    frozen encoder's token map of each crop (cached) instead of the crop."""
+    encoder = as_encoder(trunk)
+    key, t = encoder.cache_key(device), tag(encoder.spec)  # t: "" for the ResNet18, "-uni" ...; the kind ends the name (cache.py)
+    crops = cohort_crops(sections, cache, crop_size)  # decodes each JPEG once, ever
+    feats = [section_features(encoder, key, c, cache, f"{s.cohort}-{s.name}{t}-features", device=device)
+             for s, c in zip(sections, crops)]
+    tokens = [section_tokens(encoder, key, c, cache, f"{s.cohort}-{s.name}{t}-tokens", device=device)["tokens"]
+              for s, c in zip(sections, crops)] if local_tokens else None
+    dataset = SpotDataset(sections, crops, genes, smooth=smooth, augment=augment, features=feats, tokens=tokens)
+    context = GlobalContext.of([(np.asarray(f["local"]), s.array_xy) for f, s in zip(feats, sections)], device)
+    return Split(sections, dataset, context, tokens)
+
+
+# ----------------------------------------------------------------------------- the demo's ceiling
+def ceiling(root, genes=None, n_genes: int = 50, smooth: bool = True) -> dict[str, float]:
+    """The demo cohort's noise-free ceiling (genedml/demo.py writes the cohort and its expected counts):
+    PCC(M) per section between labels made from the noise-free rates and labels made from the noisy
+    counts, the same normalisation as training. What a perfect predictor of the expected expression
+    reaches. genes: default the n_genes with the highest total count over the cohort (as select_genes)."""
+    root = Path(root)
+    sections = json.loads((root / "DEMO.json").read_text())["sections"]
+
+    def read(folder, s):
+        return pd.read_csv(root / folder / f"{s}.tsv.gz", sep="\t", index_col=0)
+
+    counts = {s: read("ST-cnts", s) for s in sections}
+    if genes is None:
+        genes = top_genes([c.sum(axis=0) for c in counts.values()], n_genes)  # ties by name, as training
+    out = {}
+    for s in sections:
+        xy = np.array([i.split("x") for i in counts[s].index], dtype=np.int64)
+        noisy = expression_labels(counts[s][list(genes)].to_numpy(float), xy, smooth)
+        clean = expression_labels(read("rates", s).loc[counts[s].index, list(genes)].to_numpy(float), xy, smooth)
+        out[s] = float(np.nanmean(pearson_per_gene(clean, noisy)))
+    return out
 
 
 # ----------------------------------------------------------------------------- command line
@@ -341,15 +314,35 @@ def _folds(argv) -> int:
     return 0
 
 
+def _demo(argv) -> int:
+    from genedml import demo  # lazily: only this command and train.py --data demo write the demo
+    p = argparse.ArgumentParser(prog="python data.py demo", description="Write the synthetic demo cohort (her2st layout).")
+    p.add_argument("--root", default="data/demo", help="folder to write (default: data/demo)")
+    p.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical files")
+    args = p.parse_args(argv)
+    root = demo.make_demo_cohort(args.root, args.seed)
+    meta = json.loads((root / "DEMO.json").read_text())
+    print(f"demo cohort (seed {meta['seed']}) in {root}:")
+    for s, f in meta["sections"].items():
+        print(f"  {s}: {f['spots']} spots, tumour burden {f['tumour_burden']:.2f} "
+              f"(slide factor {f['slide_factor']:+.2f}), image {next((root / 'ST-imgs').glob(f'*/{s}/*.jpg'))}")
+    c = ceiling(root)
+    print(f"noise-free ceiling PCC(M), top-50 genes: {np.mean(list(c.values())):.3f} (mean over sections)")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "download":
         from genedml import download  # lazily: only the download command needs it
         return download.main(argv[1:])
+    if argv and argv[0] == "demo":
+        return _demo(argv[1:])
     if argv and argv[0] in ("info", "folds"):
         logging.basicConfig(level=logging.WARNING)
         return (_info if argv[0] == "info" else _folds)(argv[1:])
-    print("usage: python data.py download <cohort> --root R [...]  |  python data.py info|folds <cohort> --root R")
+    print("usage: python data.py download <cohort> --root R [...]  |  python data.py info|folds <cohort> --root R"
+          "  |  python data.py demo [--root R] [--seed S]")
     return 2
 
 

@@ -32,18 +32,16 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
+import data
 from genedml import cohorts
-from genedml import prediction
-from genedml import slide
 from genedml.cache import ArrayCache
 from genedml.checkpoint import load_checkpoint
+from genedml.cli import HelpFormatter
 from genedml.encoders import rebuild_encoder
-from genedml.features import Collate, prepare_split
 from genedml.metrics import highly_predictive_genes, pooled_pcc, shared_genes, slide_metrics, summarise
 from model import GeneDML, GeneDMLConfig
 from genedml.packing import GlobalContext
 from tqdm import tqdm
-from genedml import visium
 
 
 # Paper Table 1 (MSE / PCC(M) / PCC(H)), for the printed comparison. These are the published
@@ -123,6 +121,7 @@ def expression_map(thumb, scale, pixel_xy, panels, path, title, spacing=None):
     [("measured", y), ("predicted", y_hat)]. spacing: slide.spot_spacing(pixel_xy), when the caller
     draws several maps of one slide and has it already.
     """
+    from genedml import slide
     if thumb is None:  # no image: white canvas around the spots
         scale = 600 / (pixel_xy[:, 0].max() + 100)
         thumb = Image.new("RGB", (600, round((pixel_xy[:, 1].max() + 100) * scale)), "white")
@@ -152,13 +151,8 @@ def map_thumbnail(overview, width=600):
 
 # -----------------------------------------------------------------------------
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every default; a default of None is explained in the flag's own help instead."""
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def get_args(argv=None):
+    from genedml import slide
     p = argparse.ArgumentParser(description="Evaluate Gene-DML checkpoints (see README).",
                                 formatter_class=HelpFormatter)
     p.add_argument("--ckpt", nargs="+", required=True, help="one best.pt, or several (one per fold; globs allowed) for the cohort table")
@@ -211,6 +205,7 @@ def rebuild(ckpt, device, weights=None):
 def predict_slide(model, split, device, batch_size, max_spots):
     """Predictions (N, G) for the one slide of a split; on a grid of more than max_spots spots the global
     level sees one window of the array at a time (slide.grid_windows), so its cost stays bounded."""
+    from genedml import prediction, slide
     feats, xy = split.context.feats, split.sections[0].array_xy
     windows = slide.grid_windows(xy, max_spots) if "global" in model.cfg.levels else [(np.arange(len(feats)),) * 2]
     if len(windows) > 1:
@@ -218,7 +213,7 @@ def predict_slide(model, split, device, batch_size, max_spots):
     # each window is a section of the global level's context; batches are laid out as in training (Collate)
     context = GlobalContext.of([(feats[torch.as_tensor(m, device=feats.device)].cpu(), xy[m]) for m, _ in windows], device)
     loader = torch.utils.data.DataLoader(prediction.WindowSpots(split.dataset, windows), batch_size=batch_size,
-                                         collate_fn=Collate(context.grids))
+                                         collate_fn=data.Collate(context.grids))
     out = predict(model, tqdm(loader, desc="predicting", unit="batch"), context, device)
     pred = np.zeros((len(feats), model.cfg.n_genes), np.float32)
     for w, (p, rows) in out.items():
@@ -235,6 +230,7 @@ def predictions_frame(section, genes, pred):
 
 def evaluate_checkpoint(path, args, device, sub=""):
     """Evaluate one checkpoint on its held-out sections; writes CSVs and maps into args.out/<name>."""
+    from genedml import prediction, slide, visium  # what writing the outputs and --predict / --external need
     ckpt = load_checkpoint(path)
     genes, d = ckpt["genes"], ckpt["data"]
     try:
@@ -267,7 +263,7 @@ def evaluate_checkpoint(path, args, device, sub=""):
         cohort = visium.cohort_for(d["cohort"], root, crop_um)  # a cohort table is registered again
         cohorts.check_cohort(cohort, root, d["sections"]["test"])
         sections = [cohorts.load_section(cohort, root, n) for n in d["sections"]["test"]]
-    split = prepare_split(sections, genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"],
+    split = data.prepare_split(sections, genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"],
                           local_tokens=model.cfg.local_encoder == "frozen" and model.cfg.frozen_tokens == "cached")
     per_slide, preds = ({}, {0: (predict_slide(model, split, device, args.batch_size, args.global_max_spots), None)}) \
         if args.predict else evaluate_split(model, split, device, args.batch_size)

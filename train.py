@@ -36,17 +36,17 @@ from tqdm import tqdm
 from genedml import cohorts
 import data
 from genedml.cache import ArrayCache
-from genedml import demo
 from genedml import distributed
 from genedml import encoders
 import evaluate
+from genedml.crops import native_crop_um
 from genedml.checkpoint import CheckpointWriter, check_resume, load_checkpoint, plain, refuse_other_settings, save_atomic
-from evaluate import HelpFormatter, evaluate_split
+from evaluate import evaluate_split
+from genedml.cli import HelpFormatter
 from genedml.metrics import summarise
-from genedml.features import online_token_statistics, prepare_split, token_statistics
+from genedml.features import online_token_statistics, token_statistics
 from losses import gene_dml_loss
 from model import LEVELS, GeneDML, GeneDMLConfig
-from genedml import visium
 
 
 # Training recipe per cohort; explicit flags override. The reference used 200 epochs with early
@@ -63,7 +63,7 @@ def get_args(argv=None):
                                 formatter_class=HelpFormatter)
     # data
     p.add_argument("--data", default="demo", help=f"cohort: {' | '.join(sorted(cohorts.COHORTS))}, or a cohort table .csv of your own slides (docs/data.md: Your own slides)")
-    p.add_argument("--crop-um", type=float, default=None, help=f"cohort tables only: a crop's field of view in µm; each slide is resampled so --crop-size px span it (default {visium.DEFAULT_CROP_UM:g} = 224 px at 0.5 µm/px, HEST-1k's)")
+    p.add_argument("--crop-um", type=float, default=None, help="cohort tables only: a crop's field of view in µm; each slide is resampled so --crop-size px span it (default 112 = 224 px at 0.5 µm/px, HEST-1k's)")
     p.add_argument("--root", default=None, help="cohort folder (default: the cohort table's, e.g. data/her2st)")
     p.add_argument("--fold", default="0", help="fold number, or 'all' to run every fold into <out>/fold<i>/")
     p.add_argument("--sections", default=None, help="comma list: use only these sections (e.g. the ones with images)")
@@ -126,6 +126,7 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates of the loss parts")
     args = p.parse_args(argv)
     if args.data.endswith(".csv"):  # a cohort table: registered in cohorts.COHORTS under the file's stem
+        from genedml import visium  # lazily: only your own slides need the Visium / HEST readers
         if args.root:
             p.error("--root is for built-in cohorts; a cohort table holds its own paths")
         args.root = args.data
@@ -373,7 +374,7 @@ class FoldData:
     crop_um: float | None      # a crop's field of view, so an external test cuts crops of the same width
     encoder: object            # the frozen encoder (encoders.FrozenEncoder)
     online: bool               # a frozen local level that runs the encoder on each step's crops
-    splits: dict               # part -> features.Split (rank 0 holds all, the others "train" only)
+    splits: dict               # part -> data.Split (rank 0 holds all, the others "train" only)
     train_tokens: tuple | None  # (mean, std) of the frozen local tokens over the training crops
     select_part: str           # "val", or "test" under --select-on-test
     batches: object            # distributed.ShardedBatchSampler
@@ -383,6 +384,7 @@ class FoldData:
 def prepare_data(args, fold, run) -> FoldData:
     """Sections, the gene list, crops and frozen features of each part, the training loader."""
     if args.data == "demo":
+        from genedml import demo  # lazily: only the demo writes its cohort
         with distributed.main_process_first():      # rank 0 writes it, the others then find it there
             demo.make_demo_cohort(args.root)
     names = split_sections(args, fold)
@@ -403,7 +405,7 @@ def prepare_data(args, fold, run) -> FoldData:
         genes = data.select_genes([sections[n] if n in sections else cohorts.load_section(args.data, args.root, n)
                                    for n in pool], args.n_genes)
         genes_from = f"cohort, {len(pool)} sections"
-    crop_um = args.crop_um or visium.native_crop_um([sections[n] for n in names["train"]], args.crop_size)
+    crop_um = args.crop_um or native_crop_um([sections[n] for n in names["train"]], args.crop_size)
     cache = ArrayCache(args.cache_dir)
     # Rank 0 fetches the weights and fills the caches (crops, frozen features) first; the other processes
     # wait, then read them. Only rank 0 validates, so only it prepares the validation and test sections.
@@ -417,7 +419,7 @@ def prepare_data(args, fold, run) -> FoldData:
                                                None if str(args.weights).startswith("hub") else args.weights, run.device)
         else:
             encoder = encoders.load_encoder(args.encoder, args.weights, run.device)
-        splits = {part: prepare_split([sections[n] for n in ns], genes, args.crop_size, encoder, cache, run.device,
+        splits = {part: data.prepare_split([sections[n] for n in ns], genes, args.crop_size, encoder, cache, run.device,
                                       smooth=not args.no_smooth, augment=part == "train" and not args.no_augment,
                                       local_tokens=args.local_encoder == "frozen" and not online)
                   for part, ns in names.items() if ns and (run.main or part == "train")}

@@ -1,16 +1,16 @@
 """
 Evidence: does each part of Gene-DML pull its weight? One command per table in docs/results.md.
 
-    python experiments.py ablation                      # demo cohort: full model vs 5 ablations x 3 seeds
-    python experiments.py ablation --out runs/ablation-trainable -- --local-encoder trainable
-    python experiments.py her2st --root ../shared/data/her2st
+    python -m experiments.ablation ablation                      # demo cohort: full model vs 5 ablations x 3 seeds
+    python -m experiments.ablation ablation --out runs/ablation-trainable -- --local-encoder trainable
+    python -m experiments.ablation her2st --root ../shared/data/her2st
                                                         # real sections with images, leave one out: the
                                                         # same ablation (frozen local encoder) x seeds,
                                                         # vs two baselines (training mean, ridge), with
                                                         # paired differences to the full model
-    python experiments.py compare runs/her2st-ablation runs/her2st-trainable
+    python -m experiments.ablation compare runs/her2st-ablation runs/her2st-trainable
                                                         # two her2st experiments, paired by section and seed
-    python experiments.py balance --ckpt RUN/best.pt    # each loss part's gradient at the fusion
+    python -m experiments.ablation balance --ckpt RUN/best.pt    # each loss part's gradient at the fusion
 
 Both drive train.main / evaluate.main exactly as a user would, so the tables measure the code that
 ships. The two baselines of the her2st check sit here because they are baselines, not the method:
@@ -27,13 +27,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+import data
 from genedml import cohorts
 from genedml import checkpoint
 import evaluate
 from genedml import metrics
 import train
 from genedml.encoders import rebuild_encoder
-from genedml.features import prepare_split
 from genedml.cache import ArrayCache
 
 # name -> extra train.py flags. Each switches off one part; the full model switches off nothing.
@@ -97,10 +97,10 @@ def ablation(args):
             print(f"== {name}, seed {seed}: PCC(M) {rows[-1]['pcc_m']:.4f}  MSE {rows[-1]['mse']:.4f}")
     runs = pd.DataFrame(rows)
     # The ceiling: PCC(M) of the noise-free rates against the labels, on the same held-out sections
-    # and genes (demo.py) -- what a model that knew the expected expression exactly would reach.
+    # and genes (genedml/demo.py) -- what a model that knew the expected expression exactly would reach.
     test = cohorts.sections_of("demo", cohorts.fold_split("demo", args.fold)["test"])
     genes = checkpoint.load_checkpoint(Path(args.out) / f"{slug(args.variants[0])}-seed{args.seeds[0]}" / "best.pt")["genes"]
-    ceiling = demo.ceiling(root, genes=genes)
+    ceiling = data.ceiling(root, genes=genes)
     table = runs.groupby("variant", sort=False).agg(pcc_m=("pcc_m", "mean"), pcc_m_std=("pcc_m", "std"),
                                                     mse=("mse", "mean"), mse_std=("mse", "std"),
                                                     **{f"pcc_{g}": (f"pcc_{g}", "mean") for g in DEMO_GROUPS}).reset_index()
@@ -134,7 +134,7 @@ def baselines(args, test, val, trainset, ckpt):
     trunk = rebuild_encoder(ckpt.get("encoder"), ckpt["frozen_trunk"], device=device)  # the model runs' encoder
     cache, genes, d = ArrayCache(args.cache_dir), ckpt["genes"], ckpt["data"]
     sections = {n: cohorts.load_section("her2st", args.root, n) for n in [*trainset, val, test]}
-    split = {n: prepare_split([sections[n]], genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"])
+    split = {n: data.prepare_split([sections[n]], genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"])
              for n in sections}
     feats = {n: split[n].context.feats.double() for n in sections}          # (N, 512) frozen features
     labels = {n: torch.as_tensor(split[n].dataset.labels[0], dtype=torch.float64) for n in sections}
@@ -271,7 +271,7 @@ def balance(args):
     fresh.load_trunk_weights(encoder.net.state_dict())  # a trainable local trunk starts where training started it
     sections = [cohorts.load_section(d["cohort"], a["root"], n) for n in d["sections"]["train"]]
     cfg = trained.cfg
-    split = prepare_split(sections, ckpt["genes"], d["crop_size"], encoder, ArrayCache(args.cache_dir), device,
+    split = data.prepare_split(sections, ckpt["genes"], d["crop_size"], encoder, ArrayCache(args.cache_dir), device,
                           smooth=d["smooth"], local_tokens=cfg.local_encoder == "frozen" and cfg.frozen_tokens == "cached")
     loader = torch.utils.data.DataLoader(split.dataset, batch_size=a["batch_size"], shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(args.seed))
@@ -314,7 +314,7 @@ def balance(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m experiments.ablation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="experiment", required=True)
     a = sub.add_parser("ablation", help="demo cohort: the full model against five ablations")
     a.add_argument("--root", default="data/demo")

@@ -1,10 +1,10 @@
 """
 What Gene-DML costs: data serving, a training step, evaluation, and how cost grows with slide size.
 
-    python benchmark.py                          # every section but fold, CPU defaults (the step: ~30+ min on 2 cores)
-    python benchmark.py --only step,scale --device cuda --json bench.json
-    python benchmark.py --quick                  # every size shrunk: a smoke run under a minute
-    python benchmark.py --gpu-check              # the GPU check: her2st's step and epoch at batch 256, bf16
+    python -m experiments.benchmark                          # every section but fold, CPU defaults (the step: ~30+ min on 2 cores)
+    python -m experiments.benchmark --only step,scale --device cuda --json bench.json
+    python -m experiments.benchmark --quick                  # every size shrunk: a smoke run under a minute
+    python -m experiments.benchmark --gpu-check              # the GPU check: her2st's step and epoch at batch 256, bf16
 
 Everything runs on synthetic inputs of real sizes, so no data is needed. Each comparison is timed
 in the same run and reported as a ratio, which survives a busy machine better than the absolute
@@ -12,7 +12,7 @@ figures (on a shared machine both can move; rerun before quoting them, and pass 
 other jobs hold cores: torch's threads then wait on each other, up to 20x slower). Sections:
 
   data   one her2st-sized slide (JPEG of --slide-px, --spots spots ~256 px apart): decoding it and
-         building the cache (data.section_crops), then items/s served by data.SpotDataset with
+         building the cache (section_crops), then items/s served by data.SpotDataset with
          neighbour tiles from the cache, against cutting the crops per item from an in-memory
          decoded image (both read twice: the first pass maps the cache's pages, the second is what
          later epochs see) and against decoding the JPEG per item. Peak RSS of the section.
@@ -81,12 +81,13 @@ import torchvision
 from PIL import Image
 
 from genedml import cohorts
+from genedml.crops import _decode, crop_image, neighbour_window, section_crops
 import data
 from experiments import fold_benchmark
 import losses
 from experiments.benchmark_scale import bench_ddp, bench_encoders, bench_scale, bench_slide
 from genedml.cache import ArrayCache
-from genedml.features import default_workers, extract_features, extract_tokens
+from genedml.features import extract_features, extract_tokens
 from experiments.measure import (CropPerItem, FakeCrops, _status_mb, counting_kmeans, peak_rss_mb, reset_peak_rss,
                      synthetic_section, timed, write_slide)
 from genedml.metrics import slide_metrics
@@ -110,7 +111,7 @@ def _px(text):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Measure what Gene-DML costs (see the module docstring).",
+    p = argparse.ArgumentParser(prog="python -m experiments.benchmark", description="Measure what Gene-DML costs (see the module docstring).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--only", default=",".join(s for s in SECTIONS if s != "fold"),
                    help=f"comma list of sections to run, of {','.join(SECTIONS)} (fold: an epoch of 9,866 spots, for a GPU)")
@@ -197,8 +198,8 @@ def bench_data(args, device, tmp):
     cache = ArrayCache(tmp / "cache")
     reset_peak_rss()
     base = _status_mb("VmRSS") or 0.0
-    build = timed(lambda: data.section_crops(section, cache, args.crop, progress=False), device)
-    crops = data.section_crops(section, cache, args.crop, progress=False)  # a cache hit now
+    build = timed(lambda: section_crops(section, cache, args.crop, progress=False), device)
+    crops = section_crops(section, cache, args.crop, progress=False)  # a cache hit now
     image = np.array(crops.image)  # (H, W, 3) decoded, in memory
     in_memory = dataclasses.replace(crops, image=image, local=CropPerItem(image, crops.centres, args.crop))
     genes = list(section.counts.columns)
@@ -211,9 +212,9 @@ def bench_data(args, device, tmp):
         rates[label] = args.items / timed(read, device)
 
     def decode_item(i):
-        img = data._decode(jpg)
-        data.crop_image(img, section.pixel_xy[i], args.crop)
-        data.neighbour_window(img, section.pixel_xy[i], args.crop)
+        img = _decode(jpg)
+        crop_image(img, section.pixel_xy[i], args.crop)
+        neighbour_window(img, section.pixel_xy[i], args.crop)
 
     rates["decode"] = args.decode_items / timed(lambda: [decode_item(int(i)) for i in order[:args.decode_items]], device)
     fig = dict(slide_px=f"{width}x{height}", jpeg_mb=jpg.stat().st_size / 1e6, spots=spots,
@@ -362,7 +363,7 @@ def _without_tokens(split):
 
 def bench_fold(args, device, amp):
     """One epoch of a synthetic her2st-sized fold per local-encoder mode, through train.py's loader."""
-    workers = default_workers(device) if args.workers is None else args.workers
+    workers = data.default_workers(device) if args.workers is None else args.workers
     split = fold_benchmark.synthetic_fold(args.fold_sections, args.fold_spots, args.crop, tokens=True, device=device,
                                           genes=args.genes)
     fig, rows = {"sections": args.fold_sections, "spots": len(split.dataset), "batch": args.batch, "workers": workers}, []

@@ -1,5 +1,5 @@
 """The benchmark's sections on how cost grows: processes (ddp), slide size (scale), whole slides
-(slide) and foundation encoders (encoders). `python benchmark.py --only ddp,scale,slide,encoders`
+(slide) and foundation encoders (encoders). `python -m experiments.benchmark --only ddp,scale,slide,encoders`
 runs them; benchmark.py's docstring says what each measures, and its flags set their sizes.
 """
 import argparse
@@ -17,8 +17,10 @@ import pandas as pd
 import torch
 import torch.multiprocessing as mp
 
-from genedml import cohorts
 import data
+from genedml import cohorts
+from genedml.crops import section_crops
+
 from genedml import distributed
 from genedml import encoders
 import losses
@@ -137,7 +139,7 @@ def bench_scale(args, device, amp, tmp):
         rows.append((f"time grows as N^{fig['time_exponent']:.2f} from {n1} to {n2}", "attention: O(N²) per section"))
     del model
 
-    # caching a cohort: one section after another, as data.cohort_crops does
+    # caching a cohort: one section after another, as cohort_crops does
     rng = np.random.default_rng(1)
     width, height = args.cohort_px
     names = cohorts.sections_of("her2st", cohorts.COHORTS["her2st"]["patients"])
@@ -152,7 +154,7 @@ def bench_scale(args, device, amp, tmp):
     for s in sections:
         reset_peak_rss()
         before = _status_mb("VmRSS") or 0.0
-        kept.append(data.section_crops(s, cache, args.crop, progress=False))  # kept, as prepare_split does
+        kept.append(section_crops(s, cache, args.crop, progress=False))  # kept, as prepare_split does
         peaks.append(peak_rss_mb() - before)  # this section's own peak
         rss.append(_status_mb("VmRSS") or 0.0)
         anon.append(_status_mb("RssAnon") or 0.0)
@@ -172,7 +174,6 @@ def bench_slide(args, device, tmp):
     import evaluate
     from genedml import prediction
     from genedml import slide
-    from genedml.features import prepare_split
     try:
         import openslide  # noqa: F401  (the region reader under test)
         import tifffile
@@ -210,7 +211,7 @@ def bench_slide(args, device, tmp):
     ns = argparse.Namespace(um_per_px=None, lattice=None, pitch_um=None, crop_um=None, tissue_mask=None)
     section, _ = prediction.grid_section(path, genes, ckpt["data"], ns)
     model, trunk = evaluate.rebuild(ckpt, device)
-    split = prepare_split([section], genes, args.wsi_crop, trunk, ArrayCache(tmp / "cache"), device)
+    split = data.prepare_split([section], genes, args.wsi_crop, trunk, ArrayCache(tmp / "cache"), device)
     runs = {}
     for label, max_spots in (("full", n), ("windows", args.wsi_window)):
         reset_peak_rss()

@@ -1,11 +1,11 @@
 """A synthetic her2st-shaped fold in memory, and one training epoch over it, timed: what
-`python benchmark.py --gpu-check` runs, and the shape benchmark.py's step takes.
+`python -m experiments.benchmark --gpu-check` runs, and the shape benchmark.py's step takes.
 
 A her2st training fold is 24 sections of 176-712 spots (9,866 spots in fold 0: `python data.py
 folds her2st`); a batch of 256 spots drawn from it holds ~24 sections, so the global level runs
 over every spot of ~24 sections at each step. The fold here has the real sizes (HER2ST_SIZES,
 scaled to the asked total), random crops, frozen features and token maps of the real shapes, and
-goes through the code that trains: data.SpotDataset, features.Collate, a DataLoader as train.py
+goes through the code that trains: data.SpotDataset, data.Collate, a DataLoader as train.py
 builds it, GeneDML and gene_dml_loss, fused Adam. Only the pixels and counts are random.
 """
 import time
@@ -15,9 +15,9 @@ import pandas as pd
 import torch
 
 from genedml import cohorts
+from genedml.crops import N_DIHEDRAL, SectionCrops
 import data
 import losses
-from genedml.features import Split
 from model import GeneDML, GeneDMLConfig
 from genedml.packing import GlobalContext
 from genedml.trunk import FEAT_DIM
@@ -40,8 +40,8 @@ def section_sizes(sections: int, total: int, seed: int = 0) -> list[int]:
     return [max(2, int(round(s))) for s in sizes * total / sizes.sum()]
 
 
-def synthetic_fold(sections: int, total: int, crop: int, tokens: bool, device, genes: int = 250, seed: int = 0) -> Split:
-    """A features.Split of `sections` her2st-sized sections (`total` spots): crops (N, c, c, 3) uint8,
+def synthetic_fold(sections: int, total: int, crop: int, tokens: bool, device, genes: int = 250, seed: int = 0) -> data.Split:
+    """A data.Split of `sections` her2st-sized sections (`total` spots): crops (N, c, c, 3) uint8,
     tile features (N, 25, 512), and with tokens the 8 token maps per crop (N, 8, c/32, c/32, 512) float16."""
     rng = np.random.default_rng(seed)
     names = [f"G{j}" for j in range(genes)]
@@ -54,25 +54,25 @@ def synthetic_fold(sections: int, total: int, crop: int, tokens: bool, device, g
         secs.append(cohorts.Section("her2st", f"S{k}", f"P{k}", None, ids, xy, pixel, counts))
         side = int(pixel.max()) + 1200
         image = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (side, side, 3))  # shape only: no tiles are cut
-        crops.append(data.SectionCrops(rng.integers(0, 256, (n, crop, crop, 3), dtype=np.uint8), image, crop, {}, pixel))
+        crops.append(SectionCrops(rng.integers(0, 256, (n, crop, crop, 3), dtype=np.uint8), image, crop, {}, pixel))
         feats.append({"local": rng.random((n, FEAT_DIM), dtype=np.float32),
                       "tiles": rng.random((n, 25, FEAT_DIM), dtype=np.float32)})
         if tokens:
             h = max(1, crop // 32)
-            toks.append(rng.random((n, data.N_DIHEDRAL, h, h, FEAT_DIM), dtype=np.float32).astype(np.float16))
+            toks.append(rng.random((n, N_DIHEDRAL, h, h, FEAT_DIM), dtype=np.float32).astype(np.float16))
     dataset = data.SpotDataset(secs, crops, names, augment=True, features=feats, tokens=toks if tokens else None)
     context = GlobalContext.of([(f["local"], s.array_xy) for f, s in zip(feats, secs)], device)
-    return Split(secs, dataset, context, toks if tokens else None)
+    return data.Split(secs, dataset, context, toks if tokens else None)
 
 
-def loader(split: Split, batch: int, device, workers: int, seed: int = 0):
+def loader(split: data.Split, batch: int, device, workers: int, seed: int = 0):
     """The training loader as train.py builds it: shuffled full batches, laid out by Collate in workers."""
     sampler = torch.utils.data.BatchSampler(
         torch.utils.data.RandomSampler(split.dataset, generator=torch.Generator().manual_seed(seed)), batch, drop_last=True)
     return split.train_loader(sampler, device, workers)
 
 
-def items_per_s(split: Split, batch: int, batches: int) -> float:
+def items_per_s(split: data.Split, batch: int, batches: int) -> float:
     """Items/s the loader serves in this process (stacking and the global layout included)."""
     it = iter(loader(split, batch, torch.device("cpu"), workers=0))
     t = time.perf_counter()
@@ -80,7 +80,7 @@ def items_per_s(split: Split, batch: int, batches: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def train_epoch(split: Split, mode: str, batch: int, device, amp: bool, workers: int, warmup: int = 2,
+def train_epoch(split: data.Split, mode: str, batch: int, device, amp: bool, workers: int, warmup: int = 2,
                 max_steps: int | None = None) -> dict:
     """One epoch of training steps as train.py runs them (after `warmup` untimed steps): seconds, spots/s,
     the share of the epoch the loop waited for the loader, peak device memory, and (CUDA) whether a step

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from genedml import cohorts
-import data
+from genedml.crops import crop_image
+
 import losses
 from experiments.fold_benchmark import grid_xy
 
@@ -137,7 +138,7 @@ class CropPerItem:
         return len(self.centres)
 
     def __getitem__(self, j):
-        return data.crop_image(self.image, self.centres[j], self.size)
+        return crop_image(self.image, self.centres[j], self.size)
 
 
 class FakeCrops:

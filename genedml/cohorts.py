@@ -7,7 +7,7 @@ own slides (10x Visium, HEST-1k) are registered here by visium.py through two ho
 `check`; this module never imports visium.py (imports run one way).
 
 On-disk layouts (`root` = the cohort's folder):
-  her2st (Andersson et al. 2021, github almaan/her2st; also "demo", written by demo.py)
+  her2st (Andersson et al. 2021, github almaan/her2st; also "demo", written by genedml/demo.py)
     ST-cnts/<s>.tsv.gz                  raw counts: rows spot ids "XxY", columns genes
     ST-spotfiles/<s>_selection.tsv      columns x y new_x new_y pixel_x pixel_y selected
     ST-imgs/<patient>/<s>/<one>.jpg     the H&E image; its file name does not follow the section's
@@ -39,6 +39,7 @@ _STNET_FOLDS = [["BC23508", "BC23277", "BC23287"], ["BC24220", "BC24105", "BC242
                 ["BC23377", "BC23803", "BC23895"], ["BC23288", "BC23903", "BC23272"],
                 ["BC23268", "BC23270", "BC23567"], ["BC23810", "BC23269", "BC23901"],
                 ["BC23450", "BC23506", "BC23209"], ["BC24044", "BC23944"]]
+PITCH_UM = {"hex": 100.0, "square": 200.0}  # centre-to-centre spot distance: Visium; ST (her2st, cSCC, STNet)
 COHORTS: dict[str, dict] = {
     "her2st": dict(layout="her2st", patients=_HER2ST, folds=[[p] for p in _HER2ST],
                    k=18, crop=224, genes=250, root="data/her2st",
@@ -56,8 +57,8 @@ COHORTS: dict[str, dict] = {
     "demo": dict(layout="her2st", patients={p: [f"{p}{i}" for i in (1, 2, 3)] for p in "ABCDEFGH"},
                  folds=[[p] for p in "ABCDEFGH"],
                  k=8, crop=64, genes=50, root="data/demo",
-                 fetch="python demo.py --root {root}",
-                 citation="synthetic (demo.py)"),
+                 fetch="python data.py demo --root {root}",
+                 citation="synthetic (genedml/demo.py)"),
 }
 
 

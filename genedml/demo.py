@@ -35,12 +35,12 @@ eta adds, on top of a per-gene base level, one term per image level (so each lev
              in tumour-poor ones; without the slide, a model cannot tell the two patterns apart.
   none       HK01-16: base level only (house-keeping genes; their labels carry no signal).
 
-`ceiling(root)` measures the best PCC(M) a perfect predictor of the expected expression can reach:
-per section, the Pearson r per gene between labels made from the noise-free rates and from the
-noisy counts (the same normalisation as data.expression_labels), averaged over genes.
+`data.ceiling(root)` measures the best PCC(M) a perfect predictor of the expected expression can
+reach: per section, the Pearson r per gene between labels made from the noise-free rates and from
+the noisy counts (the same normalisation as training), averaged over genes. `python data.py demo`
+writes the cohort and prints it.
 """
 
-import argparse
 import gzip
 import json
 import logging
@@ -53,8 +53,6 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from data import expression_labels, top_genes  # labels and genes exactly as training makes them
-from genedml.metrics import pearson_per_gene
 
 log = logging.getLogger(__name__)
 
@@ -286,44 +284,3 @@ def make_demo_cohort(root, seed: int = 0) -> Path:
         raise
     log.info("wrote the demo cohort (seed %d) to %s", seed, root)
     return root
-
-
-def ceiling(root, genes=None, n_genes: int = 50, smooth: bool = True) -> dict[str, float]:
-    """PCC(M) per section between labels from the noise-free rates and labels from the counts: what
-    a perfect predictor of the expected expression reaches. genes: default the n_genes with the
-    highest total count over the cohort (as data.select_genes picks them)."""
-    root = Path(root)
-    sections = json.loads((root / "DEMO.json").read_text())["sections"]
-
-    def read(folder, s):
-        return pd.read_csv(root / folder / f"{s}.tsv.gz", sep="\t", index_col=0)
-
-    counts = {s: read("ST-cnts", s) for s in sections}
-    if genes is None:
-        genes = top_genes([c.sum(axis=0) for c in counts.values()], n_genes)  # ties by name, as training
-    out = {}
-    for s in sections:
-        xy = np.array([i.split("x") for i in counts[s].index], dtype=np.int64)
-        noisy = expression_labels(counts[s][list(genes)].to_numpy(float), xy, smooth)
-        clean = expression_labels(read("rates", s).loc[counts[s].index, list(genes)].to_numpy(float), xy, smooth)
-        out[s] = float(np.nanmean(pearson_per_gene(clean, noisy)))
-    return out
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write the synthetic demo cohort (her2st layout).")
-    parser.add_argument("--root", default="data/demo", help="folder to write (default: data/demo)")
-    parser.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical files")
-    args = parser.parse_args(argv)
-    root = make_demo_cohort(args.root, args.seed)
-    meta = json.loads((root / "DEMO.json").read_text())
-    print(f"demo cohort (seed {meta['seed']}) in {root}:")
-    for s, f in meta["sections"].items():
-        print(f"  {s}: {f['spots']} spots, tumour burden {f['tumour_burden']:.2f} "
-              f"(slide factor {f['slide_factor']:+.2f}), image {next((root / 'ST-imgs').glob(f'*/{s}/*.jpg'))}")
-    c = ceiling(root)
-    print(f"noise-free ceiling PCC(M), top-50 genes: {np.mean(list(c.values())):.3f} (mean over sections)")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,6 @@
 """Fetch the her2st cohort from its public GitHub repository into the layout cohorts.py reads.
 
     python data.py download her2st --root data/her2st [--base-url URL] [--only counts,spots,images] [--sections A1,B4]
-    python download.py her2st ...            (the same)
 
 File <path> is fetched from <base-url>data/<path> and lands at <root>/<path>, so the folders
 (ST-cnts/, ST-spotfiles/, ST-imgs/<patient>/<section>/) are upstream's own. Each file is downloaded
@@ -246,6 +245,3 @@ def main(argv=None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,23 +7,17 @@ frozen, --frozen-tokens cached), the local level reads the frozen encoder's whol
 spot's crop under each of the crop's 8 flips / rotations (ResNet18: 8 x 7x7x512 at 224 px; UNI:
 8 x 14x14x1024; float16), so that the augmentation reaches the model. None of these change during
 training, so they are computed once, cached on disk next to the crops (cache.py) and keyed by the
-crops and the encoder (name, weights hash, input size, precision). `prepare_split` turns a list of
-sections into what the model reads: crops -> frozen features -> a `data.SpotDataset` plus the global
-level's context; `Split.loader` batches it. With --frozen-tokens online only the tokens' statistics
-are prepared here (`online_token_statistics`): the encoder itself runs inside the model on every step.
-
-Imports run one way: cache -> data, trunk -> encoders, packing -> features -> evaluate -> train.
+crops and the encoder (name, weights hash, input size, precision). data.prepare_split turns a list of
+sections into what the model reads (crops -> these features -> a data.SpotDataset plus the global
+level's context). With --frozen-tokens online only the tokens' statistics are prepared here
+(`online_token_statistics`): the encoder itself runs on every step's crops.
 """
-import os
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import data
+from genedml.crops import N_DIHEDRAL, dihedral
 from genedml.encoders import FrozenEncoder, as_encoder, tag
-from genedml.packing import GlobalContext, SpotGrids
 
 
 @torch.no_grad()
@@ -82,7 +76,7 @@ def extract_tokens(trunk, crops, batch_size=64, device="cpu", progress=True) -> 
     encoders.FrozenEncoder or a bare ResNet18 trunk (ResNet18: its last feature map; a ViT: its patch tokens).
 
     Returns {"tokens": (N, 8, h, w, C) float16} (ResNet18: 7 x 7 x 512 at 224 px); tokens[i, t] is the encoder's
-    map of data.dihedral(crop_i, t), exactly what the Gene-DML reference's frozen encoder computes
+    map of dihedral(crop_i, t), exactly what the Gene-DML reference's frozen encoder computes
     on the augmented crop (a convolution is not rotation-equivariant, so rotating the token grid of
     the plain crop would not be), and t = 0 is the crop as it is. The fusion gives the local tokens
     no position, so their order is irrelevant and only the trunk's response to the transformed crop
@@ -95,11 +89,11 @@ def extract_tokens(trunk, crops, batch_size=64, device="cpu", progress=True) -> 
     out = None
     for a in tqdm(range(0, n, batch_size), desc="frozen tokens (8 transforms)", unit="batch", disable=not progress):
         crop = np.asarray(crops.local[a:a + batch_size])  # (b, c, c, 3)
-        for t in range(data.N_DIHEDRAL):
-            x = torch.from_numpy(np.array(data.dihedral(crop, t, axes=(1, 2))))  # a copy: the cache is read-only
+        for t in range(N_DIHEDRAL):
+            x = torch.from_numpy(np.array(dihedral(crop, t, axes=(1, 2))))  # a copy: the cache is read-only
             fmap = encoder.tokens(x.to(device).permute(0, 3, 1, 2))  # (b, h, w, C)
             if out is None:
-                out = np.zeros((n, data.N_DIHEDRAL, *fmap.shape[1:]), np.float16)
+                out = np.zeros((n, N_DIHEDRAL, *fmap.shape[1:]), np.float16)
             out[a:a + len(fmap), t] = fmap.half().cpu().numpy()
     return {"tokens": out}
 
@@ -107,7 +101,7 @@ def extract_tokens(trunk, crops, batch_size=64, device="cpu", progress=True) -> 
 def section_tokens(trunk, weights_id, crops, cache, name: str, **kw) -> dict[str, np.ndarray]:
     """extract_tokens, built once and then read from the cache (keyed by the crops and the encoder:
     weights_id is FrozenEncoder.cache_key, or a ResNet18 trunk's weights hash)."""
-    key = {"crops": crops.key, "weights": weights_id, "dtype": "float16", "transforms": data.N_DIHEDRAL}
+    key = {"crops": crops.key, "weights": weights_id, "dtype": "float16", "transforms": N_DIHEDRAL}
     return cache.get(name, key, lambda: extract_tokens(trunk, crops, **kw))
 
 
@@ -150,63 +144,3 @@ def token_statistics(tokens: list, chunk: int = 256) -> tuple[np.ndarray, np.nda
             total, square, count = total + x.sum(0), square + (x * x).sum(0), count + len(x)
     mean = total / count
     return mean.astype(np.float32), np.sqrt(np.maximum(square / count - mean ** 2, 0)).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------- a split, ready to train or score
-
-@dataclass
-class Split:
-    sections: list       # cohorts.Section, one per slide
-    dataset: object      # data.SpotDataset over those sections
-    context: GlobalContext  # every spot's frozen feature (on the device) and where it lies, for the global level
-    tokens: list | None = None  # per section: frozen local tokens (N, 8, h, w, C) float16, if asked for
-
-    def loader(self, batch_size: int, **kw) -> torch.utils.data.DataLoader:
-        """A DataLoader over the split whose batches carry their global-level layout (Collate)."""
-        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, collate_fn=Collate(self.context.grids), **kw)
-
-    def train_loader(self, batch_sampler, device, workers: int | None = None) -> torch.utils.data.DataLoader:
-        """The training loader (train.py's): the sampler's batches, stacked and laid out (Collate) by
-        `workers` processes ahead of the step (default_workers when None); pinned memory lets the copies
-        to a GPU overlap the step (non_blocking). Persistent workers keep their own random streams
-        across epochs: exact --resume is a property of workers = 0 (the CPU default)."""
-        workers = default_workers(device) if workers is None else workers
-        cuda = torch.device(device).type == "cuda"
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batch_sampler, num_workers=workers,
-                                           collate_fn=Collate(self.context.grids), pin_memory=cuda,
-                                           persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-
-
-def default_workers(device) -> int:
-    """Loader workers: min(8, cores - 1) on CUDA; 0 on a CPU, where they would take the step's cores."""
-    return min(8, max(1, (os.cpu_count() or 2) - 1)) if torch.device(device).type == "cuda" else 0
-
-
-class Collate:
-    """The DataLoader's collate function: stack the items, then lay out the step's global level
-    (packing.SpotGrids.layout) as batch["layout"]. It runs in the loader's workers, ahead of the step,
-    so the model's forward pass needs no host-device round trip to find the step's sections."""
-
-    def __init__(self, grids: SpotGrids):
-        self.grids = grids
-
-    def __call__(self, items: list) -> dict:
-        batch = torch.utils.data.default_collate(items)
-        batch["layout"] = self.grids.layout(batch["section"].numpy(), batch["index"].numpy())
-        return batch
-
-
-def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True, augment=False, local_tokens=False):
-    """Crop every section (cached), extract its frozen features once (cached), build the dataset.
-    trunk: an encoders.FrozenEncoder (or a bare ResNet18 trunk). local_tokens: the dataset serves the
-    frozen encoder's token map of each crop (cached) instead of the crop."""
-    encoder = as_encoder(trunk)
-    key, t = encoder.cache_key(device), tag(encoder.spec)  # t: "" for the ResNet18, "-uni" ...; the kind ends the name (cache.py)
-    crops = data.cohort_crops(sections, cache, crop_size)  # decodes each JPEG once, ever
-    feats = [section_features(encoder, key, c, cache, f"{s.cohort}-{s.name}{t}-features", device=device)
-             for s, c in zip(sections, crops)]
-    tokens = [section_tokens(encoder, key, c, cache, f"{s.cohort}-{s.name}{t}-tokens", device=device)["tokens"]
-              for s, c in zip(sections, crops)] if local_tokens else None
-    dataset = data.SpotDataset(sections, crops, genes, smooth=smooth, augment=augment, features=feats, tokens=tokens)
-    context = GlobalContext.of([(np.asarray(f["local"]), s.array_xy) for f, s in zip(feats, sections)], device)
-    return Split(sections, dataset, context, tokens)

@@ -7,8 +7,8 @@ trained on, over the tissue found on a thumbnail. Three steps, plain numpy and P
            through OpenSlide (optional: pip install openslide-python openslide-bin), which reads
            only the regions asked for, from the pyramid level nearest the resolution needed; any
            other image through PIL. `SlideView` is a whole slide at a chosen scale that
-           data.crop_image slices like the decoded image: the training cohorts' slides too large
-           for PIL go through it as well (data.section_crops). µm per pixel comes from the slide's
+           crops.crop_image slices like the decoded image: the training cohorts' slides too large
+           for PIL go through it as well (crops.section_crops). µm per pixel comes from the slide's
            metadata (openslide.mpp-x / mpp-y) or from the caller; without either we refuse.
   tissue   `tissue_mask(thumbnail)`: HSV saturation (stain is coloured, glass is not), a median
            blur, Otsu's threshold (never below MIN_SATURATION, so a blank slide stays blank), a
@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from genedml.cohorts import PITCH_UM  # the spot lattices' centre-to-centre distance
+
 log = logging.getLogger(__name__)
 
-PITCH_UM = {"hex": 100.0, "square": 200.0}  # centre-to-centre spot distance: Visium; ST (her2st, cSCC, STNet)
 WSI_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
 THUMB_UM = 8.0          # thumbnail resolution for the tissue search: a 100 µm Visium spot is 12.5 px
 MIN_SATURATION = 20     # HSV saturation (0-255) below which a pixel is glass, whatever Otsu says
@@ -156,7 +157,7 @@ class Slide:
             return im.convert("RGB").resize(size, Image.Resampling.BOX)
 
     def view(self, scale) -> "SlideView":
-        assert self.osr is not None, "a slide PIL decodes whole is decoded (data.section_crops), not viewed"
+        assert self.osr is not None, "a slide PIL decodes whole is decoded (crops.section_crops), not viewed"
         return SlideView(self, scale)
 
 
@@ -170,7 +171,7 @@ class SlideView:
     """A whole slide resampled by `scale` (new px per level-0 px), as a read-only (H, W, 3) uint8
     array whose [y0:y1, x0:x1] slices read that region alone, from the coarsest pyramid level still
     at least as fine as needed, and resample it (Lanczos) to exactly the pixels asked for. Pixel p
-    covers [p, p + 1) here and [p / scale, (p + 1) / scale) on level 0, as data.section_crops
+    covers [p, p + 1) here and [p / scale, (p + 1) / scale) on level 0, as crops.section_crops
     maps the spot centres."""
 
     def __init__(self, slide: Slide, scale: float):

@@ -15,7 +15,7 @@ imports this module (imports run one way). Folds are leave-one-patient-out as fo
 What is read (visium_files.py): Space Ranger's filtered count matrix (MEX or .h5) and
 spatial/tissue_positions, joined on barcode, x = pxl_col_in_fullres, y = pxl_row_in_fullres; a
 HEST-1k sample's st/<id>.h5ad (the same position columns in obs) and wsis/<id>.tif.
-`python visium.py hest-cohort` writes the table of her2st, STNet or cSCC from HEST's metadata CSV.
+`python -m genedml.visium hest-cohort` writes the table of her2st, STNet or cSCC from HEST's metadata CSV.
 
 Geometry. The Visium array is hexagonal: array_row + array_col is even, neighbours sit at
 Δcol = ±2 in a row and Δrow = ±1, Δcol = ±1 between rows. We store it in axial coordinates,
@@ -42,13 +42,12 @@ import numpy as np
 import pandas as pd
 
 from genedml import cohorts
-from genedml import slide
+from genedml.crops import um_per_px
 from genedml.visium_files import (POSITION_COLUMNS, Sparse, check_image, counts_frame, first_file, in_tissue_positions,
                           read_10x_h5, read_h5ad, read_mex, read_positions)
 
 log = logging.getLogger(__name__)
 
-PITCH_UM = slide.PITCH_UM  # centre-to-centre spot distance: Visium 100 µm; ST (her2st, cSCC, STNet) 200 µm
 DEFAULT_CROP_UM = 112.0  # 224 px at 0.5 µm/px (HEST-1k's patches)
 DEFAULT_K = 25           # k-means groups per batch for a cohort table (cSCC's; --k overrides)
 # HEST-1k ids of the three built-in cohorts (issue 11); the patients come from HEST's metadata CSV
@@ -66,30 +65,6 @@ def hex_axial(array_row, array_col, where="") -> np.ndarray:
                          f"{int(odd.sum())} spot(s), e.g. row {row[i]} col {col[i]} (set geometry=square?)")
     return np.stack([(col - row) // 2, row], axis=1)
 
-
-def um_per_px(array_xy, pixel_xy, geometry, where="") -> float:
-    """Image resolution from the spot pitch: PITCH_UM / the median pixel distance between array neighbours."""
-    df = pd.DataFrame({"x": array_xy[:, 0], "y": array_xy[:, 1], "px": pixel_xy[:, 0], "py": pixel_xy[:, 1]})
-    steps = [(1, 0), (0, 1)] + ([(1, -1)] if geometry == "hex" else [])  # one direction of each axis
-    dist = []
-    for dx, dy in steps:
-        pairs = df.merge(df.assign(x=df.x - dx, y=df.y - dy), on=["x", "y"])  # spot and its +(dx, dy) neighbour
-        dist.append(np.hypot(pairs.px_x - pairs.px_y, pairs.py_x - pairs.py_y).to_numpy())
-    dist = np.concatenate(dist)
-    if not len(dist) or np.median(dist) <= 0:
-        raise ValueError(f"{where}: cannot derive µm per pixel: no two spots are array neighbours "
-                         f"(give the cohort table a um_per_px column)")
-    return PITCH_UM[geometry] / float(np.median(dist))
-
-
-def native_crop_um(sections, crop_size) -> float | None:
-    """Field of view (µm) of a crop_size-px crop at the sections' own resolution: what a checkpoint of
-    a built-in cohort saw, so an external test can cut crops of the same width. None if unknown."""
-    try:
-        res = [s.um_per_px or um_per_px(s.array_xy, s.pixel_xy, s.geometry, s.name) for s in sections]
-    except ValueError:
-        return None
-    return float(crop_size * np.median(res))
 
 
 def make_section(cohort, name, patient, image, pos: pd.DataFrame, sparse: Sparse, files: dict, geometry: str,
@@ -299,7 +274,7 @@ def hest_table(cohort, meta, hest_root, out) -> pd.DataFrame:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python visium.py", description="cohort tables of your own slides (docs/data.md: Your own slides)")
+    p = argparse.ArgumentParser(prog="python -m genedml.visium", description="cohort tables of your own slides (docs/data.md: Your own slides)")
     sub = p.add_subparsers(dest="command", required=True)
     h = sub.add_parser("hest-cohort", help="write the cohort table of her2st, STNet or cSCC from a HEST-1k download")
     h.add_argument("cohort", choices=sorted(HEST_IDS))
@@ -339,5 +314,6 @@ def main(argv=None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m genedml.visium: run the module under its one name, genedml.visium, whose
+    from genedml.visium import main  # cohort tables register into cohorts.COHORTS (never a second copy as __main__)
     sys.exit(main())

@@ -12,6 +12,8 @@ from PIL import Image
 from genedml import cohorts
 import data
 from genedml.cache import ArrayCache, fingerprint
+from genedml import crops as crops_module
+from genedml.crops import section_crops
 
 
 def _builder(calls, value=1.0):
@@ -83,21 +85,21 @@ def test_section_crops_rebuilt_only_when_source_changes(tmp_path, monkeypatch):
     from test_data import write_her2st
     write_her2st(root)
     decodes = []
-    real_decode = data._decode
-    monkeypatch.setattr(data, "_decode", lambda p, *scale: decodes.append(p) or real_decode(p, *scale))
+    real_decode = crops_module._decode
+    monkeypatch.setattr(crops_module, "_decode", lambda p, *scale: decodes.append(p) or real_decode(p, *scale))
     cache = ArrayCache(tmp_path / "cache")
     s = cohorts.load_section("her2st", root, "A1")
-    first = data.section_crops(s, cache, 16, progress=False)
-    second = data.section_crops(s, cache, 16, progress=False)
+    first = section_crops(s, cache, 16, progress=False)
+    second = section_crops(s, cache, 16, progress=False)
     assert len(decodes) == 1 and first.key == second.key
-    data.section_crops(s, cache, 8, progress=False)  # another crop size: new crops, same decoded image
+    section_crops(s, cache, 8, progress=False)  # another crop size: new crops, same decoded image
     assert len(decodes) == 1
     st = s.image_path.stat()
     os.utime(s.image_path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touch
-    touched = data.section_crops(s, cache, 16, progress=False)
+    touched = section_crops(s, cache, 16, progress=False)
     assert len(decodes) == 2 and touched.key != first.key
     Image.fromarray(np.zeros((80, 100, 3), np.uint8)).save(s.image_path)  # modify
-    modified = data.section_crops(s, cache, 16, progress=False)
+    modified = section_crops(s, cache, 16, progress=False)
     assert len(decodes) == 3 and (modified.local == 0).all()
     entries = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir())
     assert entries == ["her2st-A1-crops16", "her2st-A1-crops8", "her2st-A1-image"]  # stale ones removed
@@ -110,13 +112,13 @@ def test_copied_data_and_two_checkouts_share_one_cache(tmp_path, monkeypatch):
     write_her2st(tmp_path / "one" / "her2st")
     shutil.copytree(tmp_path / "one", tmp_path / "two")  # copy2 keeps modification times, as cp -a does
     decodes = []
-    real_decode = data._decode
-    monkeypatch.setattr(data, "_decode", lambda p, *scale: decodes.append(p) or real_decode(p, *scale))
+    real_decode = crops_module._decode
+    monkeypatch.setattr(crops_module, "_decode", lambda p, *scale: decodes.append(p) or real_decode(p, *scale))
     cache = ArrayCache(tmp_path / "shared-cache")
     keys = []
     for checkout in ("one", "two", "one", "two"):
         s = cohorts.load_section("her2st", tmp_path / checkout / "her2st", "A1")
-        keys.append(data.section_crops(s, cache, 16, progress=False).key)
+        keys.append(section_crops(s, cache, 16, progress=False).key)
     assert len(decodes) == 1, f"decoded {len(decodes)} times: the copy did not find the original's entries"
     assert all(k == keys[0] for k in keys)
     assert sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "shared-cache").iterdir()) == \

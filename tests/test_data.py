@@ -17,6 +17,7 @@ from genedml import cohorts
 from genedml import download
 import data
 from genedml.cache import ArrayCache
+from genedml.crops import crop_image, neighbour_window, section_crops
 
 
 # ----------------------------------------------------------------------------- synthetic cohorts
@@ -130,7 +131,7 @@ def test_real_counts_and_labels_follow_the_formula(her2st_root):
 
 def test_real_crops_are_the_image_pixels(her2st_root, tmp_path):
     s = cohorts.load_section("her2st", her2st_root, "C2")
-    crops = data.section_crops(s, ArrayCache(tmp_path), 224, progress=False)
+    crops = section_crops(s, ArrayCache(tmp_path), 224, progress=False)
     image = np.asarray(Image.open(s.image_path).convert("RGB"))
     assert crops.image.shape == image.shape and crops.local.shape == (len(s.spot_ids), 224, 224, 3)
     for i in (0, 50, 186):
@@ -245,7 +246,7 @@ def test_corrupt_jpeg_leaves_nothing_in_cache(her2st_tiny, tmp_path):
     s.image_path.write_bytes(jpg[: len(jpg) // 2])  # header intact, scan data truncated
     cache_root = tmp_path / "cache"
     with pytest.raises(ValueError, match="HE_unrelated_name.jpg.*cannot decode"):
-        data.section_crops(s, ArrayCache(cache_root), 16, progress=False)
+        section_crops(s, ArrayCache(cache_root), 16, progress=False)
     assert not cache_root.exists() or not list(cache_root.iterdir())
 
 
@@ -260,7 +261,7 @@ def test_check_cohort(her2st_tiny, her2st_root):
     cohorts.check_cohort("her2st", her2st_root, ["C2", "C3"])
     with pytest.raises(FileNotFoundError, match="31 file"):
         cohorts.check_cohort("her2st", her2st_root)  # 31 sections lack their image in the copy
-    with pytest.raises(FileNotFoundError, match="python demo.py --root somewhere"):
+    with pytest.raises(FileNotFoundError, match="python data.py demo --root somewhere"):
         cohorts.check_cohort("demo", "somewhere")  # data.py never writes the demo: train.py does
 
 
@@ -291,7 +292,7 @@ def test_labels_smooth_over_existing_neighbours_only():
 # ----------------------------------------------------------------------------- crops and tiles
 def test_crop_pads_white_and_never_shifts():
     image = np.random.default_rng(0).integers(0, 200, (30, 40, 3), dtype=np.uint8)
-    c = data.crop_image(image, (2.2, 28.0), 8)  # top-left (-2, 24): 2 columns left and 2 rows below off
+    c = crop_image(image, (2.2, 28.0), 8)  # top-left (-2, 24): 2 columns left and 2 rows below off
     assert c.shape == (8, 8, 3) and c.dtype == np.uint8
     assert (c[:, :2] == 255).all() and (c[6:] == 255).all()
     assert np.array_equal(c[:6, 2:], image[24:30, 0:6])
@@ -299,9 +300,9 @@ def test_crop_pads_white_and_never_shifts():
 
 def test_neighbour_window_order_and_mask():
     image = np.random.default_rng(0).integers(0, 200, (50, 60, 3), dtype=np.uint8)
-    tiles, mask = data.neighbour_window(image, (12, 30), 10)  # centre tile x 7..17, y 25..35
+    tiles, mask = neighbour_window(image, (12, 30), 10)  # centre tile x 7..17, y 25..35
     assert tiles.shape == (25, 10, 10, 3) and mask.shape == (25,) and mask.dtype == bool
-    assert np.array_equal(tiles[12], data.crop_image(image, (12, 30), 10))
+    assert np.array_equal(tiles[12], crop_image(image, (12, 30), 10))
     assert np.array_equal(tiles[2 * 5 + 3], image[25:35, 17:27])  # row 2 (dy 0), column 3 (dx +1)
     assert np.array_equal(tiles[1 * 5 + 2], image[15:25, 7:17])  # row 1 (dy -1)
     # tile centres x: -8, 2, 12, 22, 32 (all on but the first); y: 10, 20, 30, 40, 50 (50 is off)
@@ -312,7 +313,7 @@ def test_neighbour_window_order_and_mask():
 # ----------------------------------------------------------------------------- dataset
 def _dataset(root, cache_root, **kw):
     s = cohorts.load_section("her2st", root, "A1")
-    crops = data.section_crops(s, ArrayCache(cache_root), 16, progress=False)
+    crops = section_crops(s, ArrayCache(cache_root), 16, progress=False)
     return s, crops, data.SpotDataset([s, s], [crops, crops], ["G3", "G1", "nope"], **kw)
 
 

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import data
 from genedml import demo
 
 
@@ -173,10 +174,10 @@ def test_slide_genes_depend_on_the_slide(cohort):
 
 
 def test_noise_free_ceiling(cohort):
-    c = demo.ceiling(cohort)
+    c = data.ceiling(cohort)
     assert list(c) == [f"{p}{i}" for p in "ABCDEFGH" for i in (1, 2, 3)]
     assert 0.3 < np.mean(list(c.values())) < 0.95 and all(0.2 < v < 0.98 for v in c.values()), c
-    assert np.mean(list(demo.ceiling(cohort, smooth=False).values())) < np.mean(list(c.values()))
+    assert np.mean(list(data.ceiling(cohort, smooth=False).values())) < np.mean(list(c.values()))
 
 
 def test_her2st_reader_loads_demo(cohort):
@@ -189,9 +190,9 @@ def test_her2st_reader_loads_demo(cohort):
 
 
 def test_cli(cohort, capsys):
-    demo.main(["--root", str(cohort), "--seed", "0"])
+    data.main(["demo", "--root", str(cohort), "--seed", "0"])
     out = capsys.readouterr().out
     assert "A1:" in out and "H3:" in out and "ceiling" in out
     with pytest.raises(SystemExit) as e:
-        demo.main(["--help"])
+        data.main(["demo", "--help"])
     assert e.value.code == 0

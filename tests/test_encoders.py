@@ -29,6 +29,7 @@ import evaluate
 from genedml import features
 import train
 from genedml.cache import ArrayCache
+from genedml.crops import section_crops
 from model import GeneDML, GeneDMLConfig
 from test_train import cache_dir, demo_root, eval_argv, load, train_argv  # noqa: F401
 
@@ -190,7 +191,7 @@ def test_online_frozen_level_sees_the_augmented_crop(which, tiny, demo_root, tmp
     tiny_weights(tmp_path / "w.bin")
     enc = encoders.load_encoder(which, str(tmp_path / "w.bin") if which == "tiny-uni" else "none")
     section = cohorts.load_section("demo", demo_root, "A1")
-    crops = data.section_crops(section, ArrayCache(tmp_path / "cache"), 32, progress=False)
+    crops = section_crops(section, ArrayCache(tmp_path / "cache"), 32, progress=False)
     feats = [{"tiles": np.zeros((len(section.spot_ids), 25, enc.feature_dim), np.float32)}]
     plain = data.SpotDataset([section], [crops], ["TUM01"], features=feats)
     augmented = data.SpotDataset([section], [crops], ["TUM01"], features=feats, augment=True)
@@ -226,13 +227,13 @@ def test_online_token_statistics_equal_those_of_the_cached_tokens(tiny, demo_roo
     enc = encoders.load_encoder("tiny-uni", str(tmp_path / "w.bin"))
     sections = [cohorts.load_section("demo", demo_root, n) for n in ("A1", "B1")]
     cache = ArrayCache(tmp_path / "cache")
-    split = features.prepare_split(sections, ["TUM01"], 32, enc, cache, "cpu", local_tokens=True)
+    split = data.prepare_split(sections, ["TUM01"], 32, enc, cache, "cpu", local_tokens=True)
     assert split.tokens[0].shape == (len(sections[0].spot_ids), 8, 4, 4, 64) and split.tokens[0].dtype == np.float16
     mean, std = features.online_token_statistics(enc, split, cache, "cpu", progress=False)
     want_mean, want_std = features.token_statistics(split.tokens)  # float16-rounded tokens: close, not equal
     assert np.allclose(mean, want_mean, atol=2e-3) and np.allclose(std, want_std, rtol=2e-3, atol=2e-3)
     # every cache entry names its encoder: the ResNet18's are not evicted by another encoder's
-    features.prepare_split(sections[:1], ["TUM01"], 32, encoders.load_encoder("resnet18", "none", "cpu"), cache, "cpu")
+    data.prepare_split(sections[:1], ["TUM01"], 32, encoders.load_encoder("resnet18", "none", "cpu"), cache, "cpu")
     names = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir()}
     assert {"demo-A1-features", "demo-A1-tiny-uni-features", "demo-A1-tiny-uni-tokens",
             "demo-A1-tiny-uni-token-moments"} <= names

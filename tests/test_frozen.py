@@ -18,6 +18,7 @@ import train
 from genedml.cache import ArrayCache
 from model import GeneDML, GeneDMLConfig, LocalEncoder
 from genedml.trunk import build_trunk, preprocess
+from genedml.crops import dihedral, section_crops
 from test_train import (assert_resumed_like, assert_same_tensors, cache_dir, demo_root, eval_argv, load, read_log,  # noqa: F401
                         train_argv)
 
@@ -33,13 +34,13 @@ def frozen_run(demo_root, cache_dir, tmp_path_factory):
 
 def test_tokens_are_the_maps_of_each_transformed_crop_and_are_cached_by_trunk(demo_root, tmp_path):
     section = cohorts.load_section("demo", demo_root, "A1")
-    crops = data.section_crops(section, ArrayCache(tmp_path), 64, progress=False)
+    crops = section_crops(section, ArrayCache(tmp_path), 64, progress=False)
     trunk = build_trunk("none").eval()
     cache, wid = ArrayCache(tmp_path), encoders.trunk_id(trunk)
     tokens = features.section_tokens(trunk, wid, crops, cache, "demo-A1-tokens", progress=False)["tokens"]
     assert tokens.shape == (len(section.spot_ids), 8, 2, 2, 512) and tokens.dtype == np.float16  # 64 px -> 2x2
     for t in range(8):  # tokens[:, t] is the trunk's map of the crop under transform t, not a turned grid
-        crop = np.ascontiguousarray(data.dihedral(np.array(crops.local[:3]), t, axes=(1, 2)))
+        crop = np.ascontiguousarray(dihedral(np.array(crops.local[:3]), t, axes=(1, 2)))
         with torch.no_grad():
             fmap = trunk(preprocess(torch.from_numpy(crop).permute(0, 3, 1, 2))).permute(0, 2, 3, 1).numpy()
         assert np.allclose(tokens[:3, t], fmap, rtol=1e-2, atol=1e-2), t
@@ -64,7 +65,7 @@ def test_token_statistics_match_numpy():
 
 def test_an_augmented_item_serves_the_tokens_of_its_transform(demo_root, tmp_path):
     section = cohorts.load_section("demo", demo_root, "A1")
-    crops = data.section_crops(section, ArrayCache(tmp_path), 32, progress=False)
+    crops = section_crops(section, ArrayCache(tmp_path), 32, progress=False)
     n = len(section.spot_ids)
     grid = np.random.default_rng(0).random((n, 8, 3, 3, 512)).astype(np.float16)  # distinct per transform
     feats = [{"tiles": np.zeros((n, 25, 512), np.float32)}]
@@ -90,7 +91,7 @@ def test_the_frozen_model_sees_the_augmentation(demo_root, tmp_path):
     frozen mode once did) left the output unchanged. Served tokens are the trunk's tokens of the
     transformed crop: the output changes, and equals the output on those tokens computed afresh."""
     section = cohorts.load_section("demo", demo_root, "A1")
-    crops = data.section_crops(section, ArrayCache(tmp_path), 64, progress=False)
+    crops = section_crops(section, ArrayCache(tmp_path), 64, progress=False)
     trunk = build_trunk("none").eval()
     tokens = features.extract_tokens(trunk, crops, progress=False)["tokens"]
     feats = [{"tiles": np.zeros((len(section.spot_ids), 25, 512), np.float32)}]
@@ -106,7 +107,7 @@ def test_the_frozen_model_sees_the_augmentation(demo_root, tmp_path):
             t = int(torch.randint(8, ()))
             torch.manual_seed(seed)
             outputs[t] = run(ds[0]["local"])
-            crop = np.ascontiguousarray(data.dihedral(np.array(crops.local[0]), t))
+            crop = np.ascontiguousarray(dihedral(np.array(crops.local[0]), t))
             fresh = trunk(preprocess(torch.from_numpy(crop).permute(2, 0, 1)[None]))[0].flatten(1).T  # (4, 512)
             assert torch.allclose(outputs[t], run(fresh), rtol=1e-3, atol=1e-3), t
     assert len(outputs) == 8

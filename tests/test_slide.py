@@ -15,6 +15,7 @@ from genedml import cohorts
 import data
 from genedml import slide
 from genedml.cache import ArrayCache
+from genedml.crops import section_crops
 
 UM_PER_PX = 1.0
 W, H = 2400, 1800
@@ -168,7 +169,7 @@ def test_grid_lands_on_the_tissue_at_the_pitch_and_crops_show_its_colour(wsi, la
     import pandas as pd
     section = cohorts.Section("predict", "slide", "new", wsi, ids, array_xy, xy, pd.DataFrame(index=ids),
                            geometry=lattice, um_per_px=UM_PER_PX, crop_um=crop_um)
-    crops = data.section_crops(section, ArrayCache(tmp_path / "cache"), 16, progress=False)
+    crops = section_crops(section, ArrayCache(tmp_path / "cache"), 16, progress=False)
     assert isinstance(crops.image, slide.SlideView) and crops.image.scale == pytest.approx(16 * UM_PER_PX / crop_um)
     inner = [i for i, (x, y) in enumerate(xy) if colour_at(x - 25, y - 25) == colour_at(x + 25, y + 25) == colour_at(x, y)]
     assert len(inner) >= 0.7 * len(xy)  # spots whose middle 8 x 8 px (± 20 µm) lie inside one piece

@@ -25,7 +25,6 @@ from genedml import checkpoint
 import evaluate
 import train
 from genedml.cache import ArrayCache
-from genedml.features import prepare_split
 from model import GeneDML, GeneDMLConfig
 from genedml.trunk import build_trunk
 
@@ -240,7 +239,7 @@ def test_checkpoint_round_trip(run, evaluated, demo_root, cache_dir):
     fresh = GeneDML(GeneDMLConfig.for_cohort("demo", len(ckpt["genes"]), dim=32)).eval()
     fresh.load_state_dict(ckpt["model"])
     a1 = cohorts.load_section("demo", demo_root, "A1")
-    split = prepare_split([a1], ckpt["genes"], 32, trunk, ArrayCache(cache_dir), "cpu")
+    split = data.prepare_split([a1], ckpt["genes"], 32, trunk, ArrayCache(cache_dir), "cpu")
     loader = torch.utils.data.DataLoader(split.dataset, batch_size=64)
     ours = evaluate.predict(model, loader, split.context, "cpu")[0][0]
     theirs = evaluate.predict(fresh, loader, split.context, "cpu")[0][0]

@@ -22,6 +22,7 @@ import train
 from genedml import visium
 from genedml import visium_files
 from genedml.cache import ArrayCache
+from genedml.crops import section_crops
 
 NO_H5PY = "h5py is an optional extra: pip install -r requirements-extras.txt (or pip install h5py)"
 
@@ -148,7 +149,7 @@ def test_crops_land_on_their_spots_at_native_and_resampled_resolution(tmp_path):
     palette = np.array([colour(i) for i in range(36)], float)
     for crop_um, size in [(32 * s.um_per_px, 32), (64 * s.um_per_px, 32)]:  # scale 1, then 0.5
         s.crop_um = crop_um
-        crops = data.section_crops(s, ArrayCache(tmp_path / f"cache{size}{round(crop_um)}"), size, progress=False)
+        crops = section_crops(s, ArrayCache(tmp_path / f"cache{size}{round(crop_um)}"), size, progress=False)
         centre = crops.local[:, size // 2, size // 2].astype(float)  # (N, 3)
         nearest = np.argmin(((centre[:, None] - palette[None]) ** 2).sum(-1), axis=1)
         np.testing.assert_array_equal(nearest, truth["index"])
@@ -336,7 +337,7 @@ def test_predict_a_visium_slide_from_its_positions(trained, cohort, tmp_path):
 def test_predict_knows_positions_by_columns_and_reuses_the_cache(trained, cohort, tmp_path, monkeypatch):
     """A renamed copy of S0's positions file is still a positions file, and S0, a test slide of the
     checkpoint, is neither resampled nor cropped nor run through the frozen trunk again."""
-    from genedml import features
+    from genedml import crops, features
     best, cache = trained
     _, root = cohort
     renamed = tmp_path / "s0_spots.csv"
@@ -344,7 +345,7 @@ def test_predict_knows_positions_by_columns_and_reuses_the_cache(trained, cohort
 
     def rebuilt(*a, **kw):
         raise AssertionError("rebuilt what the cache already holds")
-    for module, name in [(data, "_decode"), (data, "crop_image"), (features, "extract_features")]:
+    for module, name in [(crops, "_decode"), (crops, "crop_image"), (features, "extract_features")]:
         monkeypatch.setattr(module, name, rebuilt)
     assert evaluate.main(["--ckpt", str(best), "--predict", str(root / "s0" / "fullres.png"), str(renamed),
                           "--out", str(tmp_path), "--cache-dir", str(cache), "--device", "cpu", "--maps", "1"]) == 0
@@ -448,14 +449,6 @@ def test_hest_cohort_table_from_hest_metadata(tmp_path, capsys):
     meta.drop(columns="patient").to_csv(tmp_path / "no_patient.csv", index=False)
     assert visium.main(["hest-cohort", "cscc", "--meta", str(tmp_path / "no_patient.csv"), "--hest-root", "h"]) == 2
     assert "lacks column(s) ['patient']" in capsys.readouterr().err
-
-
-def test_visium_sits_above_data_and_below_train():
-    """cohorts dispatches to cohort tables through the hooks visium registers, never by importing it."""
-    from test_layout import project_imports
-    graph = project_imports()
-    assert graph["visium"] <= {"cohorts", "cache", "slide", "visium_files"} and graph["visium_files"] <= {"cohorts", "slide"}
-    assert "visium" not in graph["cohorts"] | graph["data"] | graph["model"] | graph["features"]
 
 
 def test_info_lists_every_slide(cohort, capsys):
