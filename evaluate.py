@@ -33,10 +33,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from genedml import cohorts
+from genedml import distributed
 from genedml import prediction
 from genedml import slide
 from genedml.cache import ArrayCache
-from genedml.checkpoint import load_checkpoint
+from genedml.checkpoint import check_for_evaluation, load_checkpoint
 from genedml.encoders import rebuild_encoder
 from genedml.features import Collate, prepare_split
 from genedml.metrics import highly_predictive_genes, pooled_pcc, shared_genes, slide_metrics, summarise
@@ -236,6 +237,7 @@ def predictions_frame(section, genes, pred):
 def evaluate_checkpoint(path, args, device, sub=""):
     """Evaluate one checkpoint on its held-out sections; writes CSVs and maps into args.out/<name>."""
     ckpt = load_checkpoint(path)
+    check_for_evaluation(ckpt, path, held_out=not (args.predict or args.external))
     genes, d = ckpt["genes"], ckpt["data"]
     try:
         model, trunk = rebuild(ckpt, device, args.weights)
@@ -319,9 +321,8 @@ def evaluate_checkpoint(path, args, device, sub=""):
 def main(argv=None):
     args = get_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     try:
+        device = distributed.device_for(args.device)  # a bad --device is an error line, not a traceback
         if len(args.ckpt) > 1 and not args.predict:  # refuse a mixed fold table before the long part
             meta = [(c["data"]["cohort"], c["selection"], c["genes"]) for c in map(load_checkpoint, args.ckpt)]
             cohort_names, selections = sorted({m[0] for m in meta}), sorted({m[1] for m in meta})
