@@ -188,7 +188,7 @@ def read_spots(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     bad = ~np.isfinite(values.to_numpy(np.float64))  # NaN where not a number; "inf" parses as a number
     if bad.any():
         r, c = np.argwhere(bad)[0]
-        raise ValueError(f"{path}: non-numeric, empty or infinite coordinate {df[need].iat[r, c]!r} in data row "
+        raise ValueError(f"{path}: non-numeric, empty or infinite coordinate {str(df[need].iat[r, c])!r} in data row "
                          f"{df.index[r] + 1}, column {need[c]!r}")
     array_xy = np.rint(values[["x", "y"]].to_numpy(np.float64)).astype(np.int64)  # (N, 2)
     ids = [f"{x}x{y}" for x, y in array_xy]
