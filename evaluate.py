@@ -34,8 +34,9 @@ from PIL import Image, ImageDraw
 
 import data
 from genedml import cohorts
+from genedml import distributed
 from genedml.cache import ArrayCache
-from genedml.checkpoint import load_checkpoint
+from genedml.checkpoint import check_for_evaluation, load_checkpoint
 from genedml.cli import HelpFormatter
 from genedml.encoders import rebuild_encoder
 from genedml.metrics import highly_predictive_genes, pooled_pcc, shared_genes, slide_metrics, summarise
@@ -232,6 +233,7 @@ def evaluate_checkpoint(path, args, device, sub=""):
     """Evaluate one checkpoint on its held-out sections; writes CSVs and maps into args.out/<name>."""
     from genedml import prediction, slide, visium  # what writing the outputs and --predict / --external need
     ckpt = load_checkpoint(path)
+    check_for_evaluation(ckpt, path, held_out=not (args.predict or args.external))
     genes, d = ckpt["genes"], ckpt["data"]
     try:
         model, trunk = rebuild(ckpt, device, args.weights)
@@ -315,9 +317,8 @@ def evaluate_checkpoint(path, args, device, sub=""):
 def main(argv=None):
     args = get_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     try:
+        device = distributed.device_for(args.device)  # a bad --device is an error line, not a traceback
         if len(args.ckpt) > 1 and not args.predict:  # refuse a mixed fold table before the long part
             meta = [(c["data"]["cohort"], c["selection"], c["genes"]) for c in map(load_checkpoint, args.ckpt)]
             cohort_names, selections = sorted({m[0] for m in meta}), sorted({m[1] for m in meta})

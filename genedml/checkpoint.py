@@ -4,14 +4,18 @@ A fold writes `best.pt` (the model and everything evaluation needs to rebuild it
 settings, the frozen trunk or the record of a foundation encoder; no optimiser) whenever the selection
 metric improves, and `last.pt` (best.pt's contents plus Adam's, the scheduler's and the scaler's state)
 every epoch. A file appears only when complete (a temporary file, then a rename); every checkpoint is
-read with torch.load(weights_only=True), so it holds primitives and tensors only (`plain`). A resumed
-run must be the same run: `check_resume` and `refuse_other_settings` stop, naming the flags, when not.
+read with torch.load(weights_only=True), so it holds primitives and tensors only (`plain`), and
+evaluation checks what it holds (`check_for_evaluation`). A resumed run must be the same run:
+`check_resume` and `refuse_other_settings` stop, naming the flags, when not.
 """
+import math
 import os
 import threading
 from pathlib import Path
 
 import torch
+
+from genedml.trunk import MIN_CROP
 
 # Flags that do not change what a run computes: a re-run of --fold all may differ in these.
 RUN_ONLY = {"out", "fold", "resume", "root", "cache_dir", "workers", "device", "log_every"}
@@ -37,6 +41,35 @@ def load_checkpoint(path):
     if missing:
         raise ValueError(f"{path}: not a Gene-DML checkpoint (missing {', '.join(missing)})")
     return ckpt
+
+
+def check_for_evaluation(ckpt: dict, path, held_out: bool = True) -> None:
+    """Refuse, naming the file and every problem, a checkpoint (from load_checkpoint, which checked
+    its keys) whose contents evaluation cannot use: a gene list that does not name the model's
+    outputs, a crop size the trunk cannot read, no held-out sections to score (held_out: needed
+    unless the slides come from elsewhere, --predict or --external). Such a file was edited or
+    written by something else; without this it fails deep inside, with a traceback."""
+    config, data, genes = ckpt["config"], ckpt["data"], ckpt["genes"]
+    if not isinstance(config, dict) or not isinstance(data, dict):
+        raise ValueError(f"{path}: cannot be evaluated: its config and data are not dicts")
+    problems = []
+    n_genes = config.get("n_genes")
+    if not isinstance(genes, list) or not all(isinstance(g, str) for g in genes) or len(set(genes)) < len(genes):
+        problems.append("its gene list is not a list of distinct gene names")
+    elif len(genes) != n_genes:
+        problems.append(f"its gene list has {len(genes)} genes, its model predicts {n_genes}")
+    crop = data.get("crop_size")
+    if not isinstance(crop, int) or crop < MIN_CROP:  # the local trunk's stride: at 0 px its first convolution fails
+        problems.append(f"crop size {crop!r} px, below the {MIN_CROP} px the ResNet18 trunk needs")
+    crop_um = data.get("crop_um")
+    if crop_um is not None and not (isinstance(crop_um, (int, float)) and math.isfinite(crop_um) and crop_um > 0):
+        problems.append(f"crop field of view {crop_um!r} µm is not a positive number")
+    sections = data.get("sections")
+    test = sections.get("test") if isinstance(sections, dict) else None
+    if held_out and not (isinstance(test, list) and test and all(isinstance(n, str) for n in test)):
+        problems.append(f"it names no held-out sections to score (data.sections.test is {test!r})")
+    if problems:
+        raise ValueError(f"{path}: cannot be evaluated: {'; '.join(problems)}")
 
 
 class CheckpointWriter:

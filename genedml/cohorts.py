@@ -132,6 +132,8 @@ def check_cohort(cohort: str, root, sections=None) -> None:
     (train.py writes the demo cohort before it checks; elsewhere a missing demo is missing files.)"""
     if "check" in COHORTS[cohort]:  # a cohort table registered by visium.py checks its own files
         return COHORTS[cohort]["check"](sections)
+    if Path(root).exists() and not Path(root).is_dir():
+        raise ValueError(f"{root}: a file, not a folder; --root names the {cohort} cohort's folder")
     sections = sections_of(cohort, COHORTS[cohort]["patients"], root) if sections is None else sections
     missing = [] if sections else [f"{root} (no sections found)"]
     for name in sections:
@@ -184,9 +186,11 @@ def read_spots(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     if "selected" in df.columns:
         df = df[pd.to_numeric(df["selected"], errors="coerce") == 1]
     values = df[need].apply(pd.to_numeric, errors="coerce")
-    if values.isna().to_numpy().any():
-        bad = int(values.isna().any(axis=1).to_numpy().argmax())
-        raise ValueError(f"{path}: non-numeric or empty coordinate in data row {bad + 1}")
+    bad = ~np.isfinite(values.to_numpy(np.float64))  # NaN where not a number; "inf" parses as a number
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise ValueError(f"{path}: non-numeric, empty or infinite coordinate {str(df[need].iat[r, c])!r} in data row "
+                         f"{df.index[r] + 1}, column {need[c]!r}")
     array_xy = np.rint(values[["x", "y"]].to_numpy(np.float64)).astype(np.int64)  # (N, 2)
     ids = [f"{x}x{y}" for x, y in array_xy]
     dups = pd.Index(ids)[pd.Index(ids).duplicated()].unique().tolist()
@@ -220,10 +224,12 @@ def _read_counts(path: Path) -> pd.DataFrame:
         assert xy.ndim == 2 and xy.shape[1] == 2
     except (ValueError, AssertionError):
         raise ValueError(f"{path}: spot ids must look like '12x34', got e.g. {index[:3]}") from None
-    if np.isnan(values).any():
-        raise ValueError(f"{path}: NaN count(s)")
-    if (values < 0).any():
-        raise ValueError(f"{path}: negative count(s), e.g. in gene {genes[int((values < 0).any(0).argmax())]!r}")
+    # "nan" and "inf" parse as floats, and so does a number too large for float32 (it becomes inf)
+    for bad, problem in ((~np.isfinite(values), "not a finite number"), (values < 0, "negative")):
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise ValueError(f"{path}: count {values[r, c]:g} in data row {r + 1} (spot {index[r]}), column "
+                             f"{genes[c]!r} is {problem} ({int(bad.sum())} such count(s) in the file)")
     df = pd.DataFrame(values, index=[f"{x}x{y}" for x, y in xy], columns=genes)
     if df.index.duplicated().any():
         raise ValueError(f"{path}: duplicate spot id(s) {df.index[df.index.duplicated()].unique().tolist()[:5]}")

@@ -247,6 +247,8 @@ def make_demo_cohort(root, seed: int = 0) -> Path:
         old = json.loads((root / "DEMO.json").read_text())
         if {k: old.get(k) for k in meta} == meta and all(f.is_file() for f in _expected(root)):
             return root
+    elif root.exists() and not root.is_dir():
+        raise ValueError(f"{root}: a file, not a folder; the demo cohort is written into a folder")
     elif root.exists() and any(root.iterdir()):
         raise ValueError(f"{root} exists, is not empty and holds no DEMO.json: refusing to overwrite it")
 

@@ -42,14 +42,33 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+DEVICES = "auto, cpu, cuda or cuda:N (mps on a Mac)"  # the forms --device takes
+
+
 def device_for(name: str) -> torch.device:
     """The device of this process: --device as given, except that "auto"/"cuda" under torchrun
-    means this process's own GPU, cuda:LOCAL_RANK."""
+    means this process's own GPU, cuda:LOCAL_RANK. A name that is no device, or a device this
+    machine lacks, is a ValueError naming the valid forms, before anything is read or built
+    (torch would only fail at the first tensor moved there, with a traceback)."""
+    given = name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and launched():
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return torch.device(name)
+    usable = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # "gpu0", "cuda:x", ...
+        device = None
+    if device is None or device.type not in usable:
+        raise ValueError(f"--device {given!r} is not a device; expected {DEVICES}")
+    if not usable[device.type]:
+        raise ValueError(f"--device {given}: torch finds no usable {device.type} device on this machine "
+                         f"(no GPU, no driver, or a torch built without it); expected {DEVICES}, here cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {given}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def init(device: torch.device) -> None:

@@ -19,6 +19,7 @@ import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -172,6 +173,18 @@ def fetch(url: str, dest, size: int | None = None, progress: bool = True) -> Non
             time.sleep(RETRY_WAIT * 2 ** attempt)
 
 
+def check_base_url(url: str) -> None:
+    """Refuse, naming it, a --base-url that urllib cannot fetch from (its own ValueError names no URL
+    of ours, and a URL without a host would be retried as if the network had dropped)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # "Invalid IPv6 URL": an unclosed [
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https", "file") or (parts.scheme != "file" and not parts.hostname):
+        raise ValueError(f"--base-url {url!r}: not a URL to fetch from; expected http(s)://host/... "
+                         f"(the repository root holding data/) or file:///folder")
+
+
 def download_cohort(cohort: str, root, base_url=None, sections=None, progress=True,
                     only=KINDS, files=None) -> list[Path]:
     """Fetch a cohort's files into root; return their paths. `files` = [(path under data/, size or None)]
@@ -184,6 +197,9 @@ def download_cohort(cohort: str, root, base_url=None, sections=None, progress=Tr
     if cohort != "her2st":
         raise ValueError(f"unknown cohort {cohort!r}; expected her2st, cscc, stnet or demo")
     root, base = Path(root), (base_url or HER2ST_URL).rstrip("/") + "/data/"
+    check_base_url(base_url or HER2ST_URL)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root}: a file, not a folder; --root names the folder the cohort is written into")
     files = her2st_files(sections, only) if files is None else files
     done, present, failed = [], [], []
     for i, (path, size) in enumerate(files):
@@ -229,7 +245,8 @@ def get_args(argv=None):
 
 
 def main(argv=None) -> int:
-    """0 = everything present, 1 = some file failed, 2 = this cohort needs a manual download."""
+    """0 = everything present, 1 = some file failed, 2 = this cohort needs a manual download, or a
+    --root or --base-url that cannot be used."""
     args = get_args(argv)
     root = Path(args.root or f"data/{args.cohort}")
     if args.cohort in MANUAL:
@@ -243,5 +260,8 @@ def main(argv=None) -> int:
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:  # a --root or --base-url that cannot be used
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 

@@ -18,6 +18,7 @@ import torchvision
 log = logging.getLogger(__name__)
 
 FEAT_DIM = 512  # channels of ResNet18's last stage: the default width of the frozen features and tokens
+MIN_CROP = 32   # px: the trunk's output stride; a smaller crop is less than one of its output positions
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -44,15 +45,19 @@ def build_trunk(weights: str = "none", progress: bool = True) -> ResNet18Trunk:
         return trunk
     if weights == "imagenet":
         url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        local = ("pass the path of a local ResNet18 checkpoint (a state dict, or tenpercent_resnet18.ckpt) "
+                 "as the weights instead of 'imagenet' (train.py --weights PATH)")
+        # Errors of the kinds train.py reports as one line (bad input, not a bug): FileNotFoundError, ValueError.
         try:  # served from torch.hub's cache when the file is already there
             state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=progress,
                                                        weights_only=True)
         except OSError as e:  # URLError, timeouts, refused connections are all OSErrors
-            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-            raise RuntimeError(
-                f"could not download the torchvision ImageNet ResNet18 weights from {url} ({e}). "
-                f"Offline? Put that file at {cache}, or pass the path of a local ResNet18 checkpoint "
-                f"(a state dict, or tenpercent_resnet18.ckpt) as the weights instead of 'imagenet'.") from None
+            raise FileNotFoundError(f"could not download the torchvision ImageNet ResNet18 weights from {url} ({e}). "
+                                    f"Offline? Put that file at {cache}, or {local}.") from None
+        except Exception as e:  # a cached file torch.load cannot read: truncated, or not a torch file
+            raise ValueError(f"{cache}: the cached ImageNet ResNet18 weights cannot be read ({type(e).__name__}); "
+                             f"delete the file to download it again, or {local}.") from None
         _load_trunk_state(trunk, state, url)
         return trunk
     path = Path(weights)

@@ -219,12 +219,21 @@ BAD = {  # case: (spoil the tiny cohort, error type, file named in the message, 
     "non-numeric counts": (_counts_text("\tG1\tG2\n1x1\t3\tfoo\n1x2\t1\t2\n"), ValueError, COUNTS, "'foo'"),
     "empty count": (_counts_text("\tG1\tG2\n1x1\t3\t\n1x2\t1\t2\n"), ValueError, COUNTS, "''"),
     "negative counts": (_counts_text("\tG1\tG2\n1x1\t3\t-1\n1x2\t1\t2\n"), ValueError, COUNTS, "negative"),
+    # "inf", "nan" and a number beyond float32 all parse: refused at reading, not as a non-finite loss later
+    "infinite count": (_counts_text("\tG1\tG2\n1x1\t3\t1\n1x2\tinf\t2\n"), ValueError, COUNTS,
+                       "count inf in data row 2 (spot 1x2), column 'G1' is not a finite number"),
+    "NaN count": (_counts_text("\tG1\tG2\n1x1\t3\tnan\n1x2\t1\t2\n"), ValueError, COUNTS,
+                  "data row 1 (spot 1x1), column 'G2' is not a finite number"),
+    "count beyond float32": (_counts_text("\tG1\tG2\n1x1\t3\t1\n1x2\t1\t1e40\n"), ValueError, COUNTS,
+                             "data row 2 (spot 1x2), column 'G2' is not a finite number"),
     "duplicate ids in counts": (_counts_text("\tG1\tG2\n1x1\t3\t1\n1x1\t1\t2\n"), ValueError, COUNTS, "duplicate"),
     "bad spot id": (_counts_text("\tG1\tG2\nspotA\t3\t1\n"), ValueError, COUNTS, "12x34"),
     "spot file lacks a column": (_spot_table(lambda d: d.drop(columns=["pixel_y"])), ValueError, SPOT, "pixel_y"),
     "duplicate spot ids": (_spot_table(lambda d: pd.concat([d, d.iloc[:1]])), ValueError, SPOT, "duplicate"),
     "non-numeric coordinate": (_spot_table(lambda d: d.astype({"pixel_x": object}).assign(pixel_x="abc")),
                                ValueError, SPOT, "non-numeric"),
+    "infinite coordinate": (_spot_table(lambda d: d.assign(pixel_y=np.where(d.index == 1, np.inf, d.pixel_y))),
+                            ValueError, SPOT, "infinite coordinate 'inf' in data row 2, column 'pixel_y'"),
     "centre outside the image": (_spot_table(lambda d: d.assign(pixel_x=d.pixel_x * 10)), ValueError, SPOT, "outside"),
     "unreadable image": (lambda r: next((r / "ST-imgs").rglob("*.jpg")).write_bytes(b"not a jpeg"), ValueError,
                          "HE_unrelated_name.jpg", "image"),
@@ -372,3 +381,10 @@ def test_tiles_off_image_shares():
     assert data._tiles_off_image([[50, 500]], (1000, 1000), 100) == (0.4, 0.0)  # two columns off, one flush
     assert data._tiles_off_image([[30, 500]], (1000, 1000), 100) == (0.4, 0.2)  # and one partly off
     assert data._tiles_off_image([[500, 500]], (1000, 1000), 100) == (0.0, 0.0)
+
+
+def test_a_root_that_is_a_file_is_named(tmp_path):
+    file = tmp_path / "her2st.zip"
+    file.write_bytes(b"not a folder")
+    with pytest.raises(ValueError, match=f"{file}: a file, not a folder"):
+        cohorts.check_cohort("her2st", file, ["A1"])

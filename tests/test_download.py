@@ -1,4 +1,5 @@
 """download.py against a local HTTP server that serves a tiny fake her2st tree (no real data, no network)."""
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -196,3 +197,21 @@ def test_file_table_matches_local_copy(her2st_root):
         else:
             assert path.startswith("ST-imgs/"), f"{path}: counts and spot files are all in the local copy"
     assert checked >= 72 + 5
+
+
+@pytest.mark.parametrize("url", ["foo", "raw.githubusercontent.com/almaan/her2st", "http://[bad", "http://", "ftp://x/"])
+def test_malformed_base_url_is_named_before_any_request(url, tmp_path, capsys):
+    with pytest.raises(ValueError, match=f"--base-url '{re.escape(url)}': not a URL"):
+        download_cohort("her2st", tmp_path / "her2st", url, files=FILES, progress=False)
+    assert main(["her2st", "--root", str(tmp_path / "her2st"), "--base-url", url, "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --base-url '{url}'")
+    assert not (tmp_path / "her2st").exists(), "nothing is written for a URL that cannot be fetched"
+
+
+def test_root_that_is_a_file_is_named(tmp_path, capsys):
+    file = tmp_path / "her2st"
+    file.write_text("not a folder")
+    with pytest.raises(ValueError, match=f"{file}: a file, not a folder"):
+        download_cohort("her2st", file, "http://127.0.0.1:9/", files=FILES, progress=False)
+    assert main(["her2st", "--root", str(file), "--quiet"]) == 2
+    assert f"error: {file}: a file, not a folder" in capsys.readouterr().err

@@ -105,13 +105,18 @@ def test_imagenet_offline_is_a_clear_error_and_hub_cache_works(tmp_path, monkeyp
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(RuntimeError, match="could not download .* ImageNet.*Offline"):
+    # a FileNotFoundError, one of the errors train.py prints as one line, saying how to pass a local file
+    with pytest.raises(FileNotFoundError, match="could not download .* ImageNet.*Offline.*--weights PATH"):
+        T.build_trunk("imagenet")
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(b"half a download")  # a cached file torch cannot read: named, with what to do
+    with pytest.raises(ValueError, match=f"{cached}: the cached ImageNet .* cannot be read.*delete the file"):
         T.build_trunk("imagenet")
     # the same file already in the hub cache is used without the network
-    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
     ref = torchvision.models.resnet18(weights=None)
-    (tmp_path / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)
-    torch.save(ref.state_dict(), tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
+    torch.save(ref.state_dict(), cached)
     assert_same_weights(T.build_trunk("imagenet", progress=False), ref)
 
 

@@ -324,7 +324,7 @@ def test_resume_needs_no_network_for_imagenet_weights(demo_root, cache_dir, tmp_
     train.main(train_argv(demo_root, cache_dir, tmp_path, "--weights", "imagenet", epochs=1))
     first = load(tmp_path / "last.pt")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match="Offline"):  # the stand-in network is really down
+    with pytest.raises(FileNotFoundError, match="Offline"):  # the stand-in network is really down
         train.main(train_argv(demo_root, cache_dir, tmp_path / "fresh", "--weights", "imagenet", epochs=1))
     train.main(train_argv(demo_root, cache_dir, tmp_path, "--weights", "imagenet", "--resume", str(tmp_path / "last.pt")))
     resumed = load(tmp_path / "last.pt")
@@ -577,3 +577,70 @@ def test_experiments_balance_runs_on_a_trained_checkpoint(run, cache_dir, tmp_pa
     df = pd.read_csv(tmp_path / "balance.csv")
     assert list(dict.fromkeys(df["state"])) == ["initialisation", "trained (best.pt)"] and len(df) == 6
     assert (df["grad_fusion_output"] > 0).all() and np.isfinite(df["times_regression"]).all()
+
+
+# ----------------------------------------------------------------------------- bad input: a message, not a traceback (issue 25)
+
+def test_device_is_checked_where_it_is_resolved(monkeypatch):
+    """distributed.device_for, which train.py and evaluate.py both call, names the valid forms."""
+    from genedml import distributed
+    assert distributed.device_for("cpu") == torch.device("cpu")
+    for bad in ("gpu0", "cuda:x", "meta"):
+        with pytest.raises(ValueError, match=f"--device '{bad}' is not a device; expected auto, cpu, cuda or cuda:N"):
+            distributed.device_for(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU or its driver
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"--device {name}: torch finds no usable cuda device.*expected auto, cpu"):
+            distributed.device_for(name)
+    assert distributed.device_for("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="--device cuda:2: this machine has 2 CUDA device"):
+        distributed.device_for("cuda:2")
+
+
+@pytest.mark.parametrize("case", ["crop too small", "shortened gene list", "no sections", "sections missing"])
+def test_checkpoint_evaluation_cannot_use_is_refused_at_loading(case, run, cache_dir, tmp_path, capsys):
+    ckpt = load(run / "best.pt")
+    says = {"crop too small": "crop size 16 px, below the 32 px", "shortened gene list": "has 49 genes, its model predicts 50",
+            "no sections": "no held-out sections", "sections missing": "no held-out sections"}[case]
+    if case == "crop too small":
+        ckpt["data"]["crop_size"] = 16
+    elif case == "shortened gene list":
+        ckpt["genes"] = ckpt["genes"][:-1]
+    elif case == "no sections":
+        ckpt["data"]["sections"] = {"train": [], "val": [], "test": []}
+    else:
+        del ckpt["data"]["sections"]
+    torch.save(ckpt, tmp_path / "edited.pt")
+    assert evaluate.main(eval_argv([tmp_path / "edited.pt"], cache_dir, tmp_path / "eval")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'edited.pt'}: cannot be evaluated") and says in err, err
+    assert not (tmp_path / "eval" / "predictions.csv").exists(), "refused before anything is computed or written"
+    if case.endswith("sections"):  # a slide from elsewhere (--predict, --external) needs no held-out sections
+        checkpoint.check_for_evaluation(ckpt, tmp_path / "edited.pt", held_out=False)
+
+
+def test_the_three_commands_turn_bad_input_into_one_error_line(tmp_path):
+    """Each bad input, run as a user runs it: `error: ...` on stderr, a non-zero exit, no traceback."""
+    import subprocess
+    import sys
+    file = tmp_path / "a_file"
+    file.write_text("not a folder")
+    ckpt = tmp_path / "short_genes.pt"  # everything evaluate.py reads first, and a gene list one short of the model's
+    torch.save({"model": {}, "frozen_trunk": None, "config": {"n_genes": 2}, "genes": ["G1"],
+                "data": {"crop_size": 32, "sections": {"test": ["A1"]}}, "selection": "validation"}, ckpt)
+    run_flags = ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    cases = {  # command: what the error line names
+        ("train.py", "--data", "demo", "--device", "gpu0", *run_flags): "--device 'gpu0' is not a device; expected auto",
+        ("train.py", "--data", "demo", "--root", str(file), "--device", "cpu", *run_flags): f"{file}: a file, not a folder",
+        ("evaluate.py", "--ckpt", str(ckpt), "--device", "cpu"): f"{ckpt}: cannot be evaluated: its gene list has 1 genes",
+        ("data.py", "download", "her2st", "--root", str(file)): f"{file}: a file, not a folder",
+        ("data.py", "download", "her2st", "--root", str(tmp_path / "dl"), "--base-url", "foo"): "--base-url 'foo'",
+    }
+    started = {argv: subprocess.Popen([sys.executable, *argv], cwd=Path(__file__).resolve().parents[1], text=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for argv in cases}
+    for argv, process in started.items():  # all at once: most of each one's time is importing torch
+        stderr = process.communicate(timeout=120)[1]
+        assert process.returncode != 0 and "Traceback" not in stderr, (argv, stderr[-2000:])
+        assert f"error: {cases[argv]}" in stderr.splitlines()[-1], (argv, stderr[-2000:])
