@@ -110,19 +110,17 @@ def expression_labels(counts: np.ndarray, array_xy: np.ndarray, smooth: bool = T
 
 # ----------------------------------------------------------------------------- dataset
 class SpotDataset(torch.utils.data.Dataset):
-    """Every spot of the given sections: its local crop (or, given tokens, the frozen trunk's token map
-    of it), its neighbour tiles (or their frozen features) and its label, with its section and row.
-    With augment=True the local crop gets a random flip / 90-degree rotation (one of 8, crops.dihedral);
-    token maps are served for that same transform of the crop (features.extract_tokens caches all 8);
-    served tiles get the same transform as a whole window (the tile grid is rotated with them); frozen
-    tile features describe the unaugmented tiles and are left as they are. An item holds only what a
-    step reads; the raw counts, coordinates and spot ids stay on the dataset's sections."""
+    """Every spot of the given sections: its local crop (or, given tokens, the frozen encoder's token map
+    of it), the frozen features of its 5x5 neighbour tiles and their mask, and its label, with its
+    section and row. With augment=True the local crop gets a random flip / 90-degree rotation (one of 8,
+    crops.dihedral); token maps are served for that same transform of the crop (features.extract_tokens
+    caches all 8); the tile features describe the unaugmented tiles and are left as they are. An item
+    holds only what a step reads; the raw counts, coordinates and spot ids stay on the dataset's sections."""
 
-    def __init__(self, sections: list[Section], crops: list[SectionCrops], genes: list[str],
-                 smooth: bool = True, augment: bool = False, features: list[dict] | None = None,
-                 tokens: list[np.ndarray] | None = None):
+    def __init__(self, sections: list[Section], crops: list[SectionCrops], genes: list[str], features: list[dict],
+                 smooth: bool = True, augment: bool = False, tokens: list[np.ndarray] | None = None):
         assert len(crops) == len(sections), f"{len(sections)} sections but {len(crops)} crops"
-        assert features is None or len(features) == len(sections), "one features dict per section"
+        assert len(features) == len(sections), "one features dict per section"
         assert tokens is None or len(tokens) == len(sections), "one token array (N, 8, h, w, C) per section"
         self.sections, self.crops, self.genes = sections, crops, list(genes)
         self.augment, self.features, self.tokens = augment, features, tokens
@@ -142,29 +140,17 @@ class SpotDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i) -> dict:
         s, j = (int(v) for v in self.rows[i])
-        crops = self.crops[s]
         t = int(torch.randint(N_DIHEDRAL, ())) if self.augment else 0  # which flip / rotation
         if self.tokens is None:
-            local = dihedral(np.asarray(crops.local[j]), t)  # (c, c, 3)
-            item = {"local": torch.from_numpy(np.ascontiguousarray(local.transpose(2, 0, 1)))}  # (3, c, c) uint8
-        else:  # the trunk's tokens of the transformed crop, copied out of the read-only cache
-            local = self.tokens[s][j, t]  # (h, w, F)
-            item = {"local": torch.from_numpy(np.array(local).reshape(-1, local.shape[-1]))}  # (h*w, F) float16
-        if self.features is None:
-            tiles, mask = crops.tiles(j)  # (25, c, c, 3), (25,)
-            if t:
-                g, c = crops.grid, crops.crop_size
-                window = tiles.reshape(g, g, c, c, 3).transpose(0, 2, 1, 3, 4).reshape(g * c, g * c, 3)
-                window = dihedral(window, t)
-                tiles = window.reshape(g, c, g, c, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, c, c, 3)
-                mask = dihedral(mask.reshape(g, g), t).reshape(-1)
-            item["neighbour_tiles"] = torch.from_numpy(np.ascontiguousarray(tiles.transpose(0, 3, 1, 2)))  # (25, 3, c, c)
-        else:
-            feats, mask = self.features[s]["tiles"][j], crops.mask(j)  # (25, F), (25,)
-            item["neighbour_feats"] = torch.tensor(np.asarray(feats), dtype=torch.float32)  # (25, F)
-        item.update(neighbour_mask=torch.from_numpy(np.ascontiguousarray(mask)),
-                    label=torch.tensor(self.labels[s][j]), section=s, index=j)
-        return item
+            local = dihedral(np.asarray(self.crops[s].local[j]), t)  # (c, c, 3)
+            local = torch.from_numpy(np.ascontiguousarray(local.transpose(2, 0, 1)))  # (3, c, c) uint8
+        else:  # the encoder's tokens of the transformed crop, copied out of the read-only cache
+            tokens = self.tokens[s][j, t]  # (h, w, F)
+            local = torch.from_numpy(np.array(tokens).reshape(-1, tokens.shape[-1]))  # (h*w, F) float16
+        return {"local": local,
+                "neighbour_feats": torch.tensor(np.asarray(self.features[s]["tiles"][j]), dtype=torch.float32),  # (25, F)
+                "neighbour_mask": torch.from_numpy(np.ascontiguousarray(self.crops[s].mask(j))),  # (25,) on the image
+                "label": torch.tensor(self.labels[s][j]), "section": s, "index": j}
 
 
 # ----------------------------------------------------------------------------- a split, ready to train or score
@@ -221,7 +207,7 @@ def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True,
              for s, c in zip(sections, crops)]
     tokens = [section_tokens(encoder, key, c, cache, f"{s.cohort}-{s.name}{t}-tokens", device=device)["tokens"]
               for s, c in zip(sections, crops)] if local_tokens else None
-    dataset = SpotDataset(sections, crops, genes, smooth=smooth, augment=augment, features=feats, tokens=tokens)
+    dataset = SpotDataset(sections, crops, genes, feats, smooth=smooth, augment=augment, tokens=tokens)
     context = GlobalContext.of([(np.asarray(f["local"]), s.array_xy) for f, s in zip(feats, sections)], device)
     return Split(sections, dataset, context, tokens)
 

@@ -37,7 +37,7 @@ from genedml import cohorts
 from genedml import distributed
 from genedml.cache import ArrayCache
 from genedml.checkpoint import check_for_evaluation, load_checkpoint
-from genedml.cli import HelpFormatter
+from genedml.cli import HelpFormatter, comma_list, number
 from genedml.encoders import rebuild_encoder
 from genedml.metrics import highly_predictive_genes, pooled_pcc, shared_genes, slide_metrics, summarise
 from model import GeneDML, GeneDMLConfig
@@ -60,10 +60,11 @@ PAPER_TABLE1 = {
 # running a checkpoint
 
 @torch.no_grad()
-def predict(model, loader, context, device, amp=None):
+def predict(model, loader, context, device, amp=None, encoder=None):
     """Run the image side over a loader (amp: autocast in bf16, float16 where a GPU lacks bf16; default:
     on CUDA, as in training); returns {section index: (predictions (N, G), rows (N,))}. Batches of
-    Split.loader carry their global layout."""
+    Split.loader carry their global layout. encoder: an online frozen local level's frozen encoder,
+    which turns each batch's crops into the tokens the model reads (as the training step does)."""
     model.eval()
     device = torch.device(device)
     amp = device.type == "cuda" if amp is None else amp
@@ -72,7 +73,10 @@ def predict(model, loader, context, device, amp=None):
     for batch in loader:
         layout = batch["layout"].to(device) if "layout" in batch else None
         with torch.autocast(device.type, dtype=half, enabled=amp):
-            pred = model(batch["local"].to(device), batch["neighbour_feats"].to(device),
+            local = batch["local"].to(device)
+            if encoder is not None:
+                local = encoder.tokens(local).flatten(1, 2)  # (B, h*w, C)
+            pred = model(local, batch["neighbour_feats"].to(device),
                          batch["neighbour_mask"].to(device), batch["section"].to(device),
                          batch["index"].to(device), context, layout=layout).prediction.float().cpu()
         for s in batch["section"].unique().tolist():
@@ -82,9 +86,9 @@ def predict(model, loader, context, device, amp=None):
     return {s: (p[r.argsort()].numpy(), r.sort().values.numpy()) for s, (p, r) in out.items()}
 
 
-def evaluate_split(model, split, device, batch_size=64, amp=None):
-    """Per-slide metrics of a model on one prepared split (see features.prepare_split); amp as predict's."""
-    preds = predict(model, split.loader(batch_size), split.context, device, amp)
+def evaluate_split(model, split, device, batch_size=64, amp=None, encoder=None):
+    """Per-slide metrics of a model on one prepared split (see data.prepare_split); amp and encoder as predict's."""
+    preds = predict(model, split.loader(batch_size), split.context, device, amp, encoder)
     per_slide = {}
     for s, (pred, rows) in sorted(preds.items()):
         assert len(rows) == len(split.sections[s].spot_ids), "every spot of a slide must be predicted"
@@ -154,42 +158,56 @@ def map_thumbnail(overview, width=600):
 
 def get_args(argv=None):
     from genedml import slide
-    p = argparse.ArgumentParser(description="Evaluate Gene-DML checkpoints (see README).",
-                                formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", nargs="+", required=True, help="one best.pt, or several (one per fold; globs allowed) for the cohort table")
-    p.add_argument("--out", default=None, help="output folder (default: <folder of the first checkpoint>/eval)")
-    p.add_argument("--root", default=None, help="cohort folder, if it moved since training")
-    p.add_argument("--cache-dir", default="cache", help="where decoded images, crops and frozen features are cached")
-    p.add_argument("--maps", type=int, default=3, help="PNG maps for this many best-predicted genes per slide")
-    p.add_argument("--genes", default=None, help="comma list of genes to map instead of the best-predicted ones")
-    p.add_argument("--n-hpg", type=int, default=50, help="number of highly predictive genes in PCC(H)")
-    p.add_argument("--predict", nargs="+", metavar="SLIDE", default=None,
+    p = argparse.ArgumentParser(description="Evaluate Gene-DML checkpoints on their held-out slides, on another "
+                                "cohort's, or predict a slide without counts (see README).", formatter_class=HelpFormatter)
+    g = p.add_argument_group("checkpoints and outputs")
+    g.add_argument("--ckpt", nargs="+", required=True, help="one best.pt, or several (one per fold; globs allowed) for the cohort table")
+    g.add_argument("--out", default=None, help="output folder (default: <folder of the first checkpoint>/eval)")
+    g.add_argument("--root", default=None, help="cohort folder, if it moved since training")
+    g.add_argument("--cache-dir", default="cache", help="where decoded images, crops and frozen features are cached")
+    g.add_argument("--weights", default=None, help="the frozen encoder's weights file, if the checkpoint's "
+                   "(a foundation model's, e.g. pytorch_model.bin) moved since training")
+    g.add_argument("--maps", type=number(int, low=0), default=3, help="PNG maps for this many best-predicted genes per slide")
+    g.add_argument("--map-genes", default=None, type=comma_list, help="comma list of genes to map instead of the best-predicted ones")
+    g.add_argument("--n-hpg", type=number(int, low=1), default=50, help="number of highly predictive genes in PCC(H)")
+    g.add_argument("--crop-um", type=number(float, above=0), default=None,
+                   help="a crop's field of view in µm, with --external / --predict (default: the checkpoint's)")
+    g = p.add_argument_group("external test")
+    g.add_argument("--external", default=None, metavar="COHORT",
+                   help="score the checkpoint on the slides of another cohort (a built-in name with --root, or a cohort table .csv); genes matched by name")
+    g.add_argument("--external-sections", default=None, type=comma_list, help="comma list: with --external, score only these slides")
+    g = p.add_argument_group("prediction")
+    g.add_argument("--predict", nargs="+", metavar="SLIDE", default=None,
                    help="predict a slide without counts: SLIDE alone (spots laid on the tissue found; docs/data.md, 'Predict a slide'), "
                         "or IMAGE SPOTFILE (a spot file with x, y, pixel_x, pixel_y, or Space Ranger's tissue positions)")
-    p.add_argument("--tissue-mask", default=None, help="with --predict SLIDE: an image of the tissue (nonzero = tissue, any size) instead of finding it")
-    p.add_argument("--um-per-px", type=float, default=None, help="with --predict SLIDE: its µm per pixel (default: the slide's metadata)")
-    p.add_argument("--pitch-um", type=float, default=None, help="with --predict SLIDE: spot pitch in µm (default: the training cohort's, ST 200, Visium 100)")
-    p.add_argument("--lattice", choices=sorted(slide.PITCH_UM), default=None, help="with --predict SLIDE: spot lattice (default: the training cohort's)")
-    p.add_argument("--global-max-spots", type=int, default=slide.MAX_GLOBAL_SPOTS,
+    g.add_argument("--tissue-mask", default=None, help="with --predict SLIDE: an image of the tissue (nonzero = tissue, any size) instead of finding it")
+    g.add_argument("--mpp", "--um-per-px", dest="um_per_px", type=number(float, above=0), default=None,
+                   help="with --predict SLIDE: its microns per pixel (default: the slide's metadata, e.g. openslide.mpp-x)")
+    g.add_argument("--pitch-um", type=number(float, above=0), default=None, help="with --predict SLIDE: spot pitch in µm (default: the training cohort's, ST 200, Visium 100)")
+    g.add_argument("--lattice", choices=sorted(slide.PITCH_UM), default=None, help="with --predict SLIDE: spot lattice (default: the training cohort's)")
+    g.add_argument("--global-max-spots", type=number(int, low=100), default=slide.MAX_GLOBAL_SPOTS,
                    help="with --predict: spots per global-level pass; a larger grid is cut into windows of the array (docs/data.md)")
-    p.add_argument("--external", default=None, metavar="COHORT",
-                   help="external test: score the checkpoint on the slides of another cohort (a built-in name with --root, or a cohort table .csv); genes matched by name")
-    p.add_argument("--sections", default=None, help="comma list: with --external, score only these slides")
-    p.add_argument("--crop-um", type=float, default=None, help="with --external / --predict: a crop's field of view in µm (default: the checkpoint's)")
-    p.add_argument("--weights", default=None, help="the frozen encoder's weights file, if the checkpoint's "
-                   "(a foundation model's, e.g. pytorch_model.bin) moved since training")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", type=number(int, low=1), default=64, help="spots per forward pass")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 mixed precision (default: on for CUDA, as in training)")
     args = p.parse_args(argv)
     if args.predict and len(args.predict) > 2:
         p.error(f"--predict takes SLIDE or IMAGE SPOTFILE, got {len(args.predict)} paths")
     if (not args.predict or len(args.predict) != 1) and (args.tissue_mask or args.um_per_px or args.pitch_um or args.lattice):
-        p.error("--tissue-mask, --um-per-px, --pitch-um and --lattice go with --predict SLIDE (no spot file)")
-    if args.global_max_spots < 100:
-        p.error(f"--global-max-spots must be at least 100, got {args.global_max_spots}")
+        p.error("--tissue-mask, --mpp, --pitch-um and --lattice go with --predict SLIDE (no spot file)")
+    if args.external_sections and not args.external:
+        p.error("--external-sections goes with --external")
     args.ckpt = [c for pattern in args.ckpt for c in (sorted(glob.glob(pattern)) or [pattern])]
     args.out = Path(args.out or Path(args.ckpt[0]).parent / "eval")
     return args
+
+
+def online(model, encoder):
+    """The frozen encoder when the model's frozen local level reads tokens computed on each crop (online),
+    else None (a trainable trunk reads the crops itself; cached tokens come from the loader)."""
+    cfg = model.cfg
+    return encoder if "local" in cfg.levels and cfg.local_encoder == "frozen" and cfg.frozen_tokens == "online" else None
 
 
 def rebuild(ckpt, device, weights=None):
@@ -199,11 +217,10 @@ def rebuild(ckpt, device, weights=None):
     model = GeneDML(cfg)
     model.load_state_dict(ckpt["model"])
     encoder = rebuild_encoder(ckpt.get("encoder"), ckpt["frozen_trunk"], weights, device)
-    model.attach_encoder(encoder)  # an online frozen local level runs it on each crop
     return model.to(device).eval(), encoder
 
 
-def predict_slide(model, split, device, batch_size, max_spots):
+def predict_slide(model, split, device, batch_size, max_spots, encoder=None, amp=None):
     """Predictions (N, G) for the one slide of a split; on a grid of more than max_spots spots the global
     level sees one window of the array at a time (slide.grid_windows), so its cost stays bounded."""
     from genedml import prediction, slide
@@ -215,7 +232,7 @@ def predict_slide(model, split, device, batch_size, max_spots):
     context = GlobalContext.of([(feats[torch.as_tensor(m, device=feats.device)].cpu(), xy[m]) for m, _ in windows], device)
     loader = torch.utils.data.DataLoader(prediction.WindowSpots(split.dataset, windows), batch_size=batch_size,
                                          collate_fn=data.Collate(context.grids))
-    out = predict(model, tqdm(loader, desc="predicting", unit="batch"), context, device)
+    out = predict(model, tqdm(loader, desc="predicting", unit="batch"), context, device, amp, encoder)
     pred = np.zeros((len(feats), model.cfg.n_genes), np.float32)
     for w, (p, rows) in out.items():
         pred[windows[w][0][rows]] = p
@@ -256,7 +273,7 @@ def evaluate_checkpoint(path, args, device, sub=""):
         else:
             raise ValueError(f"--external must be a built-in cohort {sorted(cohorts.COHORTS)} or a cohort table .csv, "
                              f"got {args.external!r}")
-        names = args.sections.split(",") if args.sections else \
+        names = args.external_sections or \
             cohorts.sections_of(cohort, list(cohorts.COHORTS[cohort]["patients"]), root=root)
         cohorts.check_cohort(cohort, root, names)
         sections = [cohorts.load_section(cohort, root, n) for n in names]
@@ -267,8 +284,12 @@ def evaluate_checkpoint(path, args, device, sub=""):
         sections = [cohorts.load_section(cohort, root, n) for n in d["sections"]["test"]]
     split = data.prepare_split(sections, genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"],
                           local_tokens=model.cfg.local_encoder == "frozen" and model.cfg.frozen_tokens == "cached")
-    per_slide, preds = ({}, {0: (predict_slide(model, split, device, args.batch_size, args.global_max_spots), None)}) \
-        if args.predict else evaluate_split(model, split, device, args.batch_size)
+    tokens_of = online(model, trunk)  # an online frozen local level: the encoder's tokens of each crop
+    if args.predict:
+        per_slide, preds = {}, {0: (predict_slide(model, split, device, args.batch_size, args.global_max_spots,
+                                                  tokens_of, args.amp), None)}
+    else:
+        per_slide, preds = evaluate_split(model, split, device, args.batch_size, args.amp, tokens_of)
     # Scored genes: all of the checkpoint's, or in an external test those the other cohort has.
     present = set().union(*(s.counts.columns for s in sections)) if args.external else set(genes)
     scored = [j for j, g in enumerate(genes) if g in present]
@@ -281,9 +302,9 @@ def evaluate_checkpoint(path, args, device, sub=""):
     pooled = pooled_pcc([preds[i][0][:, scored] for i in range(len(sections))],
                         [split.dataset.labels[i][:, scored] for i in range(len(sections))]) if per_slide else None
 
-    unknown = [g for g in (args.genes.split(",") if args.genes else []) if g not in genes]
+    unknown = [g for g in args.map_genes or [] if g not in genes]
     if unknown:  # before anything is written
-        raise ValueError(f"--genes: {', '.join(map(repr, unknown))} not in the checkpoint's gene list")
+        raise ValueError(f"--map-genes: {', '.join(map(repr, unknown))} not in the checkpoint's gene list")
     # one reduced decode of each slide's image, for its maps and the .h5ad
     overviews = [grid["overview"] if grid else slide.overview(s.image_path)
                  if s.image_path is not None and Path(s.image_path).is_file() else (None, None) for s in sections]
@@ -299,8 +320,7 @@ def evaluate_checkpoint(path, args, device, sub=""):
     for i, s in enumerate(sections):
         pcc = np.full(len(genes), np.nan)
         pcc[scored] = per_slide[s.name]["pcc"] if per_slide else 0.0
-        chosen = args.genes.split(",") if args.genes else \
-            [genes[j] for j in np.argsort(-np.nan_to_num(pcc, nan=-2), kind="stable")[:args.maps]]
+        chosen = args.map_genes or [genes[j] for j in np.argsort(-np.nan_to_num(pcc, nan=-2), kind="stable")[:args.maps]]
         thumb, scale = map_thumbnail(overviews[i])
         spacing = slide.spot_spacing(s.pixel_xy)  # once per slide, not once per map
         for g in chosen:

@@ -117,7 +117,7 @@ def instance_group_loss(image_z, gene_z, k, tau_group=0.07):
             + F.cross_entropy(gene_to_image_groups, y_v)) / 2
 
 
-def gene_dml_loss(out, target, *, tau=0.07, tau_group=0.07, k=18, lam=0.8, w_inst=1.0, w_mse=1.0, sync=True):
+def gene_dml_loss(out, target, *, tau=0.07, tau_group=0.07, k=18, lam=0.8, w_inst=1.0, w_mse=1.0):
     """L = w_inst·L_inst + w_mse·L_mse + λ·L_group  ->  (total, {"inst", "group", "mse", "total"}).
 
     `out` has .embeddings (level -> (B, D)), .gene, .image_cluster, .gene_cluster, .prediction (B, G);
@@ -125,8 +125,8 @@ def gene_dml_loss(out, target, *, tau=0.07, tau_group=0.07, k=18, lam=0.8, w_ins
     regression-only run costs nothing extra). τ = τ_g = 0.07 (MoCo's value); k = 18 groups for
     her2st (25 cSCC, 90 STNet). λ = 0.8 is the paper's value: the reference code's command line
     defaults to λ = 1.0 and τ_g = 0.1, its model class to λ = 0.8 and τ_g = 0.07.
-    The parts are floats, or with sync=False detached 0-d tensors, so that a training step need not
-    wait for the device to log them.
+    The parts are detached 0-d tensors: a training step sums them where they are and never waits for
+    the device to log them (float(part) when a number is wanted).
     """
     if (w_inst or lam) and (out.gene is None or out.gene_cluster is None):
         raise ValueError(f"gene_dml_loss: w_inst={w_inst} and lam={lam} need the gene embedding, but "
@@ -142,5 +142,4 @@ def gene_dml_loss(out, target, *, tau=0.07, tau_group=0.07, k=18, lam=0.8, w_ins
         group = instance_group_loss(out.image_cluster, out.gene_cluster, k, tau_group) if lam else zero
         mse = F.mse_loss(out.prediction.float(), target.float()) if w_mse else zero
         total = w_inst * inst + w_mse * mse + lam * group
-    values = torch.stack([inst, group, mse, total]).detach()
-    return total, dict(zip(("inst", "group", "mse", "total"), values.tolist() if sync else values.unbind()))
+    return total, {"inst": inst.detach(), "group": group.detach(), "mse": mse.detach(), "total": total.detach()}

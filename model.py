@@ -30,7 +30,6 @@ from genedml.trunk import FEAT_DIM, build_trunk, preprocess  # torchvision's Res
 
 LEVELS = ("local", "neighbour", "global")
 LOCAL_ENCODERS = ("trainable", "frozen")  # TRIPLEX trains the local ResNet18; the Gene-DML reference freezes it
-FROZEN_TOKENS = ("cached", "online")  # a frozen local level reads cached token maps, or runs the encoder per step
 
 
 @dataclass
@@ -56,7 +55,8 @@ class GeneDMLConfig:
     head_dropout: float = 0.1
     weights: str = "none"             # local trunk init: "none", "imagenet" or a checkpoint path
     local_encoder: str = "trainable"  # "trainable" reads crops; "frozen" reads the frozen encoder's tokens
-    frozen_tokens: str = "cached"     # frozen local level: "cached" token maps, or "online" (encoder on each crop)
+    frozen_tokens: str = "cached"     # how a frozen local level's tokens were fed: "cached" or "online" (the
+                                      # encoder on each step's crop, outside the model); recorded for evaluation
     feat_dim: int = FEAT_DIM          # width of a frozen tile / spot feature (the encoder's: 512 ... 2560)
     token_dim: int = FEAT_DIM         # width of a local token (the encoder's; Virchow2: half its feature)
 
@@ -175,22 +175,17 @@ class LocalEncoder(nn.Module):
 
     trainable (TRIPLEX): a ResNet18 trunk is trained and reads the uint8 crop (B,3,c,c); it runs
       channels-last, which oneDNN and cuDNN convolve faster (same function, another memory layout).
-    frozen (the Gene-DML reference, whose local encoder is a frozen UNI): the frozen encoder's tokens of
-      the crop, standardised with per-channel training statistics like the other levels' features;
-      cached: extracted once (features.extract_tokens) and read as (B, n, token_dim);
-      online: the frozen encoder runs under no_grad on the (augmented) uint8 crop of every step, so the
-        tokens are exactly those of the flipped / rotated crop. The encoder is attached (`attach`), not
-        a submodule: it is then in no state dict (the checkpoint records how to rebuild it), in no
-        optimiser (never trained), and model.train() cannot take it out of eval mode.
+    frozen (the Gene-DML reference, whose local encoder is a frozen UNI): it reads the frozen encoder's
+      tokens of the crop (B, n, token_dim) and standardises them with per-channel training statistics,
+      like the other levels' features. The tokens are computed outside the model, never trained: once per
+      crop and cached (features.extract_tokens), or on every step's augmented crop under no_grad (train.py
+      --frozen-tokens online), so the frozen encoder is in no state dict and no optimiser.
     """
 
-    def __init__(self, mode: str = "trainable", weights: str = "none", token_dim: int = FEAT_DIM,
-                 frozen_tokens: str = "cached"):
+    def __init__(self, mode: str = "trainable", weights: str = "none", token_dim: int = FEAT_DIM):
         super().__init__()
         assert mode in LOCAL_ENCODERS, f"local encoder must be one of {LOCAL_ENCODERS}, got {mode!r}"
-        assert frozen_tokens in FROZEN_TOKENS, f"frozen tokens must be one of {FROZEN_TOKENS}, got {frozen_tokens!r}"
-        self.mode, self.online = mode, mode == "frozen" and frozen_tokens == "online"
-        self.__dict__["encoder"] = None  # the attached frozen encoder (online mode), outside the module tree
+        self.mode = mode
         if mode == "trainable":
             assert token_dim == FEAT_DIM, f"the trainable local trunk is a ResNet18 ({FEAT_DIM} wide), not {token_dim}"
             self.trunk = build_trunk(weights).to(memory_format=torch.channels_last)
@@ -198,19 +193,7 @@ class LocalEncoder(nn.Module):
             self.register_buffer("token_mean", torch.zeros(token_dim))
             self.register_buffer("token_std", torch.ones(token_dim))
 
-    def attach(self, encoder) -> None:
-        """Give the online frozen local level its frozen encoder (an encoders.FrozenEncoder)."""
-        assert self.online, "only an online frozen local encoder runs a frozen encoder itself"
-        assert encoder.token_dim == len(self.token_mean), \
-            f"the encoder's tokens are {encoder.token_dim} wide, this local level's {len(self.token_mean)}"
-        self.__dict__["encoder"] = encoder.eval()
-
-    def forward(self, local):  # (B, 3, c, c) uint8 crops, or (B, n, C) cached frozen tokens
-        if self.online:
-            assert self.encoder is not None, "online frozen local encoder: attach its frozen encoder first (GeneDML.attach_encoder)"
-            assert local.dtype == torch.uint8 and local.ndim == 4, \
-                f"online frozen local encoder: expected uint8 crops (B,3,c,c), got {local.dtype} {tuple(local.shape)}"
-            local = self.encoder.tokens(local).flatten(1, 2)  # (B, h*w, C); FrozenEncoder.tokens runs under no_grad
+    def forward(self, local):  # (B, 3, c, c) uint8 crops, or (B, n, C) frozen tokens
         if self.mode == "frozen":
             C = len(self.token_mean)
             assert local.ndim == 3 and local.shape[-1] == C and local.is_floating_point(), \
@@ -249,31 +232,42 @@ class NeighbourEncoder(nn.Module):
 class PEG(nn.Module):
     """Positional-encoding generator (Chu et al., CPVT; TRIPLEX's PEGH) on the spot array.
 
-    Scatter the spot tokens onto the dense array grid, run a depthwise 3x3 conv, gather the result
-    back at each spot and add it: a token learns about its array neighbours' content and position.
-    The step's S sections are S grids of one (S, D, H, W) batch; a section smaller than H x W sits in
-    its top-left corner, and the zeros around it are what the conv's own zero padding would give.
+    Scatter a section's spot tokens onto its dense array grid (empty cells 0), run a depthwise 3x3 conv,
+    gather the result back at each spot and add it: a token learns about its array neighbours' content
+    and position.
     """
 
     def __init__(self, dim: int, kernel: int = 3):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
 
-    def forward(self, x, cell, sections: int, grid: tuple):  # (T, D), (T,) cell in the (S, H, W) stack
+    def forward(self, x, xy):  # one section: (N, D) tokens, (N, 2) array coordinates (x, y) -> (N, D)
+        xy = xy - xy.min(0).values
+        col, row = xy[:, 0], xy[:, 1]
+        grid = x.new_zeros(int(row.max()) + 1, int(col.max()) + 1, x.shape[1])  # (H, W, D)
+        grid[row, col] = x
+        return x + self.conv(grid.permute(2, 0, 1)[None])[0].permute(1, 2, 0)[row, col]
+
+    def packed(self, x, cell, sections: int, grid: tuple):  # (T, D), (T,) cell in the (S, H, W) stack
+        """The same for a step's S sections at once (packing.GlobalLayout): S grids of one (S, D, H, W)
+        batch; a section smaller than H x W sits in its top-left corner, and the zeros around it are
+        what the conv's own zero padding would give."""
         H, W = grid
         D = x.shape[1]
         g = x.new_zeros(sections * H * W, D)
         g[cell] = x  # empty cells stay 0
         g = g.view(sections, H, W, D).permute(0, 3, 1, 2)  # (S, D, H, W)
-        pos = self.conv(g).permute(0, 2, 3, 1).reshape(-1, D)[cell]  # (T, D)
-        return x + pos
+        return x + self.conv(g).permute(0, 2, 3, 1).reshape(-1, D)[cell]  # (T, D)
 
 
 class GlobalEncoder(nn.Module):
-    """Frozen features of every spot of the step's sections -> layer -> PEG -> depth-1 layers -> the
-    batch's own spots. Each section is one sequence (its spots attend to each other, not to other
-    sections); all of them run as one padded batch (GlobalLayout). Only the last layer can skip the
-    other spots (they are still its keys and values), so it computes the batch's rows alone."""
+    """The frozen feature of every spot of a section -> layer -> PEG on the array grid -> depth-1 layers
+    -> the batch spots' rows: each spot sees its whole slide.
+
+    `forward` is the definition, for one section. A training step touches ~24 sections; `packed` is the
+    same computation for all of them at once (each section's spots attend to each other only), laid out
+    ahead by the loader (packing.py); tests/test_model.py checks the two agree, values and gradients.
+    """
 
     def __init__(self, cfg: GeneDMLConfig):
         super().__init__()
@@ -283,13 +277,22 @@ class GlobalEncoder(nn.Module):
         self.peg = PEG(cfg.dim)
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, feats, layout: GlobalLayout, grid: tuple):  # (T, F) packed features -> (B, D)
+    def forward(self, feats, xy, rows):  # one section: (N, F) features, (N, 2) array x, y; (B,) rows -> (B, D)
+        x = self.blocks[0](self.proj(feats)[None])[0]  # (N, D): one sequence of the section's N spots
+        x = self.peg(x, xy)
+        for block in self.blocks[1:]:
+            x = block(x[None])[0]
+        return self.norm(x)[rows]  # (B, D)
+
+    def packed(self, feats, layout: GlobalLayout, grid: tuple):  # (T, F) packed features -> (B, D)
+        """forward for every section of a step at once. Only the last layer can skip the other spots
+        (they are still its keys and values), so it computes the batch's rows alone."""
         width = self.proj.in_features
         assert feats.ndim == 2 and feats.shape == (len(layout.tokens), width), \
             f"expected the layout's {len(layout.tokens)} packed features (T,{width}), got {tuple(feats.shape)}"
         S = layout.pad.shape[0]
         x = self.blocks[0].packed(self.proj(feats), layout)  # (T, D)
-        x = self.peg(x, layout.cell, S, grid)  # (T, D)
+        x = self.peg.packed(x, layout.cell, S, grid)  # (T, D)
         if len(self.blocks) == 1:
             return self.norm(x[layout.rows])  # (B, D)
         for block in self.blocks[1:-1]:
@@ -364,8 +367,7 @@ class GeneDML(nn.Module):
         self.levels = tuple(level for level in LEVELS if level in cfg.levels)  # fixed token order
         on = self.levels.__contains__
         assert cfg.local_encoder in LOCAL_ENCODERS, f"local_encoder must be one of {LOCAL_ENCODERS}"
-        self.local_encoder = LocalEncoder(cfg.local_encoder, cfg.weights, cfg.token_dim, cfg.frozen_tokens) \
-            if on("local") else None
+        self.local_encoder = LocalEncoder(cfg.local_encoder, cfg.weights, cfg.token_dim) if on("local") else None
         self.neighbour_encoder = NeighbourEncoder(cfg) if on("neighbour") else None
         self.global_encoder = GlobalEncoder(cfg) if on("global") else None
         in_dims = {"local": cfg.token_dim, "neighbour": cfg.dim, "global": cfg.dim}
@@ -400,11 +402,6 @@ class GeneDML(nn.Module):
             self.local_encoder.token_mean.copy_(torch.as_tensor(tokens[0], dtype=torch.float32))
             self.local_encoder.token_std.copy_(torch.as_tensor(tokens[1], dtype=torch.float32).clamp(min=1e-3))
 
-    def attach_encoder(self, encoder) -> None:
-        """Hand an online frozen local level its frozen encoder (not saved with the model: see LocalEncoder)."""
-        if self.local_encoder is not None and self.local_encoder.online:
-            self.local_encoder.attach(encoder)
-
     def load_trunk_weights(self, state: dict) -> None:
         """Start the trainable local trunk from a trunk's weights (copied), e.g. the frozen trunk's."""
         if self.local_encoder is not None and self.local_encoder.mode == "trainable":
@@ -413,14 +410,14 @@ class GeneDML(nn.Module):
     def global_tokens(self, section, index, context, layout=None):
         """Each batch spot's row of the global encoder (B, D), all of the step's sections in one pass.
         context: a GlobalContext (or a list of (features, array_xy) pairs, one per section); layout: the
-        step's GlobalLayout, built ahead by the loader (features.Collate). Without it, it is built here from
+        step's GlobalLayout, built ahead by the loader (data.Collate). Without it, it is built here from
         section and index, which waits for them on the CPU: fine for tests and scripts, not for training."""
         if not isinstance(context, GlobalContext):
             context = GlobalContext.of(context, section.device)
         if layout is None:
             layout = context.grids.layout(section.cpu(), index.cpu()).to(section.device)
         feats = (context.feats[layout.tokens].float() - self.feat_mean) / self.feat_std  # (T, F)
-        return self.global_encoder(feats, layout, context.grids.grid)  # (B, D)
+        return self.global_encoder.packed(feats, layout, context.grids.grid)  # (B, D)
 
     def forward(self, local, neighbour, neighbour_mask, section, index, context, expression=None,
                 layout=None) -> GeneDMLOutput:

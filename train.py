@@ -40,134 +40,154 @@ from genedml import distributed
 from genedml import encoders
 import evaluate
 from genedml.crops import native_crop_um
+from genedml.trunk import MIN_CROP
 from genedml.checkpoint import CheckpointWriter, check_resume, load_checkpoint, plain, refuse_other_settings, save_atomic
 from evaluate import evaluate_split
-from genedml.cli import HelpFormatter
+from genedml.cli import HelpFormatter, comma_list, number
 from genedml.metrics import summarise
 from genedml.features import online_token_statistics, token_statistics
 from losses import gene_dml_loss
 from model import LEVELS, GeneDML, GeneDMLConfig
 
 
-# Training recipe per cohort; explicit flags override. The reference used 200 epochs with early
-# stopping and batches of 256-512; the demo is sized to finish in minutes on a laptop CPU, so it
-# runs the Gene-DML reference's frozen local encoder (README: The demo; trainable: ~2x the time).
-RECIPES = {
-    "demo": dict(epochs=10, batch_size=64, weights="none", local_encoder="frozen"),
-    "default": dict(epochs=200, batch_size=256, weights="imagenet", local_encoder="trainable"),
-}
+# What --data changes besides the cohort's own sizes (cohorts.COHORTS: root, crop, k, genes): the demo is
+# sized to finish in minutes on a laptop CPU, so it runs the Gene-DML reference's frozen local encoder
+# (README: The demo; trainable: ~2x the time) on random trunks. Explicit flags win over both.
+DEMO_RECIPE = dict(epochs=10, batch_size=64, weights="none", local_encoder="frozen")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Train Gene-DML (see README).",
+    """The flags, in groups. A flag whose default depends on --data (the cohort's crop size, k, genes; the
+    demo's recipe) or on --encoder is filled in by cohort_defaults once those two are known."""
+    p = argparse.ArgumentParser(description="Train Gene-DML on one fold (or all folds) of a cohort (see README).",
                                 formatter_class=HelpFormatter)
-    # data
-    p.add_argument("--data", default="demo", help=f"cohort: {' | '.join(sorted(cohorts.COHORTS))}, or a cohort table .csv of your own slides (docs/data.md: Your own slides)")
-    p.add_argument("--crop-um", type=float, default=None, help="cohort tables only: a crop's field of view in µm; each slide is resampled so --crop-size px span it (default 112 = 224 px at 0.5 µm/px, HEST-1k's)")
-    p.add_argument("--root", default=None, help="cohort folder (default: the cohort table's, e.g. data/her2st)")
-    p.add_argument("--fold", default="0", help="fold number, or 'all' to run every fold into <out>/fold<i>/")
-    p.add_argument("--sections", default=None, help="comma list: use only these sections (e.g. the ones with images)")
-    p.add_argument("--test-sections", default=None, help="comma list: hold these out instead of the fold's patient")
-    p.add_argument("--val-sections", default=None, help="comma list: select the epoch on these (default: the fold's validation patient)")
-    p.add_argument("--genes", default=None, help="gene list file (.txt or .npy); default: chosen by --genes-from")
-    p.add_argument("--genes-from", default="cohort", choices=("cohort", "train"),
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="demo", help=f"cohort: {' | '.join(sorted(cohorts.COHORTS))}, or a cohort table .csv "
+                   "of your own slides (docs/data.md: Your own slides)")
+    g.add_argument("--root", default=None, help="cohort folder (default: the cohort's, e.g. data/her2st; a cohort table holds its own paths)")
+    g.add_argument("--fold", default="0", type=fold_number, help="fold number, or 'all' to run every fold into <out>/fold<i>/")
+    g.add_argument("--sections", default=None, type=comma_list, help="comma list: use only these sections (e.g. the ones with images)")
+    g.add_argument("--test-sections", default=None, type=comma_list, help="comma list: hold these out instead of the fold's patient")
+    g.add_argument("--val-sections", default=None, type=comma_list, help="comma list: select the epoch on these (default: the fold's validation patient)")
+    g.add_argument("--genes", default=None, help="gene list file (.txt or .npy) to predict; default: chosen by --genes-from")
+    g.add_argument("--genes-from", default="cohort", choices=("cohort", "train"),
                    help="top --n-genes by total count over every section of the cohort (one list for all folds, "
                         "as the published protocol chose it; limited by --sections), or over this fold's training "
                         "sections only (no test-section information in the choice; folds then differ)")
-    p.add_argument("--n-genes", type=int, default=None, help="number of genes (default: cohort table, 250 for real cohorts)")
-    p.add_argument("--no-smooth", action="store_true", help="do not 3x3-smooth the labels (the published numbers used smoothing)")
-    p.add_argument("--crop-size", type=int, default=None, help="spot crop / neighbour tile size in pixels (default: cohort table)")
-    p.add_argument("--cache-dir", default="cache", help="where decoded images, crops and frozen features are cached")
-    # model
-    p.add_argument("--encoder", default="resnet18",
+    g.add_argument("--n-genes", type=number(int, low=1), default=None, help="number of genes (default: the cohort's, 250 for real cohorts)")
+    g.add_argument("--no-smooth", action="store_true", help="do not 3x3-smooth the labels (the published numbers used smoothing)")
+    g.add_argument("--crop-size", type=number(int, low=MIN_CROP), default=None,
+                   help="spot crop / neighbour tile size in pixels (default: the cohort's: 224; demo 64)")
+    g.add_argument("--crop-um", type=number(float, above=0), default=None,
+                   help="a crop's field of view in µm: each slide is resampled so --crop-size px span it (cohort tables "
+                        "only; default 112 = 224 px at 0.5 µm/px, HEST-1k's)")
+    g.add_argument("--cache-dir", default="cache", help="where decoded images, crops and frozen features are cached")
+    g = p.add_argument_group("model")
+    g.add_argument("--encoder", default="resnet18",
                    help=f"the frozen encoder of every level: {' | '.join(encoders.ENCODERS)} | timm:<model>[,key=value...] "
                         "(docs/encoders.md; all but resnet18 need pip install timm)")
-    p.add_argument("--weights", default=None, help="encoder weights: resnet18: none | imagenet | path to a checkpoint "
-                   "(default: imagenet; demo: none); a foundation model: its pytorch_model.bin / .safetensors, hub (default: "
-                   "fetch the published file from the Hugging Face hub, if online) or hub:<repo id>[:<file>]")
-    p.add_argument("--levels", default="local,neighbour,global", help="image levels to use (ablation: any non-empty subset)")
-    p.add_argument("--dim", type=int, default=None, help="shared width D of tokens and embeddings (default: 512; demo: 128)")
-    p.add_argument("--local-encoder", default=None, choices=["trainable", "frozen"],
+    g.add_argument("--weights", default="imagenet", help="encoder weights: resnet18: none | imagenet | path to a checkpoint "
+                   "(demo: none); a foundation model: its pytorch_model.bin / .safetensors, hub (its default: fetch the "
+                   "published file from the Hugging Face hub, if online) or hub:<repo id>[:<file>]")
+    g.add_argument("--levels", default=",".join(LEVELS), type=levels, help="image levels to use, a comma list (ablation: any non-empty subset)")
+    g.add_argument("--dim", type=number(int, low=1), default=None, help="shared width D of tokens and embeddings (default: 512; demo: 128)")
+    g.add_argument("--local-encoder", default="trainable", choices=["trainable", "frozen"],
                    help="trainable: a ResNet18 trained on each crop (TRIPLEX); frozen: the frozen encoder's token map "
-                        "of each crop (the Gene-DML reference; cheaper per step: docs/results.md). Default: trainable; "
-                        "demo and every --encoder but resnet18: frozen")
-    p.add_argument("--frozen-tokens", default="auto", choices=["auto", "cached", "online"],
+                        "of each crop (the Gene-DML reference; cheaper per step: docs/results.md). The demo and every "
+                        "--encoder but resnet18: frozen")
+    g.add_argument("--frozen-tokens", default="auto", choices=["auto", "cached", "online"],
                    help="frozen local encoder: cached = token maps extracted once (disk: UNI ~400 KB a spot); online = "
                         "the frozen encoder runs under no_grad on each augmented crop every step (what the reference "
                         "does; cheap on a GPU). auto: online for a foundation encoder or on CUDA, else cached")
-    p.add_argument("--no-augment", action="store_true", help="no random flip / 90-degree rotation of the crop (or token grid)")
-    # losses
-    p.add_argument("--tau", type=float, default=0.07, help="temperature of the instance-level InfoNCE")
-    p.add_argument("--tau-group", type=float, default=0.07, help="temperature of the instance-group classification")
-    p.add_argument("--k", type=int, default=None, help="k-means groups per batch (default: cohort table; clamped to the batch size)")
-    p.add_argument("--lam", type=float, default=0.8, help="weight of the instance-group loss (paper: 0.8; 0 switches it off)")
-    p.add_argument("--w-inst", type=float, default=1.0, help="weight of the instance-level loss (0 switches it off)")
-    p.add_argument("--w-mse", type=float, default=1.0, help="weight of the regression loss")
-    # optimisation
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 200; demo: 10)")
-    p.add_argument("--batch-size", type=int, default=None, help="spots per step over all processes (default: 256; demo: 64): "
+    g.add_argument("--no-augment", action="store_true", help="no random flip / 90-degree rotation of the crop (or token grid)")
+    g = p.add_argument_group("losses")
+    g.add_argument("--tau", type=number(float, above=0), default=0.07, help="temperature of the instance-level InfoNCE")
+    g.add_argument("--tau-group", type=number(float, above=0), default=0.07, help="temperature of the instance-group classification")
+    g.add_argument("--k", type=number(int, low=1), default=None, help="k-means groups per batch (default: the cohort's, 18 for her2st; clamped to the batch size)")
+    g.add_argument("--lam", type=number(float, low=0), default=0.8, help="weight of the instance-group loss (paper: 0.8; 0 switches it off)")
+    g.add_argument("--w-inst", type=number(float, low=0), default=1.0, help="weight of the instance-level loss (0 switches it off)")
+    g.add_argument("--w-mse", type=number(float, low=0), default=1.0, help="weight of the regression loss")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=number(int, low=0), default=200, help="epochs (demo: 10)")
+    g.add_argument("--batch-size", type=number(int, low=1), default=256, help="spots per step over all processes (demo: 64): "
                    "under torchrun each of N processes takes batch/N of them, so lr and results do not depend on N; use 32-64 on a CPU")
-    p.add_argument("--gather", default="global", choices=("global", "local"),
+    g.add_argument("--gather", default="global", choices=("global", "local"),
                    help="under torchrun: the InfoNCE and k-means see the global batch (as one process would), "
                         "or each process's own share (BLEEP and CLD trained per GPU)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    p.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better selection metric")
-    p.add_argument("--select-on-test", action="store_true", help="published protocol: train on every non-test patient and choose the best epoch on the held-out fold itself (optimistic; labelled as such)")
-    # run
-    p.add_argument("--out", default=None, help="output folder (default: runs/<data>)")
-    p.add_argument("--resume", default=None, help="continue from a last.pt, with the same flags (--epochs and --patience may change); "
+    g.add_argument("--lr", type=number(float, above=0), default=1e-4, help="Adam learning rate")
+    g.add_argument("--patience", type=number(int, low=1), default=20, help="stop after this many epochs without a better selection metric")
+    g.add_argument("--select-on-test", action="store_true", help="published protocol: train on every non-test patient and "
+                   "choose the best epoch on the held-out fold itself (optimistic; labelled as such)")
+    g.add_argument("--seed", type=int, default=2021, help="seeds shuffling, augmentation, dropout and initialisation (the reference's 2021)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="output folder (default: runs/<data>)")
+    g.add_argument("--resume", default=None, help="continue from a last.pt, with the same flags (--epochs and --patience may change); "
                    "the frozen trunk comes from the checkpoint, so no weights are downloaded")
-    p.add_argument("--seed", type=int, default=2021)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes, which load and lay out the next "
-                   "batches while the device trains on this one (default: 0 on the CPU, where they would take the "
-                   "step's cores; on CUDA min(8, cores - 1), persistent)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (default: on for CUDA)")
-    p.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates of the loss parts")
-    args = p.parse_args(argv)
-    if args.data.endswith(".csv"):  # a cohort table: registered in cohorts.COHORTS under the file's stem
-        from genedml import visium  # lazily: only your own slides need the Visium / HEST readers
-        if args.root:
-            p.error("--root is for built-in cohorts; a cohort table holds its own paths")
-        args.root = args.data
-        args.data = visium.register_cohort(args.data, args.crop_um)
-        args.crop_um = cohorts.COHORTS[args.data]["crop_um"]
-    elif args.data not in cohorts.COHORTS:
-        p.error(f"--data must be one of {sorted(cohorts.COHORTS)} or a cohort table .csv, got {args.data!r}")
-    elif args.crop_um is not None:
-        p.error("--crop-um applies to cohort tables; built-in cohorts are cropped at their native resolution")
+    g.add_argument("--workers", type=number(int, low=0), default=None, help="DataLoader worker processes, which load and lay "
+                   "out the next batches while the device trains on this one (default: 0 on the CPU, where they would take "
+                   "the step's cores; on CUDA min(8, cores - 1), persistent)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 mixed precision (default: on for CUDA)")
+    g.add_argument("--log-every", type=number(int, low=1), default=20, help="steps between progress-bar updates of the loss parts")
 
-    spec, recipe = cohorts.COHORTS[args.data], RECIPES.get(args.data, RECIPES["default"])
+    known, _ = p.parse_known_args(argv)  # --data and --encoder first: they set the other defaults
+    cohort = known.data
+    if cohort.endswith(".csv"):  # a cohort table: registered in cohorts.COHORTS under the file's stem
+        from genedml import visium  # lazily: only your own slides need the Visium / HEST readers
+        if known.root:
+            p.error("--root is for built-in cohorts; a cohort table holds its own paths")
+        cohort = visium.register_cohort(known.data, known.crop_um)
+    elif cohort not in cohorts.COHORTS:
+        p.error(f"--data must be one of {sorted(cohorts.COHORTS)} or a cohort table .csv, got {cohort!r}")
     try:
-        encoders.resolve_spec(args.encoder)
+        encoders.resolve_spec(known.encoder)
     except (ValueError, ImportError) as e:
         p.error(str(e))
-    if args.encoder != "resnet18":  # a foundation model: its published weights, and the reference's frozen local level
-        if args.local_encoder == "trainable":
-            p.error(f"--encoder {args.encoder} is frozen at every level: --local-encoder trainable is for resnet18")
-        recipe = dict(recipe, weights="hub", local_encoder="frozen")
-    defaults = dict(root=spec["root"], crop_size=spec["crop"], k=spec["k"], n_genes=spec["genes"],
-                    out=f"runs/{args.data}", **recipe)
-    for name, value in defaults.items():       # an explicit flag wins, even an explicit 0
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    # flags are checked here, before any slide is read or cropped
-    args.levels = tuple(l.strip() for l in args.levels.split(",") if l.strip())
-    unknown = [l for l in args.levels if l not in LEVELS]
-    if unknown or not args.levels:
-        p.error(f"--levels takes a non-empty comma list of {', '.join(LEVELS)}; got {', '.join(unknown) or 'none'}")
-    if args.fold != "all" and not args.fold.isdigit():
-        p.error(f"--fold must be a number or 'all', got {args.fold!r}")
+    p.set_defaults(**cohort_defaults(cohort, known.encoder))
+    args = p.parse_args(argv)
+    if args.data != cohort:  # the table's path becomes the root, its name the cohort
+        args.root, args.data, args.crop_um = args.data, cohort, cohorts.COHORTS[cohort]["crop_um"]
+    # the combinations of flags are checked here too, before any slide is read or cropped
+    if args.crop_um is not None and cohorts.COHORTS[args.data].get("crop_um") is None:
+        p.error("--crop-um applies to cohort tables; built-in cohorts are cropped at their native resolution")
+    if args.encoder != "resnet18" and args.local_encoder == "trainable":
+        p.error(f"--encoder {args.encoder} is frozen at every level: --local-encoder trainable is for resnet18")
     folds = len(cohorts.COHORTS[args.data]["folds"])
     if args.fold != "all" and int(args.fold) >= folds:
         p.error(f"--fold {args.fold}: {args.data} has {folds} folds, 0..{folds - 1} (or 'all')")
-    if args.n_genes < 1:
-        p.error(f"--n-genes must be at least 1, got {args.n_genes}")
     if args.fold == "all" and args.resume:
         p.error("--resume continues one fold; a --fold all run resumes by running the same command again")
     if args.select_on_test and args.val_sections:
         p.error("--select-on-test selects on the test sections: it takes no --val-sections")
     return args
+
+
+def cohort_defaults(cohort: str, encoder: str) -> dict:
+    """The defaults that --data and --encoder set: the cohort's root, crop size, k and gene count, the
+    demo's recipe, and a foundation encoder's published weights and frozen local level."""
+    spec = cohorts.COHORTS[cohort]
+    defaults = dict(root=spec["root"], crop_size=spec["crop"], k=spec["k"], n_genes=spec["genes"], out=f"runs/{cohort}")
+    if cohort == "demo":
+        defaults.update(DEMO_RECIPE)
+    if encoder != "resnet18":  # a foundation model: its published weights, and the reference's frozen local level
+        defaults.update(weights="hub", local_encoder="frozen")
+    return defaults
+
+
+def fold_number(text: str) -> str:
+    """--fold: a fold number or 'all' (checked against the cohort's folds once --data is known)."""
+    if text != "all" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a fold number or 'all', got {text!r}")
+    return text
+
+
+def levels(text) -> tuple:
+    """--levels: a non-empty comma list of the image levels, in the model's order."""
+    names = tuple(comma_list(text))
+    unknown = [n for n in names if n not in LEVELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(LEVELS)}; got {', '.join(unknown)}")
+    return names
 
 
 def seed_everything(seed):
@@ -178,34 +198,48 @@ def seed_everything(seed):
 
 def cohort_sections(args):
     """Every section of the cohort, limited to --sections when given."""
-    only = set(args.sections.split(",")) if args.sections else None
     everything = cohorts.sections_of(args.data, list(cohorts.COHORTS[args.data]["patients"]), root=args.root)
-    return [n for n in everything if only is None or n in only]
+    return [n for n in everything if args.sections is None or n in args.sections]
 
 
 def split_sections(args, fold):
     """Which sections train, select the epoch, and are held out: by patient (the fold), never by spot,
     unless --test-sections / --val-sections name sections explicitly. With --select-on-test there is
     no validation part: every non-test section trains (the published protocol)."""
-    pool = cohort_sections(args)
-    if args.test_sections:
-        test = args.test_sections.split(",")
-        pool = [n for n in pool if n not in test]
-        val = [] if args.select_on_test else args.val_sections.split(",") if args.val_sections else pool[:1]
-        names = {"train": [n for n in pool if n not in val], "val": val, "test": test}
-    else:
-        split = cohorts.fold_split(args.data, fold, select_on_test=args.select_on_test)
-        names = {part: [n for n in cohorts.sections_of(args.data, split[part], root=args.root) if n in pool]
-                 for part in ("train", "val", "test")}
-        if args.val_sections:
-            val = args.val_sections.split(",")
-            names = {"train": [n for n in names["train"] + names["val"] if n not in val], "val": val, "test": names["test"]}
+    names = named_parts(args) if args.test_sections else fold_parts(args, fold)
     for part, ns in names.items():
         if not ns and not (part == "val" and args.select_on_test):
             raise SystemExit(f"fold {fold}: no {part} sections left (check --sections / --test-sections / --val-sections)")
     if len(set(sum(names.values(), []))) < sum(map(len, names.values())):
         raise SystemExit(f"a section is in two of train / val / test: {names}")
     return names
+
+
+def fold_parts(args, fold):
+    """The fold's patients' sections (limited to --sections); --val-sections, when given, select instead
+    of the validation patient, who then trains."""
+    split = cohorts.fold_split(args.data, fold, select_on_test=args.select_on_test)
+    pool = cohort_sections(args)
+    names = {part: [n for n in cohorts.sections_of(args.data, split[part], root=args.root) if n in pool]
+             for part in ("train", "val", "test")}
+    if args.val_sections:
+        train = [n for n in names["train"] + names["val"] if n not in args.val_sections]
+        names = {"train": train, "val": args.val_sections, "test": names["test"]}
+    return names
+
+
+def named_parts(args):
+    """--test-sections held out; --val-sections select (default: the first other section; none under
+    --select-on-test); every other section trains."""
+    test = args.test_sections
+    pool = [n for n in cohort_sections(args) if n not in test]
+    if args.select_on_test:
+        val = []
+    elif args.val_sections:
+        val = args.val_sections
+    else:
+        val = pool[:1]
+    return {"train": [n for n in pool if n not in val], "val": val, "test": test}
 
 
 def freeze_unreached(model, args):
@@ -240,7 +274,8 @@ def train_fold(args, fold):
         seen, sums, train_time = train_epoch(args, epoch, model, ddp, d, opt, sched, scaler, run,
                                              first=epoch == progress.start)
         if run.main:  # rank 0 alone validates and writes
-            per_slide, _ = evaluate_split(model, d.splits[d.select_part], run.device, args.batch_size, run.amp)
+            per_slide, _ = evaluate_split(model, d.splits[d.select_part], run.device, args.batch_size, run.amp,
+                                          encoder=d.encoder if d.online else None)
             metric = summarise(per_slide)[1]
             score = metric["pcc_m"] if math.isfinite(metric["pcc_m"]) else -math.inf
             improved = score > progress.best
@@ -290,15 +325,17 @@ def train_epoch(args, epoch, model, ddp, d, opt, sched, scaler, run, first=False
     bar = tqdm(d.loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not run.main)
     for step, batch in enumerate(bar):
         on = lambda x: x.to(device, non_blocking=True)
-        label = on(batch["label"])
+        label, local = on(batch["label"]), on(batch["local"])
         with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp):
-            outputs = ddp(on(batch["local"]), on(batch["neighbour_feats"]), on(batch["neighbour_mask"]),
+            if d.online:  # the frozen encoder's tokens of this step's augmented crops: under no_grad, outside the model
+                local = d.encoder.tokens(local).flatten(1, 2)  # (B, h*w, C)
+            outputs = ddp(local, on(batch["neighbour_feats"]), on(batch["neighbour_mask"]),
                           on(batch["section"]), on(batch["index"]), d.splits["train"].context,
                           expression=label if use_genes else None, layout=batch["layout"].to(device, non_blocking=True))
         if args.gather == "global" and use_genes:    # under torchrun: InfoNCE and k-means over the global batch
             outputs = distributed.gather_outputs(outputs)
         loss, parts = gene_dml_loss(outputs, label, tau=args.tau, tau_group=args.tau_group, k=args.k,
-                                    lam=args.lam, w_inst=args.w_inst, w_mse=args.w_mse, sync=False)
+                                    lam=args.lam, w_inst=args.w_inst, w_mse=args.w_mse)
         nonfinite |= ~torch.isfinite(loss.detach())
         if step % args.log_every == 0:
             stop_if_nonfinite(nonfinite, f"epoch {epoch} step {step}", run)
@@ -410,8 +447,7 @@ def prepare_data(args, fold, run) -> FoldData:
     # Rank 0 fetches the weights and fills the caches (crops, frozen features) first; the other processes
     # wait, then read them. Only rank 0 validates, so only it prepares the validation and test sections.
     # The frozen local level runs its encoder online (on each augmented crop) or reads cached token maps.
-    online = args.local_encoder == "frozen" and (args.frozen_tokens == "online" or args.frozen_tokens == "auto"
-                                                 and (args.encoder != "resnet18" or run.device.type == "cuda"))
+    online = runs_online(args, run.device)
     with distributed.main_process_first():
         # a resumed run's encoder is the checkpoint's: nothing downloaded (GPU nodes are often offline)
         if run.resume:  # the checkpoint's own encoder (a foundation model's file must be the same file)
@@ -444,13 +480,22 @@ def prepare_data(args, fold, run) -> FoldData:
     return FoldData(names, sections, genes, crop_um, encoder, online, splits, train_tokens, select_part, batches, loader)
 
 
+def runs_online(args, device) -> bool:
+    """Whether a frozen local level runs its encoder on each step's crops (--frozen-tokens online) rather than
+    reading cached token maps; auto: online for a foundation encoder (its token maps are large) or on CUDA."""
+    if args.local_encoder != "frozen":
+        return False
+    if args.frozen_tokens == "auto":
+        return args.encoder != "resnet18" or device.type == "cuda"
+    return args.frozen_tokens == "online"
+
+
 def build_model(args, d: FoldData, device):
     sizes = cohorts.COHORTS[args.data].get("sizes", args.data)  # a cohort table borrows a built-in cohort's encoder sizes
     cfg = GeneDMLConfig.for_cohort(sizes, len(d.genes), levels=args.levels, local_encoder=args.local_encoder,
                                    frozen_tokens="online" if d.online else "cached", feat_dim=d.encoder.feature_dim,
                                    token_dim=d.encoder.token_dim, **({'dim': args.dim} if args.dim else {}))
     model = GeneDML(cfg).to(device)
-    model.attach_encoder(d.encoder)                   # online: the local level runs it (never trained, never saved)
     model.load_trunk_weights(d.encoder.net.state_dict())  # the trainable local trunk starts where the frozen one is
     model.set_statistics(np.concatenate(d.splits["train"].dataset.labels),
                          d.splits["train"].context.feats.cpu(), tokens=d.train_tokens)

@@ -267,7 +267,6 @@ def balance(args):
     torch.manual_seed(args.seed)
     fresh = GeneDML(trained.cfg)  # same config, fresh weights, the trained model's training statistics
     fresh.load_state_dict({k: v for k, v in trained.state_dict().items() if "mean" in k or "std" in k}, strict=False)
-    fresh.attach_encoder(encoder)                   # an online frozen local level runs it, as in training
     fresh.load_trunk_weights(encoder.net.state_dict())  # a trainable local trunk starts where training started it
     sections = [cohorts.load_section(d["cohort"], a["root"], n) for n in d["sections"]["train"]]
     cfg = trained.cfg
@@ -284,8 +283,10 @@ def balance(args):
         for step, batch in enumerate(loader):
             if step == args.batches:
                 break
-            label = batch["label"]
-            out = model(batch["local"], batch["neighbour_feats"], batch["neighbour_mask"], batch["section"],
+            label, local = batch["label"], batch["local"]
+            if evaluate.online(model, encoder) is not None:  # an online frozen local level reads the encoder's tokens
+                local = encoder.tokens(local).flatten(1, 2)
+            out = model(local, batch["neighbour_feats"], batch["neighbour_mask"], batch["section"],
                         batch["index"], split.context, expression=label)
             parts = {"instance (w_inst·L_inst)": a["w_inst"] * losses.multi_scale_instance_loss(
                          out.gene, list(out.embeddings.values()), a["tau"]),

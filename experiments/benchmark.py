@@ -12,9 +12,9 @@ figures (on a shared machine both can move; rerun before quoting them, and pass 
 other jobs hold cores: torch's threads then wait on each other, up to 20x slower). Sections:
 
   data   one her2st-sized slide (JPEG of --slide-px, --spots spots ~256 px apart): decoding it and
-         building the cache (section_crops), then items/s served by data.SpotDataset with
-         neighbour tiles from the cache, against cutting the crops per item from an in-memory
-         decoded image (both read twice: the first pass maps the cache's pages, the second is what
+         building the cache (crops.section_crops), then items/s served by data.SpotDataset (the
+         local crop from the cache, the 25 tiles' features), against cutting the crop per item from an
+         in-memory decoded image (both read twice: the first pass maps the cache's pages, the second is what
          later epochs see) and against decoding the JPEG per item. Peak RSS of the section.
   step   spots/s of a full training step at her2st's shape: a fold of --step-sections sections of
          her2st sizes (~400 spots each; fold_benchmark), a batch of --batch spots drawn from all of
@@ -206,7 +206,8 @@ def bench_data(args, device, tmp):
     order = np.resize(rng.permutation(spots), args.items)
     rates = {}
     for label, c in (("cached", crops), ("in_memory", in_memory)):
-        ds = data.SpotDataset([section], [c], genes)  # no features: 25 neighbour tiles per item
+        feats = [{"tiles": np.zeros((spots, 25, 512), np.float32)}]  # what a training item reads besides its crop
+        ds = data.SpotDataset([section], [c], genes, feats)
         read = lambda: [ds[int(i)] for i in order]
         rates[label + "_first_pass"] = args.items / timed(read, device)  # cached: maps the pages it reads
         rates[label] = args.items / timed(read, device)
@@ -221,7 +222,7 @@ def bench_data(args, device, tmp):
                decode_and_cache_s=build, items_per_s=rates, cached_over_in_memory=rates["cached"] / rates["in_memory"],
                cached_over_decode=rates["cached"] / rates["decode"], peak_rss_mb=peak_rss_mb(), start_rss_mb=base)
     rows = [(f"decode + cache build, {width}x{height} JPEG ({fig['jpeg_mb']:.0f} MB), {spots} spots", f"{build:.1f} s"),
-            ("items/s from the cache (local + 25 tiles): first / second pass", f"{rates['cached_first_pass']:.1f} / {rates['cached']:.1f}"),
+            ("items/s from the cache (local crop + 25 tile features): first / second pass", f"{rates['cached_first_pass']:.1f} / {rates['cached']:.1f}"),
             ("items/s cut per item from in-memory image: first / second", f"{rates['in_memory_first_pass']:.1f} / {rates['in_memory']:.1f}"),
             (f"items/s decoding the JPEG per item ({args.decode_items} items)", f"{rates['decode']:.2f}"),
             ("cache / in-memory (second passes)", f"{fig['cached_over_in_memory']:.2f}x"),
@@ -264,7 +265,7 @@ def _step_at(args, device, amp, S):
         def step():
             with autocast():
                 out = model(inputs, neighbour, mask, section, index, context, expression=label, layout=layout)
-            loss, _ = losses.gene_dml_loss(out, label, k=args.k, sync=False)
+            loss, _ = losses.gene_dml_loss(out, label, k=args.k)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -217,7 +217,7 @@ def bench_slide(args, device, tmp):
         reset_peak_rss()
         before = _status_mb("VmRSS") or 0.0
         t = time.perf_counter()
-        runs[label] = evaluate.predict_slide(model, split, device, 64, max_spots)
+        runs[label] = evaluate.predict_slide(model, split, device, 64, max_spots, evaluate.online(model, trunk))
         runs[label + "_s"], runs[label + "_peak_mb"] = time.perf_counter() - t, peak_rss_mb() - before
     windows = len(slide.grid_windows(section.array_xy, args.wsi_window))
     full, win = runs["full"], runs["windows"]

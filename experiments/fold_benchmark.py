@@ -60,7 +60,7 @@ def synthetic_fold(sections: int, total: int, crop: int, tokens: bool, device, g
         if tokens:
             h = max(1, crop // 32)
             toks.append(rng.random((n, N_DIHEDRAL, h, h, FEAT_DIM), dtype=np.float32).astype(np.float16))
-    dataset = data.SpotDataset(secs, crops, names, augment=True, features=feats, tokens=toks if tokens else None)
+    dataset = data.SpotDataset(secs, crops, names, feats, augment=True, tokens=toks if tokens else None)
     context = GlobalContext.of([(f["local"], s.array_xy) for f, s in zip(feats, secs)], device)
     return data.Split(secs, dataset, context, toks if tokens else None)
 
@@ -98,7 +98,7 @@ def train_epoch(split: data.Split, mode: str, batch: int, device, amp: bool, wor
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(on(b["local"]), on(b["neighbour_feats"]), on(b["neighbour_mask"]), on(b["section"]),
                         on(b["index"]), split.context, expression=label, layout=b["layout"].to(device, non_blocking=True))
-        loss, _ = losses.gene_dml_loss(out, label, k=18, sync=False)
+        loss, _ = losses.gene_dml_loss(out, label, k=18)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -323,29 +323,27 @@ def test_neighbour_window_order_and_mask():
 def _dataset(root, cache_root, **kw):
     s = cohorts.load_section("her2st", root, "A1")
     crops = section_crops(s, ArrayCache(cache_root), 16, progress=False)
-    return s, crops, data.SpotDataset([s, s], [crops, crops], ["G3", "G1", "nope"], **kw)
+    feats = [{"tiles": np.random.default_rng(0).random((len(s.spot_ids), 25, 7)).astype(np.float32)}] * 2
+    return s, crops, feats, data.SpotDataset([s, s], [crops, crops], ["G3", "G1", "nope"], feats, **kw)
 
 
 def test_dataset_keys_and_shapes(her2st_tiny, tmp_path):
-    s, crops, ds = _dataset(her2st_tiny, tmp_path / "cache")
+    s, crops, feats, ds = _dataset(her2st_tiny, tmp_path / "cache")
     assert len(ds) == 2 * len(s.spot_ids) and len(ds.labels) == 2 and ds.labels[0].shape == (len(s.spot_ids), 3)
     item = ds[len(s.spot_ids) + 1]
     assert item["section"] == 1 and item["index"] == 1  # the spot is ds.sections[1].spot_ids[1]
     shapes = {k: (tuple(v.shape), v.dtype) for k, v in item.items() if torch.is_tensor(v)}
-    assert shapes == {"local": ((3, 16, 16), torch.uint8), "neighbour_tiles": ((25, 3, 16, 16), torch.uint8),
+    assert shapes == {"local": ((3, 16, 16), torch.uint8), "neighbour_feats": ((25, 7), torch.float32),
                       "neighbour_mask": ((25,), torch.bool), "label": ((3,), torch.float32)}  # what a step reads
     assert set(item) == set(shapes) | {"section", "index"}
     assert np.array_equal(item["local"].permute(1, 2, 0).numpy(), crops.local[1])
     assert data.gene_counts(s, ds.genes)[1].tolist() == [s.counts.loc[s.spot_ids[1], "G3"], s.counts.loc[s.spot_ids[1], "G1"], 0]
-    feats = [{"tiles": np.random.rand(len(s.spot_ids), 25, 7).astype(np.float32)}] * 2
-    fitem = data.SpotDataset([s, s], [crops, crops], ["G1"], features=feats)[3]
-    assert "neighbour_tiles" not in fitem
-    assert torch.equal(fitem["neighbour_feats"], torch.from_numpy(feats[0]["tiles"][3]))
-    assert torch.equal(fitem["neighbour_mask"], torch.from_numpy(crops.tiles(3)[1]))
+    assert torch.equal(ds[3]["neighbour_feats"], torch.from_numpy(feats[0]["tiles"][3]))
+    assert torch.equal(ds[3]["neighbour_mask"], torch.from_numpy(crops.tiles(3)[1]))
 
 
-def test_augmentation_is_a_consistent_dihedral_transform(her2st_tiny, tmp_path):
-    s, crops, ds = _dataset(her2st_tiny, tmp_path / "cache", augment=True)
+def test_augmentation_is_a_dihedral_transform_of_the_crop(her2st_tiny, tmp_path):
+    s, crops, feats, ds = _dataset(her2st_tiny, tmp_path / "cache", augment=True)
     plain = crops.local[0]  # spot at (20.3, 15): tiles above and left of it are partly / wholly off
     seen = set()
     torch.manual_seed(0)
@@ -356,13 +354,11 @@ def test_augmentation_is_a_consistent_dihedral_transform(her2st_tiny, tmp_path):
         match = [v for v, a in enumerate(variants) if np.array_equal(local, a)]
         assert match, "augmented crop is not a flip/rotation of the crop"
         seen.add(match[0])
-        tiles, mask = item["neighbour_tiles"], item["neighbour_mask"]
-        assert torch.equal(tiles[12], item["local"])  # the centre tile moves with the local crop
-        assert mask.sum() == int(crops.mask(0).sum())
-        white = (tiles == 255).flatten(1).all(1)  # the image has no white pixel: white tile = wholly off
-        assert not (white & mask).any()
+        # the frozen tile features describe the unaugmented tiles: they and their mask stay as they are
+        assert torch.equal(item["neighbour_feats"], torch.from_numpy(feats[0]["tiles"][0]))
+        assert torch.equal(item["neighbour_mask"], torch.from_numpy(crops.mask(0)))
     assert len(seen) == 8  # all four rotations, with and without the flip
-    unaugmented = data.SpotDataset([s], [crops], ["G1"])[0]["local"]
+    unaugmented = data.SpotDataset([s], [crops], ["G1"], feats[:1])[0]["local"]
     assert torch.equal(unaugmented.permute(1, 2, 0), torch.from_numpy(plain.copy()))
 
 

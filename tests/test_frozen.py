@@ -70,12 +70,12 @@ def test_an_augmented_item_serves_the_tokens_of_its_transform(demo_root, tmp_pat
     grid = np.random.default_rng(0).random((n, 8, 3, 3, 512)).astype(np.float16)  # distinct per transform
     feats = [{"tiles": np.zeros((n, 25, 512), np.float32)}]
     grid.flags.writeable = False  # as the memory-mapped cache serves it: items are copies, and torch says nothing
-    plain = data.SpotDataset([section], [crops], ["TUM01"], features=feats, tokens=[grid])
+    plain = data.SpotDataset([section], [crops], ["TUM01"], feats, tokens=[grid])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert plain[0]["local"].shape == (9, 512) and plain[0]["local"].dtype == torch.float16
     assert np.array_equal(plain[0]["local"].numpy(), grid[0, 0].reshape(9, 512))
-    augmented = data.SpotDataset([section], [crops], ["TUM01"], features=feats, tokens=[grid], augment=True)
+    augmented = data.SpotDataset([section], [crops], ["TUM01"], feats, tokens=[grid], augment=True)
     seen = set()
     for seed in range(40):
         torch.manual_seed(seed)
@@ -95,7 +95,7 @@ def test_the_frozen_model_sees_the_augmentation(demo_root, tmp_path):
     trunk = build_trunk("none").eval()
     tokens = features.extract_tokens(trunk, crops, progress=False)["tokens"]
     feats = [{"tiles": np.zeros((len(section.spot_ids), 25, 512), np.float32)}]
-    ds = data.SpotDataset([section], [crops], ["TUM01"], features=feats, tokens=[tokens], augment=True)
+    ds = data.SpotDataset([section], [crops], ["TUM01"], feats, tokens=[tokens], augment=True)
     torch.manual_seed(0)
     model = GeneDML(GeneDMLConfig(n_genes=1, dim=32, levels=("local",), local_encoder="frozen", head_hidden=48)).eval()
     model.set_statistics(np.zeros((2, 1)), torch.zeros(2, 512), tokens=features.token_statistics([tokens]))

@@ -141,8 +141,11 @@ def test_module_shapes():
     layout = context.grids.layout(b["section"], b["index"])
     n_tok = len(layout.tokens)
     assert n_tok == 12 and layout.pad.shape == (2, 7) and layout.query.shape == (2, 2)  # both sections, 7 + 5 spots
-    assert M.PEG(D)(torch.randn(n_tok, D), layout.cell, 2, context.grids.grid).shape == (n_tok, D)
-    assert M.GlobalEncoder(cfg)(context.feats[layout.tokens], layout, context.grids.grid).shape == (4, D)
+    assert M.PEG(D).packed(torch.randn(n_tok, D), layout.cell, 2, context.grids.grid).shape == (n_tok, D)
+    assert M.GlobalEncoder(cfg).packed(context.feats[layout.tokens], layout, context.grids.grid).shape == (4, D)
+    feats, xy = b["context"][0]
+    assert M.PEG(D)(torch.randn(len(xy), D), xy).shape == (len(xy), D)  # one section on its own grid
+    assert M.GlobalEncoder(cfg)(feats, xy, torch.tensor([0, 3, 3])).shape == (3, D)
     g = M.GeneEncoder(cfg)(torch.rand(4, G))
     assert g.shape == (4, D) and torch.allclose(g.norm(dim=-1), torch.ones(4))
     fusion = M.Fusion(cfg, {"local": 512, "global": D})
@@ -213,26 +216,13 @@ def test_spot_order_in_a_section_does_not_change_global_output():
     assert torch.allclose(net(**b).embeddings["global"], before, atol=1e-5)
 
 
-def global_level_one_section_at_a_time(enc, feats, xy, rows):
-    """An independent reference for GlobalEncoder: one section as one (1, N, D) sequence through the
-    layers' plain forward, and the PEG on the section's own grid, as TRIPLEX computes it."""
-    x = enc.blocks[0](enc.proj(feats)[None])[0]  # (N, D)
-    xy = xy - xy.min(0).values
-    W, H = (int(v) + 1 for v in xy.max(0).values)
-    grid = x.new_zeros(H, W, x.shape[1])
-    grid[xy[:, 1], xy[:, 0]] = x
-    x = x + enc.peg.conv(grid.permute(2, 0, 1)[None])[0].permute(1, 2, 0)[xy[:, 1], xy[:, 0]]
-    for block in enc.blocks[1:]:
-        x = block(x[None])[0]
-    return enc.norm(x)[rows]
-
-
 @pytest.mark.parametrize("padded", [True, False], ids=["one padded call (GPU)", "a call per section (CPU)"])
 @pytest.mark.parametrize("depth", [1, 3])
 def test_batched_global_level_equals_each_section_on_its_own(depth, padded, monkeypatch):
-    """Four sections of different sizes and grid shapes, a batch that visits three of them unevenly (one
-    spot twice): the packed pass gives each spot its section's row, values and gradients, with the
-    attention as the GPU runs it (one padded, masked call) and as the CPU runs it (section by section)."""
+    """model.GlobalEncoder.packed is GlobalEncoder.forward batched: four sections of different sizes and grid
+    shapes, a batch that visits three of them unevenly (one spot twice); the packed pass gives each spot its
+    section's row of the one-section definition, values and gradients, with the attention as the GPU runs it
+    (one padded, masked call) and as the CPU runs it (section by section)."""
     monkeypatch.setattr(P, "PADDED_ON", ("cpu", "cuda") if padded else ())
     torch.manual_seed(0)
     net = M.GeneDML(tiny_cfg(levels=("global",), global_depth=depth)).eval()
@@ -243,8 +233,8 @@ def test_batched_global_level_equals_each_section_on_its_own(depth, padded, monk
         context.append((torch.randn(n, 512), torch.as_tensor(np.stack([cells % w, cells // w], 1) + 3 * n)))
     section, index = torch.tensor([2, 0, 2, 2, 3, 0, 2]), torch.tensor([12, 8, 0, 5, 1, 0, 12])
     got = net.global_tokens(section, index, context)
-    want = torch.stack([global_level_one_section_at_a_time(net.global_encoder, *context[s], r)
-                        for s, r in zip(section.tolist(), index.tolist())])
+    want = torch.cat([net.global_encoder((f - net.feat_mean) / net.feat_std, xy, torch.tensor([r]))
+                      for (f, xy), r in ((context[s], r) for s, r in zip(section.tolist(), index.tolist()))])
     assert torch.allclose(got, want, atol=1e-5)
     weights = torch.randn_like(got)
     grads = []
@@ -261,10 +251,10 @@ def test_a_batch_from_several_sections_runs_the_global_encoder_once():
     net = M.GeneDML(tiny_cfg()).eval()
     b = make_batch()
     assert len(set(b["section"].tolist())) == 2
-    calls = []
-    net.global_encoder.register_forward_hook(lambda *a: calls.append(1))
+    calls, packed = [], net.global_encoder.packed
+    net.global_encoder.packed = lambda *a: calls.append(1) or packed(*a)
     net(**b)
-    assert len(calls) == 1
+    assert len(calls) == 1  # one packed pass for both sections
 
 
 def test_global_layout_is_checked_when_it_is_built():

@@ -44,7 +44,7 @@ def test_a_slide_alone_gives_predictions_maps_and_an_anndata(ckpt, tmp_path, cap
     c = torch.load(best, map_location="cpu", weights_only=True)
     genes, crop_um = c["genes"], c["data"]["crop_um"]
     assert c["data"]["geometry"] == "square"
-    assert run(ckpt, tmp_path, image, "--um-per-px", UM_PER_PX) == 0
+    assert run(ckpt, tmp_path, image, "--mpp", UM_PER_PX) == 0
     assert "on a square grid of 200 µm" in capsys.readouterr().out
     pred = pd.read_csv(tmp_path / "predictions.csv")
     n = len(pred)
@@ -94,7 +94,7 @@ def test_a_pyramidal_tiff_says_its_own_resolution(ckpt, tmp_path):
                      resolution=(1e4 / (UM_PER_PX * 2 ** lvl),) * 2, resolutionunit="CENTIMETER")
     assert run(ckpt, tmp_path / "out", tmp_path / "he.tif") == 0  # no --um-per-px: the TIFF has it
     jpeg = tmp_path / "jpeg"
-    assert run(ckpt, jpeg, image, "--um-per-px", UM_PER_PX) == 0
+    assert run(ckpt, jpeg, image, "--mpp", UM_PER_PX) == 0
     a, b = pd.read_csv(tmp_path / "out" / "predictions.csv"), pd.read_csv(jpeg / "predictions.csv")
     shared = set(a["spot_id"]) & set(b["spot_id"])
     assert len(shared) >= 0.9 * max(len(a), len(b)), "the same tissue found in both copies"

@@ -147,11 +147,26 @@ def test_get_args_defaults_come_from_the_cohort_table_and_flags_override():
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--levels", "local,globl"], "--levels takes a non-empty comma list of local, neighbour, global; got globl"),
-    (["--levels", ","], "got none"),
+    (["--levels", "local,globl"], "--levels: expected a comma list of local, neighbour, global; got globl"),
+    (["--levels", ","], "--levels: expected a comma list of names"),
     (["--data", "her2st", "--fold", "8"], "--fold 8: her2st has 8 folds, 0..7"),
     (["--data", "cscc", "--fold", "4"], "cscc has 4 folds"),
-    (["--n-genes", "0"], "--n-genes must be at least 1"),
+    (["--n-genes", "0"], "--n-genes: must be at least 1, got 0"),
+    # issue 25: each of these used to start a run, or end in a traceback
+    (["--epochs", "-1"], "--epochs: must be at least 0, got -1"),
+    (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    (["--batch-size", "-4"], "--batch-size: must be at least 1, got -4"),
+    (["--k", "0"], "--k: must be at least 1, got 0"),
+    (["--tau", "0"], "--tau: must be greater than 0, got 0"),
+    (["--tau-group", "nan"], "--tau-group: expected a finite number, got 'nan'"),
+    (["--lr=-1e-4"], "--lr: must be greater than 0"),
+    (["--lam", "-0.5"], "--lam: must be at least 0"),
+    (["--crop-size", "16"], "--crop-size: must be at least 32, got 16"),
+    (["--patience", "0"], "--patience: must be at least 1"),
+    (["--workers", "-1"], "--workers: must be at least 0"),
+    (["--batch-size", "ten"], "--batch-size: expected an integer, got 'ten'"),
+    (["--data", "her2st", "--crop-um", "100"], "--crop-um applies to cohort tables"),
+    (["--data", "nowhere"], "--data must be one of"),
 ])
 def test_bad_flags_are_refused_by_get_args(flags, says, capsys):
     """Before any slide is read: a usage error (exit 2) that names the flag, not a traceback after the crops."""
