@@ -1,5 +1,10 @@
 """The README is the front door: short, with the set-up commands CI runs, a file map before the
-results, and links that lead somewhere (README.md and docs/*.md). Text only: no torch, no data."""
+results, and links that lead somewhere (README.md and docs/*.md); every command in it, in docs/ and in
+the scripts' own docstrings runs a script that exists with flags that script takes (its --help)."""
+import ast
+import contextlib
+import importlib
+import io
 import re
 from pathlib import Path
 
@@ -110,8 +115,84 @@ def test_the_file_map_starts_with_the_losses_and_comes_before_the_results():
         f"the file map (line {rows[0][0] + 1}) should come before the first results table (line {first_result + 1})"
 
 
-def test_the_file_map_names_every_module():
-    mapped = {f for _, f in file_map()}
-    modules = {p.name for p in REPO.glob("*.py")} | {str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.py")}
-    missing = sorted(modules - mapped)
-    assert not missing, f"modules missing from the README's file map: {missing}"
+def test_the_file_map_names_the_five_files_and_the_four_folders():
+    assert {f for _, f in file_map()} == {"losses.py", "model.py", "data.py", "train.py", "evaluate.py",
+                                           "genedml/", "experiments/", "docs/", "tests/"}
+
+
+@pytest.mark.parametrize("package", ["genedml", "experiments"])
+def test_each_folder_has_its_own_map_naming_every_module(package):
+    doc = ast.get_docstring(ast.parse((REPO / package / "__init__.py").read_text())) or ""
+    listed = set(re.findall(r"^\s*(?:python -m \w+\.)?(\w+)", doc, flags=re.M))
+    modules = {p.stem for p in (REPO / package).glob("*.py")} - {"__init__"}
+    assert modules <= listed, f"{package}/__init__.py's map misses {sorted(modules - listed)}"
+
+
+# ----------------------------------------------------------------------------- every command as written
+COMMAND = re.compile(r"(?:^|\$ |`|&& )(?:time )?(python (?:-m [\w.]+|[\w/]+\.py)[^`\n#]*|torchrun [^`\n#]*)", flags=re.M)
+
+
+def commands():
+    """Every `python ...` and `torchrun ...` command in the README, docs/*.md and the five files' and
+    both packages' docstrings (--help texts are built from them), as (where, command)."""
+    sources = [README, *DOCS, *REPO.glob("*.py"), *(REPO / "genedml").glob("*.py"), *(REPO / "experiments").glob("*.py")]
+    for path in sources:
+        for command in COMMAND.findall(path.read_text()):
+            yield str(path.relative_to(REPO)), command.strip()
+
+
+def target(command: str) -> tuple[str, list[str]]:
+    """The script a command runs (train.py, experiments.benchmark ...) and its words after it."""
+    words = command.split()
+    if words[0] == "torchrun":
+        i = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+        return (words[i], words[i + 1:]) if i is not None else (None, [])  # None: continued on the next line
+    if words[1] == "-m":
+        return words[2], words[3:]
+    return words[1], words[2:]
+
+
+SUBCOMMANDS = {"data.py": ("download", "info", "folds", "demo"), "genedml.visium": ("info", "hest-cohort"),
+               "experiments.ablation": ("ablation", "her2st", "compare", "balance")}
+
+
+def help_text(script: str, sub: str | None) -> str:
+    """What `python <script> [sub] --help` prints, run in this process (each script's main takes argv)."""
+    name = script[:-3].replace("/", ".") if script.endswith(".py") else script
+    main = importlib.import_module(name).main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+        main([*([sub] if sub else []), "--help"])
+    assert e.value.code == 0, f"{script} {sub or ''} --help exited {e.value.code}"
+    return out.getvalue()
+
+
+def test_every_command_in_the_docs_runs_a_script_that_exists_and_takes_its_flags():
+    """Each command names a file or module that exists (and a subcommand it has); each --flag it passes is
+    in that script's --help. Flags after ` -- ` go to train.py (the ablations pass them on)."""
+    wanted, problems = {}, []
+    for where, command in commands():
+        if command in ("python -m pytest -q tests",) or "pytest" in command or "pip " in command or "<" in command.split()[1]:
+            continue
+        script, rest = target(command)
+        if script is None:
+            continue
+        path = REPO / script if script.endswith(".py") else REPO / (script.replace(".", "/") + ".py")
+        if not path.is_file() or script in ("docs/figure.py",):
+            if not path.is_file():
+                problems.append(f"{where}: {command!r}: no {script}")
+            continue
+        sub = next((w for w in rest if not w.startswith("-")), None) if script in SUBCOMMANDS else None
+        if script in SUBCOMMANDS and rest and sub not in SUBCOMMANDS[script]:
+            problems.append(f"{where}: {command!r}: {script} has no subcommand {sub!r}")
+            continue
+        own, _, passed_on = " ".join(rest).partition(" -- ")
+        for flags, key in ((own, (script, sub)), (passed_on, ("train.py", None))):
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", flags):
+                wanted.setdefault(key, {}).setdefault(flag, []).append(f"{where}: {command!r}")
+    helps = {key: help_text(*key) for key in sorted(wanted, key=str)}
+    for key, flags in wanted.items():
+        for flag, seen in flags.items():
+            if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", helps[key]):
+                problems.append(f"{seen[0]}: {' '.join(k for k in key if k)} has no {flag}")
+    assert not problems, "\n".join(problems)
