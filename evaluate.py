@@ -36,7 +36,7 @@ from genedml import cohorts
 from genedml import prediction
 from genedml import slide
 from genedml.cache import ArrayCache
-from genedml.checkpoint import load_checkpoint
+from genedml.checkpoint import load_checkpoint, write_csv  # CSVs written whole (atomic)
 from genedml.encoders import rebuild_encoder
 from genedml.features import Collate, prepare_split
 from genedml.metrics import highly_predictive_genes, pooled_pcc, shared_genes, slide_metrics, summarise
@@ -94,15 +94,7 @@ def evaluate_split(model, split, device, batch_size=64, amp=None):
 
 
 # -----------------------------------------------------------------------------
-# outputs a person can open: CSV tables and PNG maps
-
-def write_csv(df, path):
-    """Write a CSV atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_csv(tmp, index=False, float_format="%.5g")
-    os.replace(tmp, path)
-
+# outputs a person can open: PNG maps (and CSV tables, checkpoint.write_csv)
 
 def _colour(values):
     """Map values to RGB with a small perceptual ramp (dark blue -> teal -> yellow), no matplotlib."""
