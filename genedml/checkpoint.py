@@ -21,6 +21,7 @@ disk does not pile them up. A full disk is one line, "no space left on <folder>"
 is untouched.
 """
 import errno
+import json
 import logging
 import os
 import re
@@ -248,3 +249,28 @@ def check_resume(resume: dict, args, names: dict) -> None:
         raise SystemExit(f"--resume {args.resume} was trained on {resume['data']['sections']}, not {names}")
     # as --fold all's re-run does: other settings would silently change the run mid-way
     refuse_other_settings(resume["args"], args, args.resume, RUN_ONLY | {"epochs", "patience"})
+
+
+def resume_log(path, resume: dict) -> None:
+    """Rewrite log.jsonl (whole) as an uninterrupted run leaves it up to `resume` (a last.pt): the lines
+    of its epochs, each once. A line of a later epoch (a kill after the append, before last.pt landed:
+    the GPU writes it in the background) goes; the checkpoint's own line, when a kill came between the
+    rename of last.pt and the append, comes back from last.pt ("log"). A torn last line (a kill during
+    the append) is dropped and reported; any other unreadable line is an error naming the file."""
+    path = Path(path)
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = []
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            epoch = record["epoch"]
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines):
+                print(f"{path}: dropped its last line, torn by the kill ({line[:40]!r}...)")
+                break
+            raise ValueError(f"{path}: line {i} is not a log record ({line[:60]!r}); remove it and resume again") from None
+        if epoch <= resume["epoch"]:
+            kept.append(record)
+    if resume.get("log") and not any(r["epoch"] == resume["epoch"] for r in kept):
+        kept.append(resume["log"])
+    write_text("".join(json.dumps(r) + "\n" for r in kept), path)
