@@ -731,8 +731,10 @@ def test_sigkill_then_resume_ends_like_the_straight_run(run, demo_root, cache_di
     child = subprocess.Popen([sys.executable, "-c", KILL, json.dumps(argv), where], cwd=Path(__file__).resolve().parents[1],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     if where == "random":
-        for line in child.stdout:  # after epoch 0's line, at a moment of epoch 1 or of its writes
+        for line in child.stdout:  # once epoch 0's last.pt is in place, at a moment of epoch 1 or of its writes
             if line.startswith("epoch 0:"):
+                while not (out / "last.pt").exists() and child.poll() is None:
+                    time.sleep(0.01)
                 time.sleep(random.Random().uniform(0, 1.5))
                 child.send_signal(signal.SIGKILL)
                 break
