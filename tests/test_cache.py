@@ -238,22 +238,26 @@ def test_two_processes_building_one_entry_both_succeed(tmp_path):
     assert not calls
 
 
-@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS])
+@pytest.mark.parametrize("error", [errno.ENOSPC, "short write", errno.EROFS])
 def test_a_full_or_read_only_cache_is_a_warning_and_leaves_nothing(tmp_path, monkeypatch, caplog, error):
-    """np.save fails half-way (a full disk) or at once (a read-only folder): the arrays are
-    used from memory, with one warning naming the folder, and no half-written entry or temporary folder."""
+    """np.save fails half-way (a full disk: ENOSPC, or numpy's short write without an errno) or at once
+    (a read-only folder): the arrays are used from memory, with one warning naming the folder, and no
+    half-written entry or temporary folder."""
     ArrayCache(tmp_path).get("other", {"v": 1}, _builder([]))
 
     def failing(path, arr):
-        if error == errno.ENOSPC:  # what np.save leaves on a full disk
+        if error != errno.EROFS:  # what np.save leaves on a full disk
             Path(path).write_bytes(b"\x93NUMPY half")
+        if error == "short write":  # what array.tofile says when the disk fills
+            raise OSError(f"{arr.nbytes} requested and 10 written")
         raise OSError(error, os.strerror(error))  # OSError(EISDIR, ...) is an IsADirectoryError
 
     monkeypatch.setattr(cache_module.np, "save", failing)
+    monkeypatch.setattr(cache_module, "_room", lambda folder: 10)
     with caplog.at_level("WARNING"):
         out = ArrayCache(tmp_path).get("thing", {"v": 1}, _builder([]))
     assert (out["a"] == 1).all() and not out["a"].flags.writeable
-    assert str(tmp_path) in caplog.text and ("no space left" if error == errno.ENOSPC else "file system") in caplog.text
+    assert str(tmp_path) in caplog.text and ("file system" if error == errno.EROFS else "no space left") in caplog.text
     assert [p.name for p in tmp_path.iterdir()] == [_entry(tmp_path, "other").name]
     error = errno.EISDIR  # an error that says nothing of the disk is raised
     with pytest.raises(IsADirectoryError):
