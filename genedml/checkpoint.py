@@ -160,8 +160,8 @@ def _finite(t: torch.Tensor) -> bool:
 def _verify(ckpt: dict, path: Path) -> None:
     """Refuse a checkpoint whose tensors differ from the checksums saved with them, or whose weights are
     not finite (checkpoints written before the checksum are checked for the latter only)."""
-    saved = ckpt.get("checksum")
-    if saved is not None:
+    if "checksum" in ckpt:
+        saved = ckpt["checksum"] if isinstance(ckpt["checksum"], dict) else {}
         now = tensor_checksums({k: v for k, v in ckpt.items() if k != "checksum"})
         bad = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
         if bad:

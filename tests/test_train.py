@@ -723,7 +723,7 @@ train.main(argv)
 
 
 @pytest.mark.parametrize("where", ["mid-step", "mid-checkpoint", "before-log", "mid-log", "random"])
-def test_sigkill_then_resume_ends_like_the_straight_run(run, demo_root, cache_dir, tmp_path, where):
+def test_sigkill_then_resume_ends_like_the_straight_run(run, demo_root, cache_dir, tmp_path, capsys, where):
     """SIGKILL during epoch 1 (a step, the last.pt write, before or during its log line, or a random
     moment after epoch 0): last.pt loads, --resume leaves no temporary file and ends, checkpoint and
     log, where the uninterrupted run ends."""
@@ -748,8 +748,12 @@ def test_sigkill_then_resume_ends_like_the_straight_run(run, demo_root, cache_di
     assert rc == -signal.SIGKILL or where == "random", f"the child was to die at {where}, exit {rc}"
     last = checkpoint.load_checkpoint(out / "last.pt")  # loads, whatever the moment
     assert last["epoch"] in (0, 1)
+    if where == "mid-checkpoint":
+        assert [f for f in os.listdir(out) if f.startswith(".last.pt.tmp-")], "the kill left its temporary file"
     train.main(argv + ["--resume", str(out / "last.pt")])
     assert not [f for f in os.listdir(out) if ".tmp" in f], "no temporary file is left"
+    if where == "mid-log":
+        assert "dropped its last line, torn by the kill" in capsys.readouterr().out
     assert_resumed_like(run, out, ("model", "optimizer", "scheduler", "epoch", "best"))
 
 
