@@ -36,7 +36,7 @@ import data
 from genedml import cohorts
 from genedml import distributed
 from genedml.cache import ArrayCache
-from genedml.checkpoint import check_for_evaluation, load_checkpoint
+from genedml.checkpoint import check_for_evaluation, load_checkpoint, write_csv  # CSVs written whole (atomic)
 from genedml.cli import HelpFormatter, comma_list, number
 from genedml.encoders import rebuild_encoder
 from genedml.metrics import highly_predictive_genes, pooled_pcc, shared_genes, slide_metrics, summarise
@@ -97,15 +97,7 @@ def evaluate_split(model, split, device, batch_size=64, amp=None, encoder=None):
 
 
 # -----------------------------------------------------------------------------
-# outputs a person can open: CSV tables and PNG maps
-
-def write_csv(df, path):
-    """Write a CSV atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_csv(tmp, index=False, float_format="%.5g")
-    os.replace(tmp, path)
-
+# outputs a person can open: PNG maps (and CSV tables, checkpoint.write_csv)
 
 def _colour(values):
     """Map values to RGB with a small perceptual ramp (dark blue -> teal -> yellow), no matplotlib."""

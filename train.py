@@ -41,7 +41,8 @@ from genedml import encoders
 import evaluate
 from genedml.crops import native_crop_um
 from genedml.trunk import MIN_CROP
-from genedml.checkpoint import CheckpointWriter, check_resume, load_checkpoint, plain, refuse_other_settings, save_atomic
+from genedml.checkpoint import (CheckpointWriter, check_resume, load_checkpoint, plain, refuse_other_settings, resume_log,
+                                save_atomic)
 from evaluate import evaluate_split
 from genedml.cli import HelpFormatter, comma_list, number
 from genedml.metrics import summarise
@@ -294,9 +295,11 @@ def train_fold(args, fold):
             ckpt = fold_checkpoint(args, fold, d, model, cfg, epoch, progress)
             if improved:
                 save_atomic(ckpt, run.out / "best.pt")  # the model, no optimiser: what evaluation reads
-            # last.pt: best.pt's contents plus what --resume needs (Adam's state is 2x the model)
+            # last.pt: best.pt's contents plus what --resume needs (Adam's state is 2x the model), and
+            # this epoch's log line, which a kill before the append below would otherwise lose
             writer.save({**ckpt, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "scaler": scaler.state_dict()}, run.out / "last.pt")
+                         "scaler": scaler.state_dict(), "log": json.loads(json.dumps(record))},  # plain floats
+                        run.out / "last.pt")
             record["checkpoint_seconds"] = time.time() - t1  # what checkpointing kept the loop waiting
             with open(run.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -532,12 +535,7 @@ def resume_from(args, run, model, opt, sched, scaler, select_part) -> Progress:
     if run.main:
         print(f"=> loaded checkpoint '{args.resume}' (epoch {r['epoch']}, best {select_part} PCC(M) "
               f"{progress.best:.4f} at epoch {progress.best_epoch})")
-        # Drop log lines of epochs after the checkpoint (a run killed between its log line and its
-        # checkpoint), so the resumed log reads as if the run had never stopped.
-        log_file = run.out / "log.jsonl"
-        if log_file.exists():
-            lines = [l for l in log_file.read_text().splitlines() if json.loads(l)["epoch"] < progress.start]
-            log_file.write_text("".join(l + "\n" for l in lines))
+        resume_log(run.out / "log.jsonl", r)  # as if the run had never stopped
     return progress
 
 

@@ -33,6 +33,7 @@ def spot_file_section(image, spots, genes, crop_um=None):
     if visium_files.is_positions_file(spots):
         return visium.positions_section(image, spots, genes, crop_um or visium.DEFAULT_CROP_UM)
     ids, array_xy, pixel_xy = cohorts.read_spots(Path(spots))  # same checks as the cohort readers
+    visium_files.check_on_image(pixel_xy, ids, image, spots)  # as training checks them (cohorts.load_section)
     return cohorts.Section(cohort="predict", name=Path(image).stem, patient="new", image_path=Path(image),
                         spot_ids=ids, array_xy=array_xy, pixel_xy=pixel_xy,
                         counts=pd.DataFrame(0.0, index=ids, columns=genes))

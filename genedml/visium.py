@@ -43,8 +43,8 @@ import pandas as pd
 
 from genedml import cohorts
 from genedml.crops import um_per_px
-from genedml.visium_files import (POSITION_COLUMNS, Sparse, check_image, counts_frame, first_file, in_tissue_positions,
-                          read_10x_h5, read_h5ad, read_mex, read_positions)
+from genedml.visium_files import (POSITION_COLUMNS, Sparse, check_image, check_on_image, counts_frame, first_file,
+                                  in_tissue_positions, read_10x_h5, read_h5ad, read_mex, read_positions)
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,7 @@ def make_section(cohort, name, patient, image, pos: pd.DataFrame, sparse: Sparse
     if len(np.unique(array_xy, axis=0)) < len(array_xy):
         raise ValueError(f"{files['spots']}: two spots share an array position")
     pixel_xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64) * image_scale  # x = column
-    w, h = check_image(image)
-    off = (pixel_xy[:, 0] < 0) | (pixel_xy[:, 0] >= w) | (pixel_xy[:, 1] < 0) | (pixel_xy[:, 1] >= h)
-    if off.any():
-        i = int(off.argmax())
-        raise ValueError(f"{files['spots']}: {int(off.sum())} spot centre(s) outside the {w}x{h} image {Path(image).name}, "
-                         f"e.g. {common[i]} at ({pixel_xy[i, 0]:.1f}, {pixel_xy[i, 1]:.1f})")
+    check_on_image(pixel_xy, common, image, files["spots"])
     resolution = resolution or um_per_px(array_xy, pixel_xy, geometry, str(files["spots"]))
     counts = counts_frame(sparse, in_matrix.get_indexer(common), common.tolist(), str(files["counts"]))
     return cohorts.Section(cohort, name, patient, Path(image), common.tolist(), array_xy, pixel_xy, counts,
@@ -152,6 +147,8 @@ def read_cohort_table(path) -> pd.DataFrame:
     if missing or ("spaceranger" not in df.columns and "h5ad" not in df.columns):
         raise ValueError(f"{path}: a cohort table needs the columns sample, patient, image and spaceranger or h5ad "
                          f"(has {list(df.columns)})")
+    if not len(df):
+        raise ValueError(f"{path}: a cohort table without slides (a header and no rows)")
     df = df.apply(lambda col: col.str.strip())
     for c in ("spaceranger", "h5ad", "patches", "fold", "geometry", "image_scale", "um_per_px"):
         df[c] = df[c] if c in df.columns else ""
@@ -160,6 +157,13 @@ def read_cohort_table(path) -> pd.DataFrame:
             raise ValueError(f"{path}: row {i + 1} needs a sample, a patient and exactly one of spaceranger / h5ad")
         if r["geometry"] not in ("", "hex", "square"):
             raise ValueError(f"{path}: row {i + 1}: geometry must be hex or square, got {r['geometry']!r}")
+        for c in ("image_scale", "um_per_px"):  # a scale: a positive number, or empty for the default
+            try:
+                ok = not r[c] or 0 < float(r[c]) < np.inf
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{path}: row {i + 1}: {c} must be a positive number (or empty), got {r[c]!r}")
     if df["sample"].duplicated().any():
         raise ValueError(f"{path}: duplicate sample(s) {df['sample'][df['sample'].duplicated()].tolist()}")
     for c in ("spaceranger", "h5ad", "patches", "image"):

@@ -223,6 +223,17 @@ def check_image(path) -> tuple[int, int]:
     return w, h
 
 
+def check_on_image(pixel_xy, ids, image, where) -> None:
+    """Refuse spot centres (pixel_xy (N, 2): x, y) that lie off the image: their crops would be blank
+    white, and predictions for them silently made up."""
+    w, h = check_image(image)
+    off = (pixel_xy[:, 0] < 0) | (pixel_xy[:, 0] >= w) | (pixel_xy[:, 1] < 0) | (pixel_xy[:, 1] >= h)
+    if off.any():
+        i = int(off.argmax())
+        raise ValueError(f"{where}: {int(off.sum())} of {len(off)} spot centre(s) outside the {w}x{h} image "
+                         f"{Path(image).name}, e.g. {ids[i]} at ({pixel_xy[i, 0]:.1f}, {pixel_xy[i, 1]:.1f})")
+
+
 # ----------------------------------------------------------------------------- HEST-1k (.h5ad with h5py alone)
 def _read_column(f, node) -> np.ndarray:
     """One anndata dataframe column: a dataset, a categorical group (codes + categories), a nullable

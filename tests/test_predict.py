@@ -138,3 +138,17 @@ def test_bad_slides_are_clear_errors(ckpt, tmp_path, capsys):
         evaluate.get_args(["--ckpt", "x.pt", "--predict", "a", "b", "c"])
     with pytest.raises(SystemExit):
         evaluate.get_args(["--ckpt", "x.pt", "--predict", "a", "b", "--tissue-mask", "m.png"])
+
+
+@pytest.mark.parametrize("size", [(200, 150), (1, 1)])
+def test_spots_off_the_image_are_refused(ckpt, tmp_path, capsys, size):
+    """A her2st spot file against a smaller image (another slide's, a thumbnail): an error naming the spot
+    file and how many spots lie off, as training gives, not predictions for blank white crops."""
+    _, _, image = ckpt
+    spots = image.parents[3] / "ST-spotfiles" / "D1_selection.tsv"
+    with Image.open(image) as im:
+        im.convert("RGB").crop((0, 0, *size)).save(tmp_path / "small.jpg")
+    assert run(ckpt, tmp_path / "out", tmp_path / "small.jpg", spots) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"{spots.name}: \d+ of \d+ spot centre\(s\) outside the {size[0]}x{size[1]} image small.jpg", err), err
+    assert not (tmp_path / "out").exists(), "nothing written"

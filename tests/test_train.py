@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -659,3 +660,197 @@ def test_the_three_commands_turn_bad_input_into_one_error_line(tmp_path):
         stderr = process.communicate(timeout=120)[1]
         assert process.returncode != 0 and "Traceback" not in stderr, (argv, stderr[-2000:])
         assert f"error: {cases[argv]}" in stderr.splitlines()[-1], (argv, stderr[-2000:])
+
+
+# ----------------------------------------------------------------------------- integrity: damaged files, full disks, kills
+
+def _damage_a_tensor(path):
+    """Write 64 random bytes into the middle of the largest tensor record of a torch zip file."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = np.frombuffer(f.read(4), "<u2")
+        f.seek(info.header_offset + 30 + int(name_len) + int(extra_len) + info.file_size // 2)
+        f.write(np.random.default_rng(0).bytes(64))
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_tensor(run, cache_dir, tmp_path, capsys):
+    """64 random bytes in a tensor: torch.load reads it without complaint; load_checkpoint refuses it, and
+    nothing is evaluated (no table of NaN, no cache entry evicted as stale)."""
+    bad = tmp_path / "best.pt"
+    bad.write_bytes((run / "best.pt").read_bytes())
+    _damage_a_tensor(bad)
+    load(bad)  # what weights_only=True alone accepts
+    entries = sorted(p.name for p in cache_dir.iterdir())
+    assert evaluate.main(eval_argv([bad], cache_dir, tmp_path / "eval")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and str(bad) in err and "damaged" in err and "Traceback" not in err
+    assert re.search(r"\((model|frozen_trunk)/\S+", err), f"the tensor is named: {err}"
+    assert sorted(p.name for p in cache_dir.iterdir()) == entries and not (tmp_path / "eval" / "folds.csv").exists()
+
+
+def test_non_finite_weights_are_refused(run, tmp_path, capsys):
+    ckpt = load(run / "best.pt")
+    name = next(iter(ckpt["model"]))
+    ckpt["model"][name][..., 0] = float("nan")
+    checkpoint.save_atomic(ckpt, tmp_path / "nan.pt")  # a checksum that matches: only the values are wrong
+    assert evaluate.main(["--ckpt", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "eval")]) == 2
+    assert f"non-finite weights in model/{name}" in capsys.readouterr().err
+
+
+def test_a_checkpoint_round_trips_with_its_checksum(run):
+    ckpt = checkpoint.load_checkpoint(run / "last.pt")
+    assert set(ckpt["checksum"]) == set(checkpoint.tensor_checksums({k: v for k, v in ckpt.items() if k != "checksum"}))
+    assert any(k.startswith("optimizer/") for k in ckpt["checksum"]) and ckpt["log"]["epoch"] == ckpt["epoch"]
+
+
+def _enospc_after(nbytes):
+    """A stand-in for torch.save / to_csv on a full disk: some bytes land, then ENOSPC; torch.save's zip
+    writer then raises a RuntimeError of its own, with the OSError as its context."""
+    import errno
+
+    def write(obj, f, *a, **kw):
+        f.write(b"x" * nbytes if "b" in f.mode else "x" * nbytes)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            if "b" in f.mode:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1000 vs 900")
+            raise
+    return write
+
+
+def test_a_full_disk_under_out_is_one_line_and_keeps_the_previous_last_pt(run, demo_root, cache_dir, tmp_path,
+                                                                          monkeypatch):
+    """last.pt of epoch 1 meets a full disk: one line naming the folder, no temporary file, the previous
+    last.pt (epoch 0) still loads, and once there is space --resume ends where the straight run ends."""
+    out, real, full = tmp_path / "out", checkpoint.torch.save, _enospc_after(1000)
+
+    def save(obj, f):
+        return (full if obj.get("epoch") == 1 else real)(obj, f)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(checkpoint.torch, "save", save)
+        with pytest.raises(SystemExit) as e:
+            train.main(train_argv(demo_root, cache_dir, out))
+    message = str(e.value.code)
+    assert message.startswith(f"error: no space left on {out} (writing ") and "\n" not in message
+    assert checkpoint.load_checkpoint(out / "last.pt")["epoch"] == 0
+    assert not [f for f in os.listdir(out) if ".tmp" in f], "the temporary file is removed"
+    train.main(train_argv(demo_root, cache_dir, out, "--resume", str(out / "last.pt")))
+    assert_resumed_like(run, out, ("model", "optimizer", "epoch", "best"))
+
+
+def test_a_full_disk_writing_a_csv_keeps_the_previous_table(tmp_path, monkeypatch):
+    path = tmp_path / "folds.csv"
+    checkpoint.write_csv(pd.DataFrame({"a": [1.0]}), path)
+    monkeypatch.setattr(pd.DataFrame, "to_csv", lambda self, f, **kw: _enospc_after(10)(self, f))
+    with pytest.raises(SystemExit, match=f"no space left on {tmp_path}"):
+        checkpoint.write_csv(pd.DataFrame({"a": [2.0]}), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["folds.csv"]
+    monkeypatch.undo()
+    assert pd.read_csv(path)["a"].tolist() == [1.0]
+
+
+# What the killed run does at epoch 1 (its first step, its last.pt write, its log line), run in a child
+# process that SIGKILLs itself there: what a kill at that moment leaves on disk.
+KILL = """
+import builtins, json, os, signal, sys
+import train
+from genedml import checkpoint
+argv, where = json.loads(sys.argv[1]), sys.argv[2]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+calls = []
+if where == "mid-step":
+    real_loss = train.gene_dml_loss
+    def loss(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 1's first step
+            die()
+        return real_loss(*a, **kw)
+    train.gene_dml_loss = loss
+elif where == "mid-checkpoint":
+    real_save = checkpoint.torch.save
+    def save(obj, f):
+        if obj.get("epoch") == 1 and "optimizer" in obj:
+            f.write(b"PK half a checkpoint")
+            f.flush()
+            die()
+        return real_save(obj, f)
+    checkpoint.torch.save = save
+elif where in ("before-log", "mid-log"):
+    class Torn:
+        def __init__(self, f): self.f = f
+        def __enter__(self): return self
+        def __exit__(self, *e): self.f.close()
+        def write(self, text):
+            self.f.write(text[:len(text) // 2])
+            self.f.flush()
+            die()
+    def opener(path, mode="r", *a, **kw):
+        if str(path).endswith("log.jsonl") and "a" in mode:
+            calls.append(1)
+            if len(calls) == 2:  # epoch 1's line, after its last.pt
+                if where == "before-log":
+                    die()
+                return Torn(builtins.open(path, mode, *a, **kw))
+        return builtins.open(path, mode, *a, **kw)
+    train.open = opener
+print("started", flush=True)
+train.main(argv)
+"""
+
+
+@pytest.mark.parametrize("where", ["mid-step", "mid-checkpoint", "before-log", "mid-log", "random"])
+def test_sigkill_then_resume_ends_like_the_straight_run(run, demo_root, cache_dir, tmp_path, capsys, where):
+    """SIGKILL during epoch 1 (a step, the last.pt write, before or during its log line, or a random
+    moment after epoch 0): last.pt loads, --resume leaves no temporary file and ends, checkpoint and
+    log, where the uninterrupted run ends."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "out"
+    argv = train_argv(demo_root, cache_dir, out)
+    child = subprocess.Popen([sys.executable, "-c", KILL, json.dumps(argv), where], cwd=Path(__file__).resolve().parents[1],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if where == "random":
+        for line in child.stdout:  # once epoch 0's last.pt is in place, at a moment of epoch 1 or of its writes
+            if line.startswith("epoch 0:"):
+                while not (out / "last.pt").exists() and child.poll() is None:
+                    time.sleep(0.01)
+                time.sleep(random.Random().uniform(0, 1.5))
+                child.send_signal(signal.SIGKILL)
+                break
+    rc = child.wait(timeout=300)
+    assert rc == -signal.SIGKILL or where == "random", f"the child was to die at {where}, exit {rc}"
+    last = checkpoint.load_checkpoint(out / "last.pt")  # loads, whatever the moment
+    assert last["epoch"] in (0, 1)
+    if where == "mid-checkpoint":
+        assert [f for f in os.listdir(out) if f.startswith(".last.pt.tmp-")], "the kill left its temporary file"
+    train.main(argv + ["--resume", str(out / "last.pt")])
+    assert not [f for f in os.listdir(out) if ".tmp" in f], "no temporary file is left"
+    if where == "mid-log":
+        assert "dropped its last line, torn by the kill" in capsys.readouterr().out
+    assert_resumed_like(run, out, ("model", "optimizer", "scheduler", "epoch", "best"))
+
+
+def test_two_runs_building_one_cache_at_once_both_succeed(demo_root, tmp_path):
+    """Two train.py --epochs 0 on one new --cache-dir, at once: both exit 0, and every entry is intact."""
+    import subprocess
+    import sys
+    from genedml import cache as cache_module
+    argvs = [train_argv(demo_root, tmp_path / "cache", tmp_path / f"out{i}", epochs=0) for i in range(2)]
+    runs = [subprocess.Popen([sys.executable, "train.py", *a], cwd=Path(__file__).resolve().parents[1],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for a in argvs]
+    for r in runs:
+        assert r.wait(timeout=600) == 0, r.stderr.read()[-2000:]
+    entries = list((tmp_path / "cache").iterdir())
+    assert entries and not [p for p in entries if p.name.startswith(".")], "no temporary folder is left"
+    for entry in entries:
+        meta = json.loads((entry / "key.json").read_text())
+        for a in meta["arrays"]:
+            assert cache_module._crc32(entry / f"{a}.npy") == meta["crc32"][a], f"{entry.name}/{a}.npy"

@@ -204,7 +204,7 @@ def test_bad_spaceranger_input_names_the_file(tmp_path):
     pos = pd.read_csv(t["outs"] / "spatial" / "tissue_positions.csv")
     pos.loc[0, "pxl_col_in_fullres"] = W + 10
     pos.to_csv(t["outs"] / "spatial" / "tissue_positions.csv", index=False)
-    with pytest.raises(ValueError, match=r"tissue_positions.csv: 1 spot centre\(s\) outside the 280x200 image"):
+    with pytest.raises(ValueError, match=r"tissue_positions.csv: 1 of 36 spot centre\(s\) outside the 280x200 image"):
         visium.load_spaceranger("m", "S", "P", t["outs"], img)
     t = write_slide(tmp_path / "short")  # the header promises more entries than the file holds
     mtx = t["outs"] / "filtered_feature_bc_matrix" / "matrix.mtx.gz"
@@ -472,3 +472,26 @@ def test_info_exits_non_zero_when_a_slide_fails(cohort, tmp_path, capsys):
     out = captured.out.splitlines()
     assert len(out) == 3 and " hex " in out[1] and out[2].startswith("S1") and "fullres.png: not an image" in out[2]
     assert "1 of 2 slides" in captured.err and "S1" in captured.err
+
+
+@pytest.mark.parametrize("change, says", [
+    ("no rows", "a cohort table without slides"),
+    ({"image_scale": "abc"}, "row 1: image_scale must be a positive number (or empty), got 'abc'"),
+    ({"um_per_px": "0"}, "row 1: um_per_px must be a positive number (or empty), got '0'"),
+    ({"um_per_px": "-1"}, "row 1: um_per_px must be a positive number (or empty), got '-1'"),
+    ({"image_scale": "-0.5"}, "image_scale must be a positive number"),
+])
+def test_info_refuses_a_table_that_would_mislead(cohort, tmp_path, capsys, change, says):
+    """visium.py info exits non-zero, naming the table, the row and the column, rather than listing a
+    table without slides, or a scale it cannot use (ignored, or shown as -1.000 µm/px)."""
+    _, root = cohort
+    rows = [{"sample": "S0", "patient": "P1", "spaceranger": str(root / "s0"), "image": str(root / "s0/fullres.png"),
+             "image_scale": "", "um_per_px": ""}]
+    table = tmp_path / "mine.csv"
+    if change == "no rows":
+        pd.DataFrame(columns=list(rows[0])).to_csv(table, index=False)
+    else:
+        write_table(table, [{**rows[0], **change}])
+    assert visium.main(["info", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {table}: ") and says in err
