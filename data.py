@@ -114,14 +114,15 @@ class SpotDataset(torch.utils.data.Dataset):
     of it), the frozen features of its 5x5 neighbour tiles and their mask, and its label, with its
     section and row. With augment=True the local crop gets a random flip / 90-degree rotation (one of 8,
     crops.dihedral); token maps are served for that same transform of the crop (features.extract_tokens
-    caches all 8); the tile features describe the unaugmented tiles and are left as they are. An item
+    caches all 8; without augmentation one map a crop, of the crop as it is, suffices); the tile features
+    describe the unaugmented tiles and are left as they are. An item
     holds only what a step reads; the raw counts, coordinates and spot ids stay on the dataset's sections."""
 
     def __init__(self, sections: list[Section], crops: list[SectionCrops], genes: list[str], features: list[dict],
                  smooth: bool = True, augment: bool = False, tokens: list[np.ndarray] | None = None):
         assert len(crops) == len(sections), f"{len(sections)} sections but {len(crops)} crops"
         assert len(features) == len(sections), "one features dict per section"
-        assert tokens is None or len(tokens) == len(sections), "one token array (N, 8, h, w, C) per section"
+        assert tokens is None or len(tokens) == len(sections), "one token array (N, T, h, w, C) per section"
         self.sections, self.crops, self.genes = sections, crops, list(genes)
         self.augment, self.features, self.tokens = augment, features, tokens
         self.labels = [expression_labels(gene_counts(s, self.genes), s.array_xy, smooth, s.geometry)
@@ -129,8 +130,8 @@ class SpotDataset(torch.utils.data.Dataset):
         for s, c in zip(sections, crops):
             assert len(c.local) == len(s.spot_ids), f"{s.name}: {len(c.local)} crops for {len(s.spot_ids)} spots"
         for s, t in zip(sections, tokens or []):
-            assert t.ndim == 5 and t.shape[:2] == (len(s.spot_ids), N_DIHEDRAL), \
-                f"{s.name}: tokens {t.shape}, expected ({len(s.spot_ids)}, {N_DIHEDRAL}, h, w, F)"
+            assert t.ndim == 5 and t.shape[0] == len(s.spot_ids) and t.shape[1] >= (N_DIHEDRAL if augment else 1), \
+                f"{s.name}: tokens {t.shape}, expected ({len(s.spot_ids)}, {N_DIHEDRAL if augment else 1}, h, w, F)"
         # (total spots, 2): section index, row within the section
         self.rows = np.concatenate([np.stack([np.full(len(s.spot_ids), k), np.arange(len(s.spot_ids))], 1)
                                     for k, s in enumerate(sections)]).astype(np.int64)
@@ -159,7 +160,7 @@ class Split:
     sections: list       # cohorts.Section, one per slide
     dataset: object      # data.SpotDataset over those sections
     context: GlobalContext  # every spot's frozen feature (on the device) and where it lies, for the global level
-    tokens: list | None = None  # per section: frozen local tokens (N, 8, h, w, C) float16, if asked for
+    tokens: list | None = None  # per section: frozen local tokens (N, 8, h, w, C) float16 (N, 1, ... unaugmented), if asked for
 
     def loader(self, batch_size: int, **kw) -> torch.utils.data.DataLoader:
         """A DataLoader over the split whose batches carry their global-level layout (Collate)."""
@@ -199,13 +200,15 @@ class Collate:
 def prepare_split(sections, genes, crop_size, trunk, cache, device, smooth=True, augment=False, local_tokens=False):
     """Crop every section (cached), extract its frozen features once (cached), build the dataset.
     trunk: an encoders.FrozenEncoder (or a bare ResNet18 trunk). local_tokens: the dataset serves the
-    frozen encoder's token map of each crop (cached) instead of the crop."""
+    frozen encoder's token map of each crop (cached) instead of the crop: under all 8 transforms when
+    augmented, else of the crop as it is alone (inference: features.section_tokens)."""
     encoder = as_encoder(trunk)
     key, t = encoder.cache_key(device), tag(encoder.spec)  # t: "" for the ResNet18, "-uni" ...; the kind ends the name (cache.py)
     crops = cohort_crops(sections, cache, crop_size)  # decodes each JPEG once, ever
     feats = [section_features(encoder, key, c, cache, f"{s.cohort}-{s.name}{t}-features", device=device)
              for s, c in zip(sections, crops)]
-    tokens = [section_tokens(encoder, key, c, cache, f"{s.cohort}-{s.name}{t}-tokens", device=device)["tokens"]
+    tokens = [section_tokens(encoder, key, c, cache, f"{s.cohort}-{s.name}{t}-tokens", device=device,
+                             transforms=N_DIHEDRAL if augment else 1)["tokens"]
               for s, c in zip(sections, crops)] if local_tokens else None
     dataset = SpotDataset(sections, crops, genes, feats, smooth=smooth, augment=augment, tokens=tokens)
     context = GlobalContext.of([(np.asarray(f["local"]), s.array_xy) for f, s in zip(feats, sections)], device)

@@ -16,8 +16,10 @@ has (matched by name) and says how many it lacks.
 Everything the model needs is read from the checkpoint (loaded with weights_only=True); a checkpoint
 trained with a foundation encoder (train.py --encoder uni) also needs that encoder's weights file,
 found where it was at training time, or given with --weights, and checked against the recorded hash.
-Every mode writes predictions.csv and predictions.h5ad (AnnData, h5ad.py) and PNG maps over a thumbnail
-that is decoded once per slide. --predict SLIDE finds the tissue and lays the spots (prediction.py, slide.py).
+Every mode writes predictions.csv and predictions.h5ad (AnnData as scanpy and squidpy read it: hires and
+lowres images, one library a slide; h5ad.py, docs/data.md) and PNG maps over a thumbnail that is decoded
+once per slide. --predict SLIDE finds the tissue and lays the spots (prediction.py, slide.py). Inference
+reads the frozen local tokens of the crop as it is: only that map is extracted (features.section_tokens).
 """
 import argparse
 import glob

@@ -52,7 +52,8 @@ other jobs hold cores: torch's threads then wait on each other, up to 20x slower
          kernel can drop those at will).
   slide  evaluate.py --predict SLIDE end to end on a synthetic tiled pyramidal TIFF (tifffile) whose
          tissue holds ~--wsi-spots spots of a Visium grid, read through OpenSlide, with a random-weight
-         model at --wsi-crop px: grid spots/s cold (region reads, frozen features of 26 images a spot,
+         model (frozen local level) at --wsi-crop px: grid spots/s and peak RSS, cold (region reads,
+         frozen features of 26 images a spot and the crop's tokens, untransformed: 27 images a spot;
          prediction) and warm (cache filled: prediction alone). Then the global level's large-grid
          strategy against the full pass on the same grid: time, peak RSS, and how far the windowed
          predictions are from the full pass's (slide.grid_windows, --wsi-window spots a window).

@@ -195,7 +195,8 @@ def bench_slide(args, device, tmp):
             tw.write(img[::2 ** lvl, ::2 ** lvl], tile=(256, 256), photometric="rgb", compression="zlib",
                      subfiletype=int(lvl > 0), resolution=(1e4 / (um * 2 ** lvl),) * 2, resolutionunit="CENTIMETER")
     genes = [f"G{i}" for i in range(50)]
-    cfg = GeneDMLConfig.for_cohort("demo", len(genes))
+    # the frozen local level (the Gene-DML reference's) reads cached tokens: one map a crop at inference
+    cfg = dataclasses.replace(GeneDMLConfig.for_cohort("demo", len(genes)), local_encoder="frozen")
     ckpt = {"model": GeneDML(cfg).state_dict(), "frozen_trunk": build_trunk("none").state_dict(),
             "config": dataclasses.asdict(cfg), "genes": genes, "selection": "validation",
             "data": {"cohort": "bench", "root": "", "crop_size": args.wsi_crop, "crop_um": crop_um, "geometry": "hex",
@@ -203,15 +204,20 @@ def bench_slide(args, device, tmp):
     torch.save(ckpt, tmp / "ckpt.pt")
     argv = ["--ckpt", str(tmp / "ckpt.pt"), "--predict", str(path), "--cache-dir", str(tmp / "cache"),
             "--out", str(tmp / "out"), "--maps", "1", "--device", str(device), "--batch-size", "64"]
-    cold = timed(lambda: evaluate.main(argv), device)
-    warm = timed(lambda: evaluate.main(argv), device)
+    peak = {}
+    for label in ("cold", "warm"):  # the first run fills the cache, the second reads it
+        reset_peak_rss()
+        peak[label + "_s"] = timed(lambda: evaluate.main(argv), device)
+        peak[label + "_peak_mb"] = peak_rss_mb()
+    cold, warm = peak["cold_s"], peak["warm_s"]
     n = len(pd.read_csv(tmp / "out" / "predictions.csv"))
+    images = 27 * n  # a spot's crop (tokens, once) and its 25 tiles and crop again (features): 1 + 26
 
     # the global level: the full pass against windows of the grid, on the cached features of the same grid
     ns = argparse.Namespace(um_per_px=None, lattice=None, pitch_um=None, crop_um=None, tissue_mask=None)
     section, _ = prediction.grid_section(path, genes, ckpt["data"], ns)
     model, trunk = evaluate.rebuild(ckpt, device)
-    split = data.prepare_split([section], genes, args.wsi_crop, trunk, ArrayCache(tmp / "cache"), device)
+    split = data.prepare_split([section], genes, args.wsi_crop, trunk, ArrayCache(tmp / "cache"), device, local_tokens=True)
     runs = {}
     for label, max_spots in (("full", n), ("windows", args.wsi_window)):
         reset_peak_rss()
@@ -224,13 +230,15 @@ def bench_slide(args, device, tmp):
     rel = float(np.abs(win - full).mean() / full.std(0).mean())
     r = float(np.nanmean(slide_metrics(win, full)["pcc"]))
     fig = dict(spots=n, px=f"{w}x{h}", um_per_px=um, crop=args.wsi_crop, cold_s=cold, warm_s=warm,
-               cold_spots_per_s=n / cold, cold_images_per_s=26 * n / cold, warm_spots_per_s=n / warm,
+               cold_spots_per_s=n / cold, cold_images_per_s=images / cold, warm_spots_per_s=n / warm,
+               cold_peak_mb=peak["cold_peak_mb"], warm_peak_mb=peak["warm_peak_mb"],
                windows=windows, window_spots=args.wsi_window, full_s=runs["full_s"], windows_s=runs["windows_s"],
                full_peak_mb=runs["full_peak_mb"], windows_peak_mb=runs["windows_peak_mb"],
                windows_mean_abs_diff_over_spread=rel, windows_pcc_with_full=r)
     rows = [(f"--predict SLIDE, {n} grid spots, {w}x{h} px TIFF, crops {args.wsi_crop} px, cold cache",
-             f"{n / cold:.1f} spots/s ({26 * n / cold:.0f} images/s; {cold:.0f} s)"),
-            ("  the same, warm cache (prediction and outputs alone)", f"{n / warm:.1f} spots/s ({warm:.1f} s)"),
+             f"{n / cold:.1f} spots/s ({images / cold:.0f} images/s; {cold:.0f} s), peak {peak['cold_peak_mb']:.0f} MB"),
+            ("  the same, warm cache (prediction and outputs alone)",
+             f"{n / warm:.1f} spots/s ({warm:.1f} s), peak {peak['warm_peak_mb']:.0f} MB"),
             (f"global level: full pass over {n} spots", f"{runs['full_s']:.1f} s, peak +{runs['full_peak_mb']:.0f} MB"),
             (f"global level: {windows} windows of <= {args.wsi_window} spots", f"{runs['windows_s']:.1f} s, peak +{runs['windows_peak_mb']:.0f} MB"),
             ("  windows vs full: mean |diff| / spread; per-gene r", f"{rel:.3f}; {r:.3f} (random weights)")]

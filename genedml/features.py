@@ -5,7 +5,9 @@ pathology foundation model) of each of the 5x5 tiles around a spot, and the glob
 feature of every spot of the slide (model.py). With the local encoder frozen (train.py --local-encoder
 frozen, --frozen-tokens cached), the local level reads the frozen encoder's whole token map of the
 spot's crop under each of the crop's 8 flips / rotations (ResNet18: 8 x 7x7x512 at 224 px; UNI:
-8 x 14x14x1024; float16), so that the augmentation reaches the model. None of these change during
+8 x 14x14x1024; float16), so that the augmentation reaches the model; a split that is not augmented
+(validation, test, evaluate.py, --predict) reads only the crop as it is, so only that map is
+extracted for it (or read from an 8-transform entry already there). None of these change during
 training, so they are computed once, cached on disk next to the crops (cache.py) and keyed by the
 crops and the encoder (name, weights hash, input size, precision). data.prepare_split turns a list of
 sections into what the model reads (crops -> these features -> a data.SpotDataset plus the global
@@ -70,12 +72,13 @@ def section_features(trunk, weights_id, crops, cache, name: str, **kw) -> dict[s
 
 
 @torch.no_grad()
-def extract_tokens(trunk, crops, batch_size=64, device="cpu", progress=True) -> dict[str, np.ndarray]:
+def extract_tokens(trunk, crops, batch_size=64, device="cpu", progress=True, transforms=N_DIHEDRAL) -> dict[str, np.ndarray]:
     """The frozen encoder's token map of every local crop under each of the 8 flips / 90-degree
-    rotations the training augmentation draws: the frozen local level's input. trunk: an
-    encoders.FrozenEncoder or a bare ResNet18 trunk (ResNet18: its last feature map; a ViT: its patch tokens).
+    rotations the training augmentation draws (transforms=1: the crop as it is, all inference reads):
+    the frozen local level's input. trunk: an encoders.FrozenEncoder or a bare ResNet18 trunk
+    (ResNet18: its last feature map; a ViT: its patch tokens).
 
-    Returns {"tokens": (N, 8, h, w, C) float16} (ResNet18: 7 x 7 x 512 at 224 px); tokens[i, t] is the encoder's
+    Returns {"tokens": (N, transforms, h, w, C) float16} (ResNet18: 7 x 7 x 512 at 224 px); tokens[i, t] is the encoder's
     map of dihedral(crop_i, t), exactly what the Gene-DML reference's frozen encoder computes
     on the augmented crop (a convolution is not rotation-equivariant, so rotating the token grid of
     the plain crop would not be), and t = 0 is the crop as it is. The fusion gives the local tokens
@@ -87,22 +90,40 @@ def extract_tokens(trunk, crops, batch_size=64, device="cpu", progress=True) -> 
     n = len(crops.local)
     assert n > 0, "a section without spots has no tokens"
     out = None
-    for a in tqdm(range(0, n, batch_size), desc="frozen tokens (8 transforms)", unit="batch", disable=not progress):
+    for a in tqdm(range(0, n, batch_size), desc=f"frozen tokens ({transforms} transform{'s' * (transforms > 1)})",
+                  unit="batch", disable=not progress):
         crop = np.asarray(crops.local[a:a + batch_size])  # (b, c, c, 3)
-        for t in range(N_DIHEDRAL):
+        for t in range(transforms):
             x = torch.from_numpy(np.array(dihedral(crop, t, axes=(1, 2))))  # a copy: the cache is read-only
             fmap = encoder.tokens(x.to(device).permute(0, 3, 1, 2))  # (b, h, w, C)
             if out is None:
-                out = np.zeros((n, N_DIHEDRAL, *fmap.shape[1:]), np.float16)
+                out = np.zeros((n, transforms, *fmap.shape[1:]), np.float16)
             out[a:a + len(fmap), t] = fmap.half().cpu().numpy()
     return {"tokens": out}
 
 
-def section_tokens(trunk, weights_id, crops, cache, name: str, **kw) -> dict[str, np.ndarray]:
+class _Absent(Exception):
+    """Raised by a build that must not run: it turns cache.get into a look-up."""
+
+
+def _absent():
+    raise _Absent
+
+
+def section_tokens(trunk, weights_id, crops, cache, name: str, transforms=N_DIHEDRAL, **kw) -> dict[str, np.ndarray]:
     """extract_tokens, built once and then read from the cache (keyed by the crops and the encoder:
-    weights_id is FrozenEncoder.cache_key, or a ResNet18 trunk's weights hash)."""
+    weights_id is FrozenEncoder.cache_key, or a ResNet18 trunk's weights hash). transforms=1 (inference):
+    the untransformed maps of an 8-transform entry when there is one (a slide trained on), else only
+    those maps extracted, in an entry of their own (<name>-identity), so that neither evicts the other."""
     key = {"crops": crops.key, "weights": weights_id, "dtype": "float16", "transforms": N_DIHEDRAL}
-    return cache.get(name, key, lambda: extract_tokens(trunk, crops, **kw))
+    if transforms == N_DIHEDRAL:
+        return cache.get(name, key, lambda: extract_tokens(trunk, crops, **kw))
+    assert transforms == 1, f"tokens are extracted under all {N_DIHEDRAL} transforms or the identity alone, not {transforms}"
+    try:
+        return {"tokens": cache.get(name, key, _absent)["tokens"][:, :1]}  # a view of the memory-mapped entry
+    except _Absent:
+        return cache.get(f"{name}-identity", {**key, "transforms": 1},
+                         lambda: extract_tokens(trunk, crops, transforms=1, **kw))
 
 
 @torch.no_grad()

@@ -8,9 +8,11 @@ parts written here:
                  categorical group (integer codes + string categories); `column-order` lists them
     obsm         spatial: (n_obs, 2) spot centres (x, y) in full-resolution pixels
     layers       measured: the labels in the same units, where the slides have counts
-    uns          nested dicts of strings, numbers and arrays; uns["spatial"][slide] holds what
-                 squidpy's spatial_scatter reads: images/hires (a downsampled H&E, uint8) and
-                 scalefactors/tissue_hires_scalef (image px per full-resolution px)
+    uns          nested dicts of strings, numbers and arrays; uns["spatial"][slide] is one library, laid
+                 out as Space Ranger's files and read by scanpy (sc.pl.spatial) and squidpy: images/hires
+                 (longest side at most 2,000 px) and images/lowres (at most 600 px), uint8, and
+                 scalefactors: tissue_hires_scalef / tissue_lowres_scalef (image px per full-resolution
+                 px), spot_diameter_fullres and fiducial_diameter_fullres (full-resolution px)
 
 visium_files.py reads the same format back with h5py (HEST-1k's .h5ad). h5py is an optional extra;
 `write_predictions` says what to install when it is missing. anndata itself is not needed: the
@@ -100,26 +102,58 @@ def write_h5ad(path, X, obs_names, var_names, obs=None, obsm=None, layers=None, 
         raise
 
 
+HIRES_PX, LOWRES_PX = 2000, 600  # Space Ranger's tissue_hires_image / tissue_lowres_image: their longest side
+FIDUCIAL_OVER_SPOT = 144.46 / 89.43  # fiducial / spot diameter in Space Ranger's scalefactors_json.json
+
+
+def shrink(image, longest: int):
+    """(image, factor): an (h, w, 3) uint8 image box-filtered (each new pixel the mean of the old pixels
+    it covers) so that its longest side is at most `longest` px; factor = new px per old px, 1.0 when
+    it was small enough already (never enlarged). numpy alone, like the rest of this file."""
+    image = np.asarray(image, np.uint8)
+    h, w = image.shape[:2]
+    if max(h, w) <= longest:
+        return image, 1.0
+    f = longest / max(h, w)
+    for axis, (n, new) in enumerate(((h, max(1, round(h * f))), (w, max(1, round(w * f))))):
+        starts = np.arange(new) * n // new  # the first old pixel of each new one
+        sums = np.add.reduceat(image.astype(np.uint32), starts, axis=axis)
+        counts = np.diff(np.append(starts, n)).reshape((-1, 1, 1) if axis == 0 else (1, -1, 1))
+        image = np.rint(sums / counts).astype(np.uint8)
+    return image, image.shape[1] / w
+
+
+def library(s: dict) -> dict:
+    """uns["spatial"][slide] for one slide dict of write_predictions: its images at Space Ranger's two
+    sizes and their scale factors (slide px -> image px), the spot and fiducial diameters in slide px."""
+    sizes = {"spot_diameter_fullres": float(s["spot_diameter"]),
+             "fiducial_diameter_fullres": float(s["spot_diameter"]) * FIDUCIAL_OVER_SPOT}
+    images = {}
+    if s["image"] is not None:
+        hires, f = shrink(s["image"], HIRES_PX)
+        lowres, g = shrink(hires, LOWRES_PX)
+        images = {"hires": hires, "lowres": lowres}
+        sizes.update(tissue_hires_scalef=float(s["scale"]) * f, tissue_lowres_scalef=float(s["scale"]) * f * g)
+    return {"images": images, "scalefactors": sizes, "metadata": {"source_image_path": str(s.get("image_path", ""))}}
+
+
 def write_predictions(path, slides: list[dict], genes, uns: dict) -> None:
-    """One AnnData for the predicted spots of every slide. Each slide: name, spot_ids, X (N, G),
-    pixel_xy (N, 2), array_xy (N, 2), image ((h, w, 3) uint8 or None) and scale (image px per slide px),
-    spot_diameter (slide px), optional obs (column -> (N,) values) and measured (N, G)."""
-    one = len(slides) == 1
-    names = [sid if one else f"{s['name']}_{sid}" for s in slides for sid in s["spot_ids"]]
+    """One AnnData for the predicted spots of every slide, one library a slide (uns["spatial"][name]),
+    named in obs["library_id"] (squidpy's library_key). Each slide: name, spot_ids, X (N, G), pixel_xy
+    (N, 2), array_row / array_col (N,) integers, image ((h, w, 3) uint8 of any size, or None) and scale
+    (image px per slide px), spot_diameter (slide px), optional obs (column -> (N,) numbers) and measured
+    (N, G). obs_names are <slide>_<spot id>: unique across files, so ad.concat of two files is valid."""
     extra = list(dict.fromkeys(c for s in slides for c in s.get("obs", {})))
     n = [len(s["spot_ids"]) for s in slides]
-    obs = {"section": [s["name"] for s in slides for _ in s["spot_ids"]],
+    obs = {"library_id": [s["name"] for s in slides for _ in s["spot_ids"]],
            "spot_id": [sid for s in slides for sid in s["spot_ids"]],
-           "array_x": np.concatenate([s["array_xy"][:, 0] for s in slides]).astype(np.int64),
-           "array_y": np.concatenate([s["array_xy"][:, 1] for s in slides]).astype(np.int64),
+           "array_row": np.concatenate([np.asarray(s["array_row"], np.int64) for s in slides]),
+           "array_col": np.concatenate([np.asarray(s["array_col"], np.int64) for s in slides]),
+           "in_tissue": np.ones(sum(n), np.int64),  # every spot predicted is on the tissue (a grid's, a spot file's)
            **{c: np.concatenate([np.asarray(s["obs"][c], np.float64) if c in s.get("obs", {}) else np.full(k, np.nan)
                                  for s, k in zip(slides, n)]) for c in extra}}
-    spatial = {s["name"]: {"images": {"hires": np.asarray(s["image"], np.uint8)} if s["image"] is not None else {},
-                           "scalefactors": {"tissue_hires_scalef": float(s["scale"] or 1.0),
-                                            "spot_diameter_fullres": float(s["spot_diameter"])},
-                           "metadata": {"source_image_path": str(s.get("image_path", ""))}} for s in slides}
     measured = [s.get("measured") for s in slides]
-    write_h5ad(path, np.concatenate([s["X"] for s in slides]), names, list(genes), obs=obs,
-               obsm={"spatial": np.concatenate([s["pixel_xy"] for s in slides]).astype(np.float64)},
+    write_h5ad(path, np.concatenate([s["X"] for s in slides]), [f"{s['name']}_{sid}" for s in slides for sid in s["spot_ids"]],
+               list(genes), obs=obs, obsm={"spatial": np.concatenate([s["pixel_xy"] for s in slides]).astype(np.float64)},
                layers={"measured": np.concatenate(measured).astype(np.float32)} if all(m is not None for m in measured) else None,
-               uns={**uns, "spatial": spatial}, categorical=("section",))
+               uns={**uns, "spatial": {s["name"]: library(s) for s in slides}}, categorical=("library_id",))

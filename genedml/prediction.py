@@ -8,6 +8,10 @@
                  global level attends over one window of the array at a time (evaluate.predict_slide)
     AnnData      `write_anndata`: predictions.h5ad for every mode of evaluate.py (h5ad.py writes it)
 
+A predicted slide's cohort says where its spots came from, and so names its cache entries (crops,
+features, tokens): "predict" at a spot file's spots, "predict-grid" on a grid laid on the tissue. The
+same image predicted both ways keeps both sets of entries instead of evicting the other's.
+
 Imports run one way: cohorts, visium, visium_files, slide, h5ad -> prediction -> evaluate.
 """
 import hashlib
@@ -23,6 +27,11 @@ from genedml import h5ad
 from genedml import slide
 from genedml import visium
 from genedml import visium_files
+
+GRID = "predict-grid"  # the cohort of a slide's virtual spots; a spot file's are "predict" (here and visium.py)
+PREDICTED = ("predict", GRID)  # cohorts without counts: nothing measured to store beside the predictions
+SPOT_UM = {"square": 100.0, "hex": 65.0}  # a spot's diameter: ST's 100 µm; Visium's as Space Ranger states it
+#                                          (a "theoretical" 65 µm spot: the 55 µm capture area and its halo)
 
 
 def spot_file_section(image, spots, genes, crop_um=None):
@@ -73,13 +82,16 @@ def grid_section(path, genes, d, args):
                          f"{slide.MIN_TISSUE:.0%} of its tile on tissue and a mean RGB under {slide.WHITE_MEAN:g}); "
                          f"give the tissue with --tissue-mask")
     ids = [f"{x}x{y}" for x, y in grid["array_xy"]]
-    section = cohorts.Section("predict", Path(path).stem, "new", Path(path), ids, grid["array_xy"], grid["pixel_xy"],
+    section = cohorts.Section(GRID, Path(path).stem, "new", Path(path), ids, grid["array_xy"], grid["pixel_xy"],
                            pd.DataFrame(0.0, index=ids, columns=genes), {"image": Path(path)}, lattice, um, crop_um)
     print(f"{path}: {len(ids)} spots on a {lattice} grid of {pitch_um:g} µm, {um:.4g} µm/px ({s.reader}), "
           f"crops of {crop_um:.4g} µm; tissue: {tissue['method']}")
-    overview = (thumb, scale) if max(thumb.size) <= 2000 else \
-        (thumb.resize((round(thumb.width * 2000 / max(thumb.size)), round(thumb.height * 2000 / max(thumb.size)))),
-         scale * 2000 / max(thumb.size))
+    # the maps' and the .h5ad's image: Space Ranger's hires size (at most 2,000 px a side), from the tissue
+    # thumbnail when that is finer, else read again at that size (the thumbnail is 8 µm/px, coarse on a small slide)
+    hires = min(1.0, h5ad.HIRES_PX / max(s.width, s.height))
+    size = (max(1, round(s.width * hires)), max(1, round(s.height * hires)))
+    image = thumb if thumb.size == size else thumb.resize(size) if scale > hires else s.thumbnail(hires)
+    overview = (image, size[0] / s.width)
     return section, {"grid": grid, "tissue": tissue, "pitch_um": pitch_um, "lattice": lattice, "overview": overview}
 
 
@@ -99,9 +111,28 @@ class WindowSpots(torch.utils.data.Dataset):
         return {**self.dataset[j], "section": w, "index": row}
 
 
+def array_row_col(section) -> tuple[np.ndarray, np.ndarray]:
+    """Space Ranger's array_row, array_col (N,) int64 of a section's array_xy: (y, x) on ST's square
+    array, (y, 2x + y) on Visium's hexagonal one (array_xy is axial there: visium.hex_axial)."""
+    x, y = np.asarray(section.array_xy, np.int64).T
+    return y, (x if section.geometry == "square" else 2 * x + y)
+
+
+def spot_diameter(section, virtual: bool) -> float:
+    """spot_diameter_fullres (slide px): what a spot covers. A real array's physical spot (SPOT_UM; from
+    the spot pitch where the slide does not say its µm per px), or for a virtual spot of a grid the
+    crop's field of view: what the model saw of it, and what squidpy's image features crop."""
+    if virtual:
+        return section.crop_um / section.um_per_px
+    if section.um_per_px:
+        return SPOT_UM[section.geometry] / section.um_per_px
+    return SPOT_UM[section.geometry] / cohorts.PITCH_UM[section.geometry] * slide.spot_spacing(section.pixel_xy)
+
+
 def write_anndata(path, ckpt_path, ckpt, sections, preds, split, overviews, grid, crop_um):
-    """predictions.h5ad (h5ad.py): X = the predictions in the training labels' units, one obs row a
-    spot; measured labels as a layer where the slides have counts. Skipped, with the reason, without h5py."""
+    """predictions.h5ad (h5ad.py): X = the predictions in the training labels' units (log10(1 + counts
+    per 10⁴), data.expression_labels), one obs row a spot; measured labels as a layer where the slides
+    have counts. Skipped, with the reason, without h5py."""
     if importlib.util.find_spec("h5py") is None:
         print(f"note: {path.name} not written: it needs h5py (pip install h5py); predictions.csv holds the same numbers")
         return
@@ -113,12 +144,12 @@ def write_anndata(path, ckpt_path, ckpt, sections, preds, split, overviews, grid
     slides = []
     for i, s in enumerate(sections):
         image, scale = overviews[i]
-        extra = {} if grid is None else {"array_row": grid["grid"]["array_row"], "array_col": grid["grid"]["array_col"],
-                                         "tissue": grid["grid"]["tissue"]}
+        row, col = array_row_col(s)
         slides.append({"name": s.name, "spot_ids": s.spot_ids, "X": preds[i][0], "pixel_xy": s.pixel_xy,
-                       "array_xy": s.array_xy, "image": None if image is None else np.asarray(image), "scale": scale,
-                       "spot_diameter": 0.8 * slide.spot_spacing(s.pixel_xy), "obs": extra, "image_path": s.image_path,
-                       "measured": None if s.cohort == "predict" else split.dataset.labels[i]})
+                       "array_row": row, "array_col": col, "image": None if image is None else np.asarray(image),
+                       "scale": scale, "spot_diameter": spot_diameter(s, virtual=grid is not None),
+                       "obs": {} if grid is None else {"tissue_fraction": grid["grid"]["tissue"]}, "image_path": s.image_path,
+                       "measured": None if s.cohort in PREDICTED else split.dataset.labels[i]})
     about = {"checkpoint": str(ckpt_path), "checkpoint_sha1": h.hexdigest(), "cohort": d["cohort"],
              "genes": list(ckpt["genes"]), "units": d["normalisation"] + " (the training labels' units)",
              "crop_size": d["crop_size"], "crop_um": crop_um, "fold": d.get("fold"),
@@ -127,4 +158,5 @@ def write_anndata(path, ckpt_path, ckpt, sections, preds, split, overviews, grid
     if grid is not None:
         about["slides"][sections[0].name].update(pitch_um=grid["pitch_um"], lattice=grid["lattice"], tissue=grid["tissue"],
                                                  min_tissue=slide.MIN_TISSUE, white_mean=slide.WHITE_MEAN)
-    h5ad.write_predictions(path, slides, ckpt["genes"], {"gene_dml": about})
+    # log1p: X is log10(1 + x); without the base, scanpy's seurat HVG and rank_genes_groups' fold changes read it as ln
+    h5ad.write_predictions(path, slides, ckpt["genes"], {"gene_dml": about, "log1p": {"base": 10}})

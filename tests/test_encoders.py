@@ -224,7 +224,7 @@ def test_online_token_statistics_equal_those_of_the_cached_tokens(tiny, demo_roo
     enc = encoders.load_encoder("tiny-uni", str(tmp_path / "w.bin"))
     sections = [cohorts.load_section("demo", demo_root, n) for n in ("A1", "B1")]
     cache = ArrayCache(tmp_path / "cache")
-    split = data.prepare_split(sections, ["TUM01"], 32, enc, cache, "cpu", local_tokens=True)
+    split = data.prepare_split(sections, ["TUM01"], 32, enc, cache, "cpu", augment=True, local_tokens=True)  # a training split
     assert split.tokens[0].shape == (len(sections[0].spot_ids), 8, 4, 4, 64) and split.tokens[0].dtype == np.float16
     mean, std = features.online_token_statistics(enc, split, cache, "cpu", progress=False)
     want_mean, want_std = features.token_statistics(split.tokens)  # float16-rounded tokens: close, not equal

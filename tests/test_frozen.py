@@ -55,6 +55,24 @@ def test_tokens_are_the_maps_of_each_transformed_crop_and_are_cached_by_trunk(de
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("demo-A1-tokens-")]) == 1
 
 
+
+def test_inference_tokens_are_the_untransformed_maps_alone(demo_root, tmp_path):
+    section = cohorts.load_section("demo", demo_root, "A1")
+    crops = section_crops(section, ArrayCache(tmp_path / "crops"), 64, progress=False)
+    trunk = build_trunk("none").eval()
+    wid = encoders.trunk_id(trunk)
+    # no 8-transform entry: only the crop as it is goes through the trunk, in an entry of its own
+    one = features.section_tokens(trunk, wid, crops, ArrayCache(tmp_path / "a"), "demo-A1-tokens", transforms=1,
+                                  progress=False)["tokens"]
+    assert one.shape == (len(section.spot_ids), 1, 2, 2, 512)
+    assert [p.name.rsplit("-", 1)[0] for p in (tmp_path / "a").iterdir()] == ["demo-A1-tokens-identity"]
+    # an 8-transform entry (a slide trained on) serves them without running the trunk (None here)
+    cache = ArrayCache(tmp_path / "b")
+    eight = features.section_tokens(trunk, wid, crops, cache, "demo-A1-tokens", progress=False)["tokens"]
+    served = features.section_tokens(None, wid, crops, cache, "demo-A1-tokens", transforms=1, progress=False)["tokens"]
+    assert served.shape == one.shape and np.array_equal(served, eight[:, :1]) and np.array_equal(served, one)
+    assert len(list((tmp_path / "b").iterdir())) == 1  # nothing extracted, nothing added
+
 def test_token_statistics_match_numpy():
     rng = np.random.default_rng(0)
     parts = [rng.gamma(1.0, 1.0, (n, 8, 2, 2, 512)).astype(np.float16) for n in (3, 5)]

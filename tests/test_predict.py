@@ -1,6 +1,7 @@
 """evaluate.py --predict SLIDE: a slide with no spot file, end to end on a tiny demo checkpoint;
-predictions.h5ad read back with h5py alone (tests/test_h5ad_anndata.py reads it with anndata);
-bad input. The demo slide is a JPEG at 200 µm / 73 px (its spot pitch), its tissue a blob on white."""
+predictions.h5ad read back with h5py alone, for --predict and for an evaluation (tests/test_h5ad_anndata.py
+and test_h5ad_scanpy.py read what h5ad.py writes with anndata, scanpy and squidpy); one transform of
+the frozen tokens at inference, and the cache entries of a spot file and of a grid side by side; bad input. The demo slide is a JPEG at 200 µm / 73 px (its spot pitch), its tissue a blob on white."""
 import re
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 from genedml import demo
 import evaluate
+from genedml import features
 from genedml import slide
 import train
 from genedml import visium_files
@@ -67,19 +69,78 @@ def test_a_slide_alone_gives_predictions_maps_and_an_anndata(ckpt, tmp_path, cap
         np.testing.assert_allclose(X, pred[genes].to_numpy(), rtol=1e-4, atol=1e-5)
         assert [g.decode() for g in f["var/_index"][:]] == genes
         np.testing.assert_allclose(f["obsm/spatial"][:], xy, rtol=1e-6)
-        tissue = f["obs/tissue"][:]
+        tissue = f["obs/tissue_fraction"][:]
         assert tissue.shape == (n,) and (tissue >= slide.MIN_TISSUE).all()
+        assert f["obs/in_tissue"].dtype == np.int64 and (f["obs/in_tissue"][:] == 1).all()
+        row, col = f["obs/array_row"][:], f["obs/array_col"][:]  # a square grid: row = array y, col = array x
+        assert row.dtype == col.dtype == np.int64 and (row == pred["array_y"]).all() and (col == pred["array_x"]).all()
+        assert [v.decode() for v in f["obs/_index"][:]] == [f"{image.stem}_{i}" for i in pred["spot_id"]]
+        assert f["uns/log1p/base"][()] == 10
         about = f["uns/gene_dml"]
         assert "log10(1+x)" in about["units"][()].decode() and about["crop_um"][()] == pytest.approx(crop_um)
         s = about["slides"][image.stem]
         assert s["pitch_um"][()] == 200 and s["lattice"][()].decode() == "square"
         assert s["um_per_px"][()] == pytest.approx(UM_PER_PX)
-        hires = f[f"uns/spatial/{image.stem}/images/hires"][:]
-        scalef = f[f"uns/spatial/{image.stem}/scalefactors/tissue_hires_scalef"][()]
-        assert hires.dtype == np.uint8 and hires.shape[2] == 3 and hires.shape[1] == pytest.approx(800 * scalef, abs=1)
+        lib = f[f"uns/spatial/{image.stem}"]
+        hires, lowres = lib["images/hires"][:], lib["images/lowres"][:]
+        sizes = {k: v[()] for k, v in lib["scalefactors"].items()}
+    # the 800 x 700 px slide is under Space Ranger's 2,000 px: hires is the slide itself, not the 8 µm/px thumbnail
+    assert hires.dtype == np.uint8 and hires.shape == rgb.shape and sizes["tissue_hires_scalef"] == 1.0
+    assert np.abs(hires - rgb).mean() < 2
+    assert lowres.shape == (525, 600, 3) and sizes["tissue_lowres_scalef"] == pytest.approx(600 / 800)
+    # a virtual spot covers its crop's field of view
+    assert sizes["spot_diameter_fullres"] == pytest.approx(crop_um / UM_PER_PX)
+    assert sizes["fiducial_diameter_fullres"] > sizes["spot_diameter_fullres"]
     obs, X2 = visium_files.read_h5ad(tmp_path / "predictions.h5ad")  # the project's own reader agrees
-    assert obs.index.tolist() == pred["spot_id"].tolist() and X2.genes == genes
+    assert obs["spot_id"].tolist() == pred["spot_id"].tolist() and X2.genes == genes
 
+
+def test_an_evaluation_writes_the_same_anndata_fields(ckpt, tmp_path):
+    h5py = pytest.importorskip("h5py")
+    best, cache, _ = ckpt
+    assert evaluate.main(["--ckpt", str(best), "--out", str(tmp_path), "--cache-dir", str(cache), "--device", "cpu",
+                          "--batch-size", "16", "--maps", "0"]) == 0
+    pred = pd.read_csv(tmp_path / "predictions.csv")
+    (name,) = pred["section"].unique()
+    with h5py.File(tmp_path / "predictions.h5ad", "r") as f:
+        assert [v.decode() for v in f["obs/_index"][:]] == [f"{name}_{i}" for i in pred["spot_id"]]
+        assert (f["obs/array_row"][:] == pred["array_y"]).all() and (f["obs/array_col"][:] == pred["array_x"]).all()
+        assert f["obs/array_row"].dtype == np.int64 and (f["obs/in_tissue"][:] == 1).all()
+        assert f["layers/measured"].shape == (len(pred), f["X"].shape[1]) and f["uns/log1p/base"][()] == 10
+        lib = f[f"uns/spatial/{name}"]
+        hires, lowres = lib["images/hires"].shape, lib["images/lowres"].shape
+        sizes = {k: v[()] for k, v in lib["scalefactors"].items()}
+    assert hires == (700, 800, 3) and lowres == (525, 600, 3) and sizes["tissue_lowres_scalef"] == pytest.approx(0.75)
+    # an ST spot is 100 µm across at a 200 µm pitch; the demo's pitch is 73 px
+    assert sizes["spot_diameter_fullres"] == pytest.approx(73 / 2, rel=0.05)
+
+
+def test_a_spot_file_and_a_grid_keep_their_own_cache_entries_with_one_token_transform(ckpt, tmp_path, monkeypatch):
+    best, _, image = ckpt
+    spots = image.parents[3] / "ST-spotfiles" / f"{image.parent.name}_selection.tsv"
+    cache = tmp_path / "cache"
+
+    def predict(out, *paths):
+        return evaluate.main(["--ckpt", str(best), "--out", str(tmp_path / out), "--cache-dir", str(cache), "--device", "cpu",
+                              "--batch-size", "16", "--maps", "0", "--predict", *map(str, paths)])
+
+    assert predict("spots", image, spots) == 0
+    assert predict("grid", image, "--um-per-px", UM_PER_PX) == 0
+    entries = {p.name.rsplit("-", 1)[0]: p for p in cache.iterdir() if p.is_dir()}  # name -> folder
+    for kind in ("crops32", "features", "tokens-identity"):  # predicting one way left the other's entries
+        assert f"predict-{image.stem}-{kind}" in entries and f"predict-grid-{image.stem}-{kind}" in entries, kind
+    assert not [e for e in entries if e.endswith("-tokens")], "no 8-transform tokens for inference"
+    for way in ("predict", "predict-grid"):
+        tokens = np.load(entries[f"{way}-{image.stem}-tokens-identity"] / "tokens.npy", mmap_mode="r")
+        assert tokens.shape[1] == 1  # the crop as it is: the one map inference reads
+
+    def extracted(*a, **kw):
+        raise AssertionError("extracted again")
+    monkeypatch.setattr(features, "extract_features", extracted)
+    monkeypatch.setattr(features, "extract_tokens", extracted)
+    assert predict("spots2", image, spots) == 0 and predict("grid2", image, "--um-per-px", UM_PER_PX) == 0
+    for way in ("spots", "grid"):
+        assert (tmp_path / way / "predictions.csv").read_text() == (tmp_path / f"{way}2" / "predictions.csv").read_text()
 
 def test_a_pyramidal_tiff_says_its_own_resolution(ckpt, tmp_path):
     tifffile = pytest.importorskip("tifffile")
