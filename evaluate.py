@@ -173,7 +173,9 @@ def get_args(argv=None):
     g = p.add_argument_group("prediction")
     g.add_argument("--predict", nargs="+", metavar="SLIDE", default=None,
                    help="predict a slide without counts: SLIDE alone (spots laid on the tissue found; docs/data.md, 'Predict a slide'), "
-                        "or IMAGE SPOTFILE (a spot file with x, y, pixel_x, pixel_y, or Space Ranger's tissue positions)")
+                        "or IMAGE SPOTFILE (a spot file with x, y, pixel_x, pixel_y, or Space Ranger's tissue positions); "
+                        "predictions.h5ad has hires/lowres images, one library per slide (obs library_id), X in log10 "
+                        "units (uns log1p base 10) (docs/data.md, 'predictions.h5ad')")
     g.add_argument("--tissue-mask", default=None, help="with --predict SLIDE: an image of the tissue (nonzero = tissue, any size) instead of finding it")
     g.add_argument("--mpp", "--um-per-px", dest="um_per_px", type=number(float, above=0), default=None,
                    help="with --predict SLIDE: its microns per pixel (default: the slide's metadata, e.g. openslide.mpp-x)")
