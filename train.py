@@ -81,7 +81,9 @@ def get_args(argv=None):
     # model
     p.add_argument("--encoder", default="resnet18",
                    help=f"the frozen encoder of every level: {' | '.join(encoders.ENCODERS)} | timm:<model>[,key=value...] "
-                        "(docs/encoders.md; all but resnet18 need pip install timm)")
+                        "(docs/encoders.md; all but resnet18 need pip install timm). A foundation model's crops are cut "
+                        "at the resolution it was trained at, 0.5 µm/px (112 µm; gigapath 128 µm), in every cohort; "
+                        "resnet18's and timm's at the slide's own")
     p.add_argument("--weights", default=None, help="encoder weights: resnet18: none | imagenet | path to a checkpoint "
                    "(default: imagenet; demo: none); a foundation model: its pytorch_model.bin / .safetensors, hub (default: "
                    "fetch the published file from the Hugging Face hub, if online) or hub:<repo id>[:<file>]")

@@ -69,9 +69,10 @@ _TRIDENT = "TRIDENT trident/patch_encoder_models/load.py"
 # Their transforms, as the model cards write them (TRIDENT's loaders the same): UNI and UNI2-h
 # Resize(224) (bilinear) + CenterCrop(224); H-optimus-0 none, its tiles being 224 px (TRIDENT:
 # Resize(224)); Virchow2 timm's create_transform of its config (bicubic, crop_pct 1: Resize(224,
-# bicubic)); Prov-GigaPath Resize(256, bicubic) + CenterCrop(224). All five were trained at 20x,
-# 0.5 µm/px (TRIDENT runs each at --mag 20; Prov-GigaPath's tiles are 256 px there, of which its
-# input is the central 224), so each sees 112 µm in 224 px.
+# bicubic)); Prov-GigaPath Resize(256, bicubic) + CenterCrop(224). Resolution: 0.5 µm/px (20x) for
+# all five: UNI, H-optimus-0 and Prov-GigaPath were trained there (Prov-GigaPath on 256 px tiles, of
+# which its input is the central 224), UNI2-h as UNI, Virchow2 on 5x-40x including it; TRIDENT runs
+# each at --mag 20. So each sees 112 µm in its 224 px.
 ENCODERS = {
     "resnet18": EncoderSpec(
         "resnet18", "resnet18", tile="mean", width=FEAT_DIM, precision="bfloat16",
@@ -231,7 +232,8 @@ class FrozenEncoder(nn.Module):
     """A frozen trunk and what its spec says about it: uint8 crops in, tile features or token grids out.
 
     It never trains: no gradient, and `train()` leaves it in eval mode (BatchNorm keeps its running
-    statistics, dropout stays off). On a GPU it runs under autocast in its spec's precision.
+    statistics, dropout stays off). On a GPU it runs under autocast in its spec's precision (float32:
+    none).
     """
 
     def __init__(self, spec: EncoderSpec, net: nn.Module, weights: dict):

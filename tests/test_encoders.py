@@ -15,7 +15,7 @@ Published facts used (none of the gated weights is downloaded):
     CLS ++ mean patch token = 2560; Prov-GigaPath 1536, /16);
   - transforms: the model cards' torchvision pipelines (PUBLISHED_TRANSFORMS), and for timm:<model>
     timm's own create_transform of the model's pretrained config;
-  - resolution: all five trained at 20x, 0.5 µm/px, 224 px (TRIDENT runs each at --mag 20);
+  - resolution: all five run at 20x, 0.5 µm/px, 224 px (TRIDENT runs each at --mag 20);
     Prov-GigaPath's 224 px are the centre of a 256 px tile.
 """
 import contextlib
