@@ -40,6 +40,7 @@ from genedml import distributed
 from genedml.cache import ArrayCache
 from genedml.checkpoint import check_for_evaluation, load_checkpoint, write_csv  # CSVs written whole (atomic)
 from genedml.cli import HelpFormatter, comma_list, number
+from genedml.crops import at_field_of_view
 from genedml.encoders import rebuild_encoder
 from genedml.metrics import highly_predictive_genes, pooled_pcc, shared_genes, slide_metrics, summarise
 from model import GeneDML, GeneDMLConfig
@@ -278,6 +279,8 @@ def evaluate_checkpoint(path, args, device, sub=""):
         cohort = visium.cohort_for(d["cohort"], root, crop_um)  # a cohort table is registered again
         cohorts.check_cohort(cohort, root, d["sections"]["test"])
         sections = [cohorts.load_section(cohort, root, n) for n in d["sections"]["test"]]
+    if args.crop_um or d.get("crop_from", "native") != "native":  # cut where training cut (a table's already are)
+        sections = [at_field_of_view(s, crop_um) for s in sections]
     split = data.prepare_split(sections, genes, d["crop_size"], trunk, cache, device, smooth=d["smooth"],
                           local_tokens=model.cfg.local_encoder == "frozen" and model.cfg.frozen_tokens == "cached")
     tokens_of = online(model, trunk)  # an online frozen local level: the encoder's tokens of each crop

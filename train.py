@@ -39,7 +39,7 @@ from genedml.cache import ArrayCache
 from genedml import distributed
 from genedml import encoders
 import evaluate
-from genedml.crops import native_crop_um
+from genedml.crops import at_field_of_view, native_crop_um
 from genedml.trunk import MIN_CROP
 from genedml.checkpoint import (CheckpointWriter, check_resume, load_checkpoint, plain, refuse_other_settings, resume_log,
                                 save_atomic)
@@ -80,13 +80,16 @@ def get_args(argv=None):
     g.add_argument("--crop-size", type=number(int, low=MIN_CROP), default=None,
                    help="spot crop / neighbour tile size in pixels (default: the cohort's: 224; demo 64)")
     g.add_argument("--crop-um", type=number(float, above=0), default=None,
-                   help="a crop's field of view in µm: each slide is resampled so --crop-size px span it (cohort tables "
-                        "only; default 112 = 224 px at 0.5 µm/px, HEST-1k's)")
+                   help="a crop's field of view in µm: each slide is resampled so --crop-size px span it (default: a "
+                        "cohort table's 112 = 224 px at 0.5 µm/px, HEST-1k's; a foundation encoder's own; else the "
+                        "slides' native resolution)")
     g.add_argument("--cache-dir", default="cache", help="where decoded images, crops and frozen features are cached")
     g = p.add_argument_group("model")
     g.add_argument("--encoder", default="resnet18",
                    help=f"the frozen encoder of every level: {' | '.join(encoders.ENCODERS)} | timm:<model>[,key=value...] "
-                        "(docs/encoders.md; all but resnet18 need pip install timm)")
+                        "(docs/encoders.md; all but resnet18 need pip install timm). A foundation model's crops are cut "
+                        "at the resolution it was trained at, 0.5 µm/px (112 µm; gigapath 128 µm), in every cohort; "
+                        "resnet18's and timm's at the slide's own")
     g.add_argument("--weights", default="imagenet", help="encoder weights: resnet18: none | imagenet | path to a checkpoint "
                    "(demo: none); a foundation model: its pytorch_model.bin / .safetensors, hub (its default: fetch the "
                    "published file from the Hugging Face hub, if online) or hub:<repo id>[:<file>]")
@@ -149,8 +152,6 @@ def get_args(argv=None):
     if args.data != cohort:  # the table's path becomes the root, its name the cohort
         args.root, args.data, args.crop_um = args.data, cohort, cohorts.COHORTS[cohort]["crop_um"]
     # the combinations of flags are checked here too, before any slide is read or cropped
-    if args.crop_um is not None and cohorts.COHORTS[args.data].get("crop_um") is None:
-        p.error("--crop-um applies to cohort tables; built-in cohorts are cropped at their native resolution")
     if args.encoder != "resnet18" and args.local_encoder == "trainable":
         p.error(f"--encoder {args.encoder} is frozen at every level: --local-encoder trainable is for resnet18")
     folds = len(cohorts.COHORTS[args.data]["folds"])
@@ -412,6 +413,7 @@ class FoldData:
     sections: dict             # name -> cohorts.Section
     genes: list
     crop_um: float | None      # a crop's field of view, so an external test cuts crops of the same width
+    crop_from: str             # "native" (measured at the slides' own resolution), "encoder" or "given": cut at crop_um
     encoder: object            # the frozen encoder (encoders.FrozenEncoder)
     online: bool               # a frozen local level that runs the encoder on each step's crops
     splits: dict               # part -> data.Split (rank 0 holds all, the others "train" only)
@@ -445,7 +447,6 @@ def prepare_data(args, fold, run) -> FoldData:
         genes = data.select_genes([sections[n] if n in sections else cohorts.load_section(args.data, args.root, n)
                                    for n in pool], args.n_genes)
         genes_from = f"cohort, {len(pool)} sections"
-    crop_um = args.crop_um or native_crop_um([sections[n] for n in names["train"]], args.crop_size)
     cache = ArrayCache(args.cache_dir)
     # Rank 0 fetches the weights and fills the caches (crops, frozen features) first; the other processes
     # wait, then read them. Only rank 0 validates, so only it prepares the validation and test sections.
@@ -458,6 +459,9 @@ def prepare_data(args, fold, run) -> FoldData:
                                                None if str(args.weights).startswith("hub") else args.weights, run.device)
         else:
             encoder = encoders.load_encoder(args.encoder, args.weights, run.device)
+        # a foundation encoder's crops are cut at the resolution it was trained at, in every cohort
+        crop_um, crop_from = encoders.field_of_view(encoder.spec, args.crop_um)
+        sections = {n: at_field_of_view(s, crop_um) for n, s in sections.items()}
         splits = {part: data.prepare_split([sections[n] for n in ns], genes, args.crop_size, encoder, cache, run.device,
                                       smooth=not args.no_smooth, augment=part == "train" and not args.no_augment,
                                       local_tokens=args.local_encoder == "frozen" and not online)
@@ -466,12 +470,14 @@ def prepare_data(args, fold, run) -> FoldData:
         if args.local_encoder == "frozen":  # the frozen tokens' per-channel statistics, over the training crops
             train_tokens = online_token_statistics(encoder, splits["train"], cache, run.device) if online \
                 else token_statistics(splits["train"].tokens)
+    crop_um = crop_um or native_crop_um([sections[n] for n in names["train"]], args.crop_size)
     select_part = "test" if args.select_on_test else "val"
     if run.main:
         print(f"fold {fold}: train {names['train']}  val {names['val']}  test {names['test']}  "
               f"| {len(splits['train'].dataset)} training spots, {len(genes)} genes ({genes_from}), selection on {select_part}, "
               f"{args.local_encoder}{' (online)' if online else ''} local encoder, {args.encoder} "
-              f"({encoder.feature_dim}-d features, {encoder.token_dim}-d tokens)")
+              f"({encoder.feature_dim}-d features, {encoder.token_dim}-d tokens)"
+              + ("" if crop_from == "native" else f", crops of {crop_um:.4g} µm ({crop_from})"))
     # --batch-size is the global batch: under torchrun each process loads its 1/N share of every one.
     train_set = splits["train"].dataset
     if args.batch_size % run.world or len(train_set) < run.world:
@@ -480,7 +486,7 @@ def prepare_data(args, fold, run) -> FoldData:
     batches = distributed.ShardedBatchSampler(len(train_set), args.batch_size, drop_last=len(train_set) > args.batch_size,
                                               seed=args.seed, rank=distributed.rank(), world=run.world)
     loader = splits["train"].train_loader(batches, run.device, args.workers)  # workers lay out batches ahead
-    return FoldData(names, sections, genes, crop_um, encoder, online, splits, train_tokens, select_part, batches, loader)
+    return FoldData(names, sections, genes, crop_um, crop_from, encoder, online, splits, train_tokens, select_part, batches, loader)
 
 
 def runs_online(args, device) -> bool:
@@ -546,7 +552,7 @@ def fold_checkpoint(args, fold, d: FoldData, model, cfg, epoch, progress: Progre
             # the ResNet18's weights travel in the checkpoint; a foundation model's stay in their file (recorded)
             "frozen_trunk": d.encoder.net.state_dict() if d.encoder.spec.arch == "resnet18" else None,
             "config": dataclasses.asdict(cfg), "genes": list(d.genes),
-            "data": {"cohort": args.data, "root": str(args.root), "crop_size": args.crop_size, "crop_um": d.crop_um,
+            "data": {"cohort": args.data, "root": str(args.root), "crop_size": args.crop_size, "crop_um": d.crop_um, "crop_from": d.crop_from,
                      "geometry": geometry,
                      "smooth": not args.no_smooth, "fold": None if args.test_sections else fold, "sections": d.names,
                      "normalisation": "counts of the selected genes scaled to 1e4 per spot, log10(1+x)"

@@ -2,9 +2,12 @@
 
 `section_crops` decodes a section's image once (or, for a whole-slide image, reads regions from its
 pyramid: slide.py) and cuts each spot's local crop, cached as one memory-mapped uint8 array; the 5x5
-neighbour window of a spot is cut from the image on demand. `dihedral` is the crop augmentation's
+neighbour window of a spot is cut from the image on demand. A section with a field of view in µm
+(`at_field_of_view`: a cohort table's, or a foundation encoder's) is resampled first, so that
+crop_size px span it. `dihedral` is the crop augmentation's
 transform: one of the 8 flips and 90-degree rotations of a square.
 """
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass
@@ -111,7 +114,8 @@ def section_crops(section: Section, cache: ArrayCache, crop_size: int, progress=
         spots = tqdm(centres, desc=f"crops {tag}", disable=not progress, leave=False)
         return {"local": np.stack([crop_image(image, c, crop_size) for c in spots])}  # (N, c, c, 3)
 
-    local = cache.get(f"{tag}-crops{crop_size}", key, build)["local"]
+    # the scale in the name too: crops of one slide at its own and at an encoder's resolution coexist
+    local = cache.get(f"{tag}" + (f"-x{scale:.4g}" if scale != 1.0 else "") + f"-crops{crop_size}", key, build)["local"]
     return SectionCrops(local, image, crop_size, key, centres)
 
 
@@ -157,3 +161,14 @@ def native_crop_um(sections, crop_size) -> float | None:
     except ValueError:
         return None
     return float(crop_size * np.median(res))
+
+
+def at_field_of_view(section: Section, crop_um: float | None) -> Section:
+    """The section with its crops cut at crop_um µm (crop_size px span it; section_crops resamples), its
+    µm/px read off its spot pitch where unknown. None: the section as it is (a built-in cohort's crops at
+    the image's own resolution, a cohort table's at the field of view it was registered with)."""
+    if crop_um is None:
+        return section
+    res = section.um_per_px or um_per_px(section.array_xy, section.pixel_xy, section.geometry,
+                                         str(section.files.get("spots", section.name)))
+    return dataclasses.replace(section, um_per_px=res, crop_um=float(crop_um))

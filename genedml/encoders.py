@@ -6,7 +6,10 @@ entry of `ENCODERS`, or `timm:<model>[,key=value...]` for any timm backbone. Eac
 
   - how the model is built: the exact `timm.create_model` arguments its publishers give (model cards,
     and the loaders of HEST-Benchmark and TRIDENT, which load the published files strictly into them);
-  - its input: the mean/std it was trained with and the size crops are resized to;
+  - its input, as its publishers' transform makes it: the resize (size, interpolation) and centre crop
+    that bring a crop to its input size, and the mean/std it was trained with;
+  - the resolution it was trained at (µm per pixel): crops are cut so that its input spans what it
+    spanned in training (`field_of_view`; crops.at_field_of_view cuts them);
   - its outputs: a tile's feature (the CLS token; Virchow2: CLS joined with the mean patch token, as
     its model card does) for the neighbour and global levels, and the local level's tokens (the patch
     tokens of `forward_features` laid out on their h x w grid; the reference also keeps the CLS token
@@ -23,6 +26,7 @@ Imports run one way: trunk -> encoders -> features.
 import ast
 import dataclasses
 import hashlib
+import math
 import re
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -30,7 +34,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
 
 from genedml.trunk import FEAT_DIM, IMAGENET_MEAN, IMAGENET_STD, ResNet18Trunk, build_trunk, check_keys, read_state_dict
 
@@ -45,7 +50,10 @@ class EncoderSpec:
     kwargs: dict = field(default_factory=dict)  # timm.create_model arguments; layers by name (_LAYERS)
     mean: tuple = IMAGENET_MEAN     # input normalisation of the published weights
     std: tuple = IMAGENET_STD
-    input_size: int | None = None   # crops are resized to this many px (None: any size, as a CNN takes)
+    input_size: int | None = None   # the model's input, px (None: any size, as a CNN takes)
+    resize: int | None = None       # crops are resized to this many px, then centre-cropped to input_size (None: to input_size)
+    interpolation: str = "bilinear"  # of that resize: "bilinear" (torchvision's default) or "bicubic"
+    um_per_px: float | None = None  # the resolution it was trained at (None: any; crops stay at the slides' own)
     tile: str = "cls"               # a tile's feature: "cls", "cls+mean" (CLS ++ mean patch token) or "mean"
     width: int | None = None        # channels of a token (the published one; None: read off the model)
     precision: str = "float16"      # autocast dtype on a GPU
@@ -58,6 +66,13 @@ _LAYERS = {"mlp_layer": ("timm.layers", ("SwiGLUPacked", "Mlp", "SwiGLU", "GluMl
            "act_layer": ("torch.nn", ("SiLU", "GELU"))}
 _TRIDENT = "TRIDENT trident/patch_encoder_models/load.py"
 
+# Their transforms, as the model cards write them (TRIDENT's loaders the same): UNI and UNI2-h
+# Resize(224) (bilinear) + CenterCrop(224); H-optimus-0 none, its tiles being 224 px (TRIDENT:
+# Resize(224)); Virchow2 timm's create_transform of its config (bicubic, crop_pct 1: Resize(224,
+# bicubic)); Prov-GigaPath Resize(256, bicubic) + CenterCrop(224). Resolution: 0.5 µm/px (20x) for
+# all five: UNI, H-optimus-0 and Prov-GigaPath were trained there (Prov-GigaPath on 256 px tiles, of
+# which its input is the central 224), UNI2-h as UNI, Virchow2 on 5x-40x including it; TRIDENT runs
+# each at --mag 20. So each sees 112 µm in its 224 px.
 ENCODERS = {
     "resnet18": EncoderSpec(
         "resnet18", "resnet18", tile="mean", width=FEAT_DIM, precision="bfloat16",
@@ -65,7 +80,7 @@ ENCODERS = {
     "uni": EncoderSpec(
         "uni", "vit_large_patch16_224",
         dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
-        input_size=224, width=1024, precision="float16", hub=("MahmoodLab/UNI", "pytorch_model.bin"),
+        input_size=224, um_per_px=0.5, width=1024, precision="float16", hub=("MahmoodLab/UNI", "pytorch_model.bin"),
         source=f"UNI model card (huggingface.co/MahmoodLab/UNI); {_TRIDENT} UNIInferenceEncoder; "
                "the Gene-DML reference's ImageEncoder_UNI"),
     "uni2-h": EncoderSpec(
@@ -73,26 +88,30 @@ ENCODERS = {
         dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
              mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, mlp_layer="SwiGLUPacked",
              act_layer="SiLU", reg_tokens=8, dynamic_img_size=True),
-        input_size=224, width=1536, precision="bfloat16", hub=("MahmoodLab/UNI2-h", "pytorch_model.bin"),
+        input_size=224, um_per_px=0.5, width=1536, precision="bfloat16", hub=("MahmoodLab/UNI2-h", "pytorch_model.bin"),
         source=f"UNI2-h model card (huggingface.co/MahmoodLab/UNI2-h); {_TRIDENT} UNIv2InferenceEncoder"),
     "h-optimus-0": EncoderSpec(
         "h-optimus-0", "vit_giant_patch14_reg4_dinov2",
-        dict(num_classes=0, img_size=224, global_pool="token", init_values=1e-5, dynamic_img_size=True),
+        dict(num_classes=0, img_size=224, global_pool="token", init_values=1e-5, dynamic_img_size=False),
         mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
-        input_size=224, width=1536, precision="float16", hub=("bioptimus/H-optimus-0", "pytorch_model.bin"),
-        source=f"H-optimus-0 model card (huggingface.co/bioptimus/H-optimus-0); {_TRIDENT} HOptimus0InferenceEncoder"),
+        input_size=224, um_per_px=0.5, width=1536, precision="float16", hub=("bioptimus/H-optimus-0", "pytorch_model.bin"),
+        source="H-optimus-0 model card (huggingface.co/bioptimus/H-optimus-0: dynamic_img_size=False); "
+               f"{_TRIDENT} HOptimus0InferenceEncoder"),
     "virchow2": EncoderSpec(
         "virchow2", "vit_huge_patch14_224",
         dict(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375, global_pool="",
              dynamic_img_size=True, mlp_layer="SwiGLUPacked", act_layer="SiLU"),
-        input_size=224, tile="cls+mean", width=1280, precision="float16", hub=("paige-ai/Virchow2", "pytorch_model.bin"),
+        input_size=224, interpolation="bicubic", um_per_px=0.5, tile="cls+mean", width=1280, precision="float16",
+        hub=("paige-ai/Virchow2", "pytorch_model.bin"),
         source=f"Virchow2 model card (huggingface.co/paige-ai/Virchow2); {_TRIDENT} Virchow2InferenceEncoder"),
     "gigapath": EncoderSpec(
         "gigapath", "vit_giant_patch14_dinov2",
         dict(img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24, mlp_ratio=5.33334,
              num_classes=0, dynamic_img_size=True),
-        input_size=224, width=1536, precision="float16", hub=("prov-gigapath/prov-gigapath", "pytorch_model.bin"),
-        source=f"Prov-GigaPath tile encoder (huggingface.co/prov-gigapath/prov-gigapath); {_TRIDENT} GigaPathInferenceEncoder"),
+        input_size=224, resize=256, interpolation="bicubic", um_per_px=0.5, width=1536, precision="float32",
+        hub=("prov-gigapath/prov-gigapath", "pytorch_model.bin"),
+        source="Prov-GigaPath tile encoder (huggingface.co/prov-gigapath/prov-gigapath: Resize(256, bicubic), "
+               f"CenterCrop(224), float32); {_TRIDENT} GigaPathInferenceEncoder"),
 }
 
 
@@ -108,7 +127,8 @@ def _timm():
 def resolve_spec(name: str) -> EncoderSpec:
     """The spec of a registry name, or of `timm:<model>[,key=value,...]` (values as Python literals).
 
-    For a plain timm model the normalisation and input size are those of its timm pretrained config."""
+    For a plain timm model the normalisation, input size, resize and interpolation are those of its timm
+    pretrained config; it has no µm/px (its crops are the slides' own resolution)."""
     if name in ENCODERS:
         return ENCODERS[name]
     if not name.startswith("timm:") or not name[5:]:
@@ -128,11 +148,15 @@ def resolve_spec(name: str) -> EncoderSpec:
     if arch not in timm.list_models():
         raise ValueError(f"encoder {name!r}: timm has no model {arch!r}")
     cfg = timm.models.get_pretrained_cfg(arch)
-    size = kwargs.get("img_size", cfg.input_size[-1] if cfg is not None else 224)
+    size = int(kwargs.get("img_size", cfg.input_size[-1] if cfg is not None else 224))
+    # timm's own eval transform (timm.data.create_transform of this config): on a square crop each of its
+    # crop modes is Resize(floor(size / crop_pct), interpolation) then CenterCrop(size)
+    data = timm.data.resolve_data_config({"img_size": size}, pretrained_cfg=cfg.to_dict() if cfg else None)
+    resize = math.floor(size / data["crop_pct"])
     hub = (cfg.hf_hub_id, "model.safetensors") if cfg is not None and cfg.hf_hub_id else None
-    return EncoderSpec(name, arch, kwargs, tuple(cfg.mean) if cfg else IMAGENET_MEAN,
-                       tuple(cfg.std) if cfg else IMAGENET_STD, input_size=int(size), tile="cls",
-                       precision="bfloat16", hub=hub, source=f"timm {arch}")
+    return EncoderSpec(name, arch, kwargs, tuple(data["mean"]), tuple(data["std"]), input_size=size,
+                       resize=resize if resize != size else None, interpolation=data["interpolation"],
+                       tile="cls", precision="bfloat16", hub=hub, source=f"timm {arch}")
 
 
 def build_net(spec: EncoderSpec, device="cpu") -> nn.Module:
@@ -188,7 +212,7 @@ def hub_file(spec: EncoderSpec, local_only: bool = False) -> Path:
         raise ValueError(f"encoder {spec.name}: no published weights on the hub; pass --weights PATH")
     repo, filename = spec.hub
     advice = (f"get {filename} from https://huggingface.co/{repo} (gated: log in there and accept its terms; "
-              f"then e.g. `huggingface-cli download {repo} {filename} --local-dir ~/models/{spec.name}`) "
+              f"then e.g. `hf download {repo} {filename} --local-dir ~/models/{spec.name}`) "
               f"and pass --weights ~/models/{spec.name}/{filename}")
     try:
         from huggingface_hub import hf_hub_download
@@ -208,7 +232,8 @@ class FrozenEncoder(nn.Module):
     """A frozen trunk and what its spec says about it: uint8 crops in, tile features or token grids out.
 
     It never trains: no gradient, and `train()` leaves it in eval mode (BatchNorm keeps its running
-    statistics, dropout stays off). On a GPU it runs under autocast in its spec's precision.
+    statistics, dropout stays off). On a GPU it runs under autocast in its spec's precision (float32:
+    none).
     """
 
     def __init__(self, spec: EncoderSpec, net: nn.Module, weights: dict):
@@ -238,21 +263,30 @@ class FrozenEncoder(nn.Module):
             return "float16"
         return self.spec.precision
 
+    def autocast(self, device):
+        """Autocast in its precision on a GPU; none in float32 (autocast has no float32 mode) or on a CPU."""
+        dtype = self.precision(device)
+        return nullcontext() if dtype == "float32" else torch.autocast("cuda", dtype=PRECISIONS[dtype])
+
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (B,3,c,c) -> float (B,3,s,s): /255, the spec's mean/std, resized to its input size."""
+        """uint8 (B,3,c,c) -> float (B,3,s,s), as the published transform does it to a tile: Resize to the
+        spec's resize (or input) size in its interpolation, antialiased and on uint8 as torchvision resizes
+        a PIL image; CenterCrop to the input size; ToTensor (/255); Normalize with its mean/std."""
         assert x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3, \
             f"expected uint8 images (B,3,H,W), got {x.dtype} {tuple(x.shape)}"
-        x = (x.float() / 255 - self.mean) / self.std
         size = self.spec.input_size
-        if size is not None and x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return x
+        if size is not None:
+            scaled = self.spec.resize or size
+            if x.shape[-2:] != (scaled, scaled):
+                x = TF.resize(x, [scaled, scaled], InterpolationMode(self.spec.interpolation), antialias=True)
+            if scaled != size:
+                x = TF.center_crop(x, [size, size])
+        return (x.float() / 255 - self.mean) / self.std
 
     def _forward(self, x):
         """-> (prefix tokens (B, p, C) or None, patch-token grid (B, h, w, C)), float32."""
         x = self.preprocess(x)
-        amp = torch.autocast("cuda", dtype=PRECISIONS[self.precision(x.device)]) if x.is_cuda else nullcontext()
-        with amp:
+        with self.autocast(x.device):
             out = self.net(x) if isinstance(self.net, ResNet18Trunk) else self.net.forward_features(x)
         out = out.float()
         if self.convnet:  # a feature map: NCHW, or NHWC (timm's Swin)
@@ -278,14 +312,28 @@ class FrozenEncoder(nn.Module):
         return prefix[:, 0] if self.spec.tile == "cls" else torch.cat([prefix[:, 0], mean], dim=1)
 
     def cache_key(self, device) -> dict:
-        """What the cached features depend on: encoder, weights, input size, precision."""
+        """What the cached features depend on: encoder, weights, input size, precision, and for an encoder
+        with an input size its resize (the crops' own key holds the scale they were cut at)."""
+        transform = {"resize": self.spec.resize, "interpolation": self.spec.interpolation} if self.spec.input_size else {}
         return {"encoder": self.spec.name, "weights": self.weights["id"], "input": self.spec.input_size,
-                "precision": self.precision(device)}
+                "precision": self.precision(device), **transform}
 
     def record(self) -> dict:
         """What a checkpoint keeps to rebuild this encoder (plain data, loadable with weights_only)."""
         spec = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.spec).items()}
         return {"spec": spec, "feature_dim": self.feature_dim, "token_dim": self.token_dim, "weights": dict(self.weights)}
+
+
+def field_of_view(spec: EncoderSpec, crop_um: float | None = None) -> tuple[float | None, str]:
+    """A crop's field of view in µm, and where it comes from: crop_um if given (--crop-um, a cohort
+    table's); else, for an encoder trained at a resolution, the tile its transform starts from (resize
+    or input size px at its µm/px: 112 µm for UNI, 128 µm for Prov-GigaPath, whose centre crop keeps
+    112); else None: crops of the slides' own resolution (the ResNet18, as TRIPLEX; timm models)."""
+    if crop_um is not None:
+        return float(crop_um), "given"
+    if spec.um_per_px is not None:
+        return (spec.resize or spec.input_size) * spec.um_per_px, "encoder"
+    return None, "native"
 
 
 def tag(spec: EncoderSpec) -> str:

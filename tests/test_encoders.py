@@ -12,8 +12,13 @@ Published facts used (none of the gated weights is downloaded):
     H-optimus-0 1.1B (model card), Prov-GigaPath's tile encoder 1.1B (Xu et al., Nature 2024);
   - widths, patch sizes and register tokens: the same model cards (UNI 1024, /16; UNI2-h 1536, /14,
     8 registers; H-optimus-0 1536, /14, 4 registers; Virchow2 1280, /14, 4 registers, tile feature
-    CLS ++ mean patch token = 2560; Prov-GigaPath 1536, /16).
+    CLS ++ mean patch token = 2560; Prov-GigaPath 1536, /16);
+  - transforms: the model cards' torchvision pipelines (PUBLISHED_TRANSFORMS), and for timm:<model>
+    timm's own create_transform of the model's pretrained config;
+  - resolution: all five run at 20x, 0.5 µm/px, 224 px (TRIDENT runs each at --mag 20);
+    Prov-GigaPath's 224 px are the centre of a 256 px tile.
 """
+import contextlib
 import dataclasses
 import shutil
 
@@ -29,14 +34,15 @@ import evaluate
 from genedml import features
 import train
 from genedml.cache import ArrayCache
-from genedml.crops import section_crops
+from genedml.crops import at_field_of_view, section_crops
 from model import GeneDML, GeneDMLConfig
 from test_train import cache_dir, demo_root, eval_argv, load, train_argv  # noqa: F401
 
 timm = pytest.importorskip("timm")
 
-# UNI's entry with a tiny trunk: depth 2, width 64, 32-px input in 8-px patches (4 x 4 patch tokens)
-TINY = dataclasses.replace(encoders.ENCODERS["uni"], name="tiny-uni", input_size=32, width=64, hub=None,
+# UNI's entry with a tiny trunk: depth 2, width 64, 32-px input in 8-px patches (4 x 4 patch tokens), at
+# 2 µm/px: its crops span 64 µm, so the demo's 32-px crops (2.74 µm/px, 88 µm) are cut from images resampled 1.37x
+TINY = dataclasses.replace(encoders.ENCODERS["uni"], name="tiny-uni", input_size=32, width=64, hub=None, um_per_px=2.0,
                            kwargs=dict(encoders.ENCODERS["uni"].kwargs, depth=2, embed_dim=64, num_heads=2,
                                        img_size=32, patch_size=8))
 
@@ -50,7 +56,7 @@ PUBLISHED = {
                                              mlp_layer="SwiGLUPacked", act_layer=torch.nn.SiLU, reg_tokens=8,
                                              dynamic_img_size=True), (681, .01, 1536, 14, 8, 1536)),
     "h-optimus-0": ("vit_giant_patch14_reg4_dinov2", dict(num_classes=0, img_size=224, global_pool="token",
-                                                          init_values=1e-5, dynamic_img_size=True),
+                                                          init_values=1e-5, dynamic_img_size=False),
                     (1100, .05, 1536, 14, 4, 1536)),
     "virchow2": ("vit_huge_patch14_224", dict(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4,
                                               mlp_ratio=5.3375, global_pool="", dynamic_img_size=True,
@@ -94,6 +100,7 @@ def test_named_entry_builds_the_published_architecture_on_meta(name):
     assert net.embed_dim == width and net.patch_embed.patch_size == (patch, patch)
     assert net.num_prefix_tokens == 1 + registers and ours["cls_token"].shape == (1, 1, width)
     assert ("reg_token" in ours) == (registers > 0)
+    assert net.dynamic_img_size == kwargs.get("dynamic_img_size", False), f"{name}: dynamic_img_size as published"
     # on the meta device the encoder's outputs have their shapes without any compute
     enc = encoders.FrozenEncoder(spec, net, {"id": "meta"}).to("meta")
     crops = torch.zeros(2, 3, 224, 224, dtype=torch.uint8, device="meta")
@@ -106,6 +113,78 @@ def test_h_optimus_0_normalises_with_its_own_statistics():
     spec = encoders.ENCODERS["h-optimus-0"]
     assert spec.mean == (0.707223, 0.578729, 0.703617) and spec.std == (0.211883, 0.230117, 0.177517)
     assert all(encoders.ENCODERS[n].mean == (0.485, 0.456, 0.406) for n in ("uni", "uni2-h", "virchow2", "gigapath"))
+
+
+T = pytest.importorskip("torchvision.transforms")
+BICUBIC = T.InterpolationMode.BICUBIC
+# The model cards' transforms of a tile (PIL image), written out independently of the registry
+PUBLISHED_TRANSFORMS = {
+    "uni": lambda m, s: T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor(), T.Normalize(m, s)]),
+    "uni2-h": lambda m, s: T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor(), T.Normalize(m, s)]),
+    "h-optimus-0": lambda m, s: T.Compose([T.Resize(224), T.ToTensor(), T.Normalize(m, s)]),  # TRIDENT's
+    "virchow2": lambda m, s: T.Compose([T.Resize(224, interpolation=BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                                        T.Normalize(m, s)]),  # timm create_transform: bicubic, crop_pct 1
+    "gigapath": lambda m, s: T.Compose([T.Resize(256, interpolation=BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                                        T.Normalize(m, s)]),
+}
+
+
+def tissue_like(n, seed=0):
+    """(n, n, 3) uint8: a smooth colour field with fine noise, so the interpolation and geometry show."""
+    y, x = np.mgrid[0:n, 0:n] / n
+    base = np.stack([np.sin(7 * x + 3 * y), np.cos(5 * y - 2 * x), np.sin(9 * x * y)], -1) * 60 + 128
+    return np.clip(base + np.random.default_rng(seed).normal(0, 25, (n, n, 3)), 0, 255).astype(np.uint8)
+
+
+def assert_same_transform(enc, published, size):
+    """enc.preprocess of a uint8 crop equals the published PIL transform, to within the 1 grey level by
+    which torchvision's tensor resize and PIL's round differently (in uint8 levels of the input)."""
+    from PIL import Image
+    im = tissue_like(size)
+    want = published(Image.fromarray(im))
+    got = enc.preprocess(torch.from_numpy(im).permute(2, 0, 1)[None])[0]
+    assert got.shape == want.shape
+    levels = ((got - want).abs() * torch.tensor(enc.spec.std).view(3, 1, 1) * 255).flatten()
+    assert levels.mean() < 0.5 and levels.quantile(0.99) <= 1.01, \
+        f"{enc.spec.name} at {size} px: {levels.mean():.2f} levels on average, 99th percentile {levels.quantile(0.99):.2f}"
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_TRANSFORMS))
+def test_named_entries_preprocess_as_their_published_transform(name):
+    spec = encoders.ENCODERS[name]
+    enc = encoders.FrozenEncoder(spec, encoders.build_net(spec, "meta"), {"id": "meta"})
+    for size in (160, 300):  # crops smaller and larger than the input: resized up and down
+        assert_same_transform(enc, PUBLISHED_TRANSFORMS[name](spec.mean, spec.std), size)
+
+
+def test_timm_entries_preprocess_as_timm_transform():
+    """timm:<model> honours its config's interpolation and crop (vit_small_patch16_224: bicubic, crop_pct 0.9)."""
+    from timm.data import create_transform, resolve_data_config
+    spec = encoders.resolve_spec("timm:vit_small_patch16_224,depth=1")
+    cfg = resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg("vit_small_patch16_224").to_dict())
+    assert (spec.resize, spec.interpolation) == (248, "bicubic") and cfg["crop_pct"] == 0.9
+    enc = encoders.FrozenEncoder(spec, encoders.build_net(spec, "meta"), {"id": "meta"})
+    for size in (160, 300):
+        assert_same_transform(enc, create_transform(**cfg), size)
+
+
+def test_gigapath_runs_in_float32_without_autocast():
+    spec = encoders.ENCODERS["gigapath"]
+    enc = encoders.FrozenEncoder(spec, encoders.build_net(spec, "meta"), {"id": "meta"})
+    assert spec.precision == "float32" and enc.precision("cuda") == "float32"
+    assert isinstance(enc.autocast(torch.device("cuda")), contextlib.nullcontext)
+    assert enc.cache_key("cuda")["precision"] == "float32"
+
+
+def test_the_cache_key_names_the_transform_and_the_resnet18_key_is_unchanged(tiny):
+    keys = {}
+    for name in ("uni", "virchow2", "gigapath"):
+        spec = encoders.ENCODERS[name]
+        keys[name] = encoders.FrozenEncoder(spec, encoders.build_net(spec, "meta"), {"id": "w"}).cache_key("cpu")
+    assert keys["gigapath"]["resize"] == 256 and keys["virchow2"]["interpolation"] == "bicubic"
+    assert keys["uni"]["interpolation"] == "bilinear" and keys["uni"]["resize"] is None
+    resnet = encoders.load_encoder("resnet18", "none")
+    assert set(resnet.cache_key("cpu")) == {"encoder", "weights", "input", "precision"}
 
 
 def test_timm_names_parse_with_their_arguments():
@@ -165,6 +244,61 @@ def test_offline_without_a_file_says_which_file_to_get_and_where(monkeypatch):
     msg = str(e.value)
     assert "pytorch_model.bin" in msg and "https://huggingface.co/MahmoodLab/UNI" in msg and "--weights" in msg
     assert "offline" in msg
+    # huggingface_hub >= 1.0 installs the `hf` command, not `huggingface-cli`
+    assert "`hf download MahmoodLab/UNI pytorch_model.bin" in msg and "huggingface-cli" not in msg
+
+
+# ----------------------------------------------------------------------------- magnification
+
+def test_field_of_view_is_the_encoders_tile_at_its_resolution():
+    assert encoders.field_of_view(encoders.ENCODERS["uni"]) == (112.0, "encoder")  # 224 px at 0.5 µm/px
+    assert encoders.field_of_view(encoders.ENCODERS["gigapath"]) == (128.0, "encoder")  # its 256-px tile; it sees 112
+    assert all(encoders.field_of_view(encoders.ENCODERS[n])[0] == 112.0 for n in ("uni2-h", "h-optimus-0", "virchow2"))
+    assert encoders.field_of_view(encoders.ENCODERS["resnet18"]) == (None, "native")  # TRIPLEX: the image as it is
+    assert encoders.field_of_view(encoders.resolve_spec("timm:resnet18")) == (None, "native")
+    assert encoders.field_of_view(encoders.ENCODERS["uni"], 150) == (150.0, "given")
+
+
+def target_section(tmp_path, pitch_px):
+    """A 3 x 3 ST section (spot pitch 200 µm = pitch_px px, so 200 / pitch_px µm/px) whose centre spot
+    carries a black 112 µm square with a grey 56 µm square in its middle, on white."""
+    from PIL import Image
+    um = 200 / pitch_px
+    n = 4 * pitch_px
+    img = np.full((n, n, 3), 255, np.uint8)
+    c = 2 * pitch_px  # the centre spot's pixel
+    for side_um, value in ((112, 0), (56, 128)):
+        h = round(side_um / um / 2)
+        img[c - h:c + h, c - h:c + h] = value
+    Image.fromarray(img).save(tmp_path / "target.png")
+    array_xy = np.array([(x, y) for y in range(3) for x in range(3)], np.int64)
+    pixel_xy = ((array_xy + 1) * pitch_px).astype(np.float64)
+    ids = [f"{x}x{y}" for x, y in array_xy]
+    return cohorts.Section("demo", "target", "P", tmp_path / "target.png", ids, array_xy, pixel_xy,
+                           pd.DataFrame(np.ones((9, 1), np.float32), index=ids, columns=["G"]))
+
+
+@pytest.mark.parametrize("pitch_px", [100, 400])  # 2 and 0.5 µm/px: a slide coarser than 20x, and one at it
+@pytest.mark.parametrize("name", ["uni", "gigapath"])
+def test_the_encoder_sees_its_field_of_view_at_its_resolution(name, pitch_px, tmp_path):
+    """Cut as train.py cuts (field_of_view, at_field_of_view, section_crops at --crop-size 32) and
+    preprocessed as the encoder does, the centre spot's input is 224 px at 0.5 µm/px: the 56 µm grey
+    square spans 112 px, the 112 µm black square the rest, to the edges (to within one crop px, 7 input
+    px, of resampling blur), and no white shows (it spans no more than 112 µm)."""
+    spec = encoders.ENCODERS[name]
+    crop_um, _ = encoders.field_of_view(spec)
+    section = at_field_of_view(target_section(tmp_path, pitch_px), crop_um)
+    assert section.um_per_px == pytest.approx(200 / pitch_px) and section.crop_um == crop_um
+    crops = section_crops(section, ArrayCache(tmp_path / "cache"), 32, progress=False)
+    assert crops.key["scale"] == pytest.approx(32 * 200 / pitch_px / crop_um)
+    enc = encoders.FrozenEncoder(spec, encoders.build_net(spec, "meta"), {"id": "meta"})
+    x = enc.preprocess(torch.from_numpy(np.array(crops.local[4:5])).permute(0, 3, 1, 2))[0, 0]  # red, (224, 224)
+    levels = (x * spec.std[0] + spec.mean[0]) * 255  # back to the image's grey levels
+    grey = (levels[112] - 128).abs() < 40  # the centre row
+    assert abs(int(grey.sum()) - 112) <= 8 and grey[72:152].all(), f"grey over {int(grey.sum())} of 224 px, not 112"
+    inner = levels[8:-8, 8:-8]
+    assert inner.max() < 168, "white in the input: it spans more than 112 µm"
+    assert (inner[[0, 0, -1, -1], [0, -1, 0, -1]] < 80).all(), "the corners are not the black square's"
 
 
 # ----------------------------------------------------------------------------- widths and the online frozen level
@@ -258,6 +392,9 @@ def test_tiny_uni_trains_records_its_encoder_and_evaluates(tiny_run, cache_dir):
     assert rec["weights"]["sha256"] == encoders.file_sha256(tiny_run / "pytorch_model.bin")
     assert ckpt["frozen_trunk"] is None, "a foundation model's weights stay in their file"
     assert ckpt["config"]["frozen_tokens"] == "online" and ckpt["config"]["feat_dim"] == 64
+    # the demo (200 µm pitch at 73 px: 2.74 µm/px) is cut at the encoder's 2 µm/px: 32 px span 64 µm
+    assert ckpt["data"]["crop_um"] == 64.0 and ckpt["data"]["crop_from"] == "encoder"
+    assert any(p.name.startswith("demo-C1-x1.3") and "-crops32-" in p.name for p in cache_dir.iterdir()), "cut at 1.37x"
     assert ckpt["model"]["neighbour_encoder.proj.weight"].shape[1] == 64
     assert not any(k.startswith("local_encoder.encoder") for k in ckpt["model"])
     assert evaluate.main(eval_argv([tiny_run / "run" / "best.pt"], cache_dir, tiny_run / "eval")) == 0

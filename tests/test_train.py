@@ -166,7 +166,7 @@ def test_get_args_defaults_come_from_the_cohort_table_and_flags_override():
     (["--patience", "0"], "--patience: must be at least 1"),
     (["--workers", "-1"], "--workers: must be at least 0"),
     (["--batch-size", "ten"], "--batch-size: expected an integer, got 'ten'"),
-    (["--data", "her2st", "--crop-um", "100"], "--crop-um applies to cohort tables"),
+    (["--data", "her2st", "--crop-um", "0"], "--crop-um: must be greater than 0"),
     (["--data", "nowhere"], "--data must be one of"),
 ])
 def test_bad_flags_are_refused_by_get_args(flags, says, capsys):
