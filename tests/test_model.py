@@ -10,6 +10,7 @@ import torch
 import torchvision
 
 from genedml import features as F_
+import losses
 import model as M
 from genedml import packing as P
 from genedml import trunk as T
@@ -384,3 +385,32 @@ def test_statistics_start_spots_apart_and_predictions_at_the_mean():
     err_after = (after.prediction - expr.mean(0)).abs().mean()
     assert err_after < 0.5 * err_before
     assert "expr_mean" in m.state_dict() and "feat_std" in m.state_dict()  # saved with the weights
+
+
+@pytest.mark.parametrize("mode", ["trainable", "frozen", "online"])
+def test_a_training_step_makes_no_tensor_from_python_data(mode, monkeypatch):
+    """On CUDA a tensor made from Python data (torch.tensor, as_tensor) inside forward is a blocking
+    host-to-device copy: a sync in every step. The step (forward, loss) makes none: constants live in
+    buffers. The layout and context are built ahead, as the loader builds them."""
+    torch.manual_seed(0)
+    frozen = mode != "trainable"
+    cfg = tiny_cfg(local_encoder="frozen" if frozen else "trainable",
+                   frozen_tokens="online" if mode == "online" else "cached")
+    net = M.GeneDML(cfg).train()
+    if mode == "online":
+        from genedml.encoders import as_encoder
+        net.attach_encoder(as_encoder(T.build_trunk("none")))
+    b = make_batch(crop=32)
+    context = P.GlobalContext.of(b.pop("context"))
+    layout = context.grids.layout(b["section"].numpy(), b["index"].numpy())
+    if mode == "frozen":
+        b["local"] = torch.randn(4, 1, 512)
+    label = torch.rand(4, G)
+    made = []
+    for name in ("tensor", "as_tensor"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _o=original, _n=name, **kw: (made.append(_n), _o(*a, **kw))[1])
+    out = net(**b, context=context, expression=label, layout=layout)
+    loss, _ = losses.gene_dml_loss(out, label, k=2, sync=False)
+    assert made == [], f"the step made tensors from Python data: {made}"
+    loss.backward()
