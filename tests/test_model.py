@@ -414,3 +414,38 @@ def test_a_training_step_makes_no_tensor_from_python_data(mode, monkeypatch):
     loss, _ = losses.gene_dml_loss(out, label, k=2, sync=False)
     assert made == [], f"the step made tensors from Python data: {made}"
     loss.backward()
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["one padded call (GPU)", "a call per section (CPU)"])
+def test_bucketed_layouts_leave_the_global_level_unchanged(padded, monkeypatch):
+    """Padding a step's sizes to buckets (spare sections, slots, queries and tokens, for reusable
+    compiled graphs) changes no value and no gradient of the global level."""
+    monkeypatch.setattr(P, "PADDED_ON", ("cpu", "cuda") if padded else ())
+    torch.manual_seed(0)
+    net = M.GeneDML(tiny_cfg(levels=("global",), global_depth=3)).eval()
+    rng = np.random.default_rng(1)
+    sizes = (9, 4, 13, 6, 11, 7, 10, 5, 12)
+    context = P.GlobalContext.of([(torch.randn(n, 512), torch.as_tensor(np.stack([np.arange(n) % 4, np.arange(n) // 4], 1)))
+                                  for n in sizes])
+    section = torch.as_tensor(rng.choice([0, 2, 3, 4, 5, 6, 8], 11))  # 7 of the 9 sections
+    index = torch.as_tensor([int(rng.integers(sizes[s])) for s in section.tolist()])
+    plain = context.grids.layout(section, index)
+    padded_layout = context.grids.layout(section, index, buckets=True)
+    S, T = plain.pad.shape[0], len(plain.tokens)
+    assert padded_layout.pad.shape[0] > S and len(padded_layout.tokens) > T  # spare sections and tokens
+    assert padded_layout.query.shape[1] >= plain.query.shape[1] and padded_layout.pad.shape[1] >= plain.pad.shape[1]
+    weights = torch.randn(len(section), D)
+    got = []
+    for layout in (plain, padded_layout):
+        net.zero_grad()
+        out = net.global_tokens(section, index, context, layout)
+        (out * weights).sum().backward()
+        got.append((out.detach(), {n: p.grad.clone() for n, p in net.global_encoder.named_parameters()}))
+    assert torch.allclose(got[0][0], got[1][0], atol=1e-5)
+    for name in got[0][1]:
+        assert torch.allclose(got[0][1][name], got[1][1][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_buckets_are_few_and_never_smaller():
+    assert [P.bucket(x) for x in (1, 5, 8, 9, 19, 21, 25, 712, 9000)] == [1, 5, 8, 10, 20, 24, 28, 768, 10240]
+    assert {P.bucket(x) for x in range(19, 26)} == {20, 24, 28} and all(P.bucket(x) >= x for x in range(1, 5000))
