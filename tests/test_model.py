@@ -434,6 +434,7 @@ def test_bucketed_layouts_leave_the_global_level_unchanged(padded, monkeypatch):
     S, T = plain.pad.shape[0], len(plain.tokens)
     assert padded_layout.pad.shape[0] > S and len(padded_layout.tokens) > T  # spare sections and tokens
     assert padded_layout.query.shape[1] >= plain.query.shape[1] and padded_layout.pad.shape[1] >= plain.pad.shape[1]
+    assert padded_layout.key_mask.any(1).all()  # every section has a key: an all-masked attention row is NaN on a GPU
     weights = torch.randn(len(section), D)
     got = []
     for layout in (plain, padded_layout):
