@@ -321,7 +321,7 @@ def _step_at(args, device, amp, S):
     extract_features(trunk, FakeCrops(2, c), device=device, progress=False)  # warm-up
     t = timed(lambda: extract_features(trunk, FakeCrops(args.feat_spots, c), device=device, progress=False), device)
     t_tok = timed(lambda: extract_tokens(trunk, FakeCrops(args.feat_spots, c), device=device, progress=False), device)
-    loader_rates = {"trainable": fold_benchmark.items_per_s(_without_tokens(split), B, args.loader_batches),
+    loader_rates = {"trainable": fold_benchmark.items_per_s(fold_benchmark.without_tokens(split), B, args.loader_batches),
                     "frozen": fold_benchmark.items_per_s(split, B, args.loader_batches)}
     rate = {k: B / seconds[k] for k in ("trainable", "frozen", "resnet18", "resnet18_channels_last")}
     share = {k: seconds[k] / seconds["trainable"] for k in part_names}
@@ -353,21 +353,13 @@ def _step_at(args, device, amp, S):
     return fig, rows
 
 
-def _without_tokens(split):
-    """The same fold served as the trainable mode reads it: crops, not tokens."""
-    d = split.dataset
-    plain = data.SpotDataset.__new__(data.SpotDataset)
-    plain.__dict__.update(d.__dict__, tokens=None)
-    return dataclasses.replace(split, dataset=plain, tokens=None)
-
-
 def bench_fold(args, device, amp):
     """One epoch of a synthetic her2st-sized fold per local-encoder mode, through train.py's loader."""
     workers = data.default_workers(device) if args.workers is None else args.workers
     split = fold_benchmark.synthetic_fold(args.fold_sections, args.fold_spots, args.crop, tokens=True, device=device,
                                           genes=args.genes)
     fig, rows = {"sections": args.fold_sections, "spots": len(split.dataset), "batch": args.batch, "workers": workers}, []
-    for mode, s in (("trainable", _without_tokens(split)), ("frozen", split)):
+    for mode, s in (("trainable", fold_benchmark.without_tokens(split)), ("frozen", split)):
         r = fold_benchmark.train_epoch(s, mode, args.batch, device, amp, workers, warmup=args.warmup,
                                        max_steps=args.fold_steps)
         fig[mode] = r

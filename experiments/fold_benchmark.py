@@ -8,6 +8,7 @@ scaled to the asked total), random crops, frozen features and token maps of the 
 goes through the code that trains: data.SpotDataset, data.Collate, a DataLoader as train.py
 builds it, GeneDML and gene_dml_loss, fused Adam. Only the pixels and counts are random.
 """
+import dataclasses
 import time
 
 import numpy as np
@@ -63,6 +64,14 @@ def synthetic_fold(sections: int, total: int, crop: int, tokens: bool, device, g
     dataset = data.SpotDataset(secs, crops, names, augment=True, features=feats, tokens=toks if tokens else None)
     context = GlobalContext.of([(f["local"], s.array_xy) for f, s in zip(feats, secs)], device)
     return data.Split(secs, dataset, context, toks if tokens else None)
+
+
+def without_tokens(split: data.Split) -> data.Split:
+    """The same fold served as the trainable and online frozen modes read it: crops, not tokens."""
+    d = split.dataset
+    plain = data.SpotDataset.__new__(data.SpotDataset)
+    plain.__dict__.update(d.__dict__, tokens=None)
+    return dataclasses.replace(split, dataset=plain, tokens=None)
 
 
 def loader(split: data.Split, batch: int, device, workers: int, seed: int = 0):
