@@ -70,11 +70,11 @@ def predict(model, loader, context, device, amp=None):
     half = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
     out = {}
     for batch in loader:
-        layout = batch["layout"].to(device) if "layout" in batch else None
+        on = lambda x: x.to(device, non_blocking=True)  # asynchronous from a pinned loader's batches
+        layout = on(batch["layout"]) if "layout" in batch else None
         with torch.autocast(device.type, dtype=half, enabled=amp):
-            pred = model(batch["local"].to(device), batch["neighbour_feats"].to(device),
-                         batch["neighbour_mask"].to(device), batch["section"].to(device),
-                         batch["index"].to(device), context, layout=layout).prediction.float().cpu()
+            pred = model(on(batch["local"]), on(batch["neighbour_feats"]), on(batch["neighbour_mask"]),
+                         on(batch["section"]), on(batch["index"]), context, layout=layout).prediction.float().cpu()
         for s in batch["section"].unique().tolist():
             m = batch["section"] == s
             p, r = out.get(s, (torch.empty(0, pred.shape[1]), torch.empty(0, dtype=torch.long)))
@@ -82,9 +82,10 @@ def predict(model, loader, context, device, amp=None):
     return {s: (p[r.argsort()].numpy(), r.sort().values.numpy()) for s, (p, r) in out.items()}
 
 
-def evaluate_split(model, split, device, batch_size=64, amp=None):
-    """Per-slide metrics of a model on one prepared split (see features.prepare_split); amp as predict's."""
-    preds = predict(model, split.loader(batch_size), split.context, device, amp)
+def evaluate_split(model, split, device, batch_size=64, amp=None, loader=None):
+    """Per-slide metrics of a model on one prepared split (see features.prepare_split); amp as predict's.
+    loader: the split's batches in order (default: split.loader(batch_size), in this process)."""
+    preds = predict(model, loader or split.loader(batch_size), split.context, device, amp)
     per_slide = {}
     for s, (pred, rows) in sorted(preds.items()):
         assert len(rows) == len(split.sections[s].spot_ids), "every spot of a slide must be predicted"

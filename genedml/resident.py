@@ -51,7 +51,7 @@ def _stack(arrays, device) -> torch.Tensor:
                       dtype=torch.from_numpy(arrays[0][:0].copy()).dtype, device=device)
     start = 0
     for a in arrays:
-        out[start:start + len(a)].copy_(torch.from_numpy(np.ascontiguousarray(a)))  # a copy: the cache is read-only
+        out[start:start + len(a)].copy_(torch.from_numpy(np.array(a)))  # a copy: the cache is read-only
         start += len(a)
     return out
 
