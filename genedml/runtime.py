@@ -22,12 +22,12 @@ def setup_cuda(device) -> None:
     torch.backends.cudnn.allow_tf32 = True         # and TF32 convolutions
 
 
-def compile_step(model, loss):
+def compile_step(model, loss, backend: str = "inductor"):
     """torch.compile of the model and of the loss (train.py --compile): fewer, fused kernels, so the
     host launches fewer of them per step. Inductor compiles on the first calls of each new shape;
     the global level's layouts are padded to a few sizes (packing.SpotGrids.layout, buckets) so that
-    a fold's steps reuse a handful of graphs."""
-    return torch.compile(model), torch.compile(loss)
+    a fold's steps reuse one or two graphs. (The tests capture the same graphs with "aot_eager".)"""
+    return torch.compile(model, backend=backend), torch.compile(loss, backend=backend)
 
 
 SHM = "/dev/shm"  # where a DataLoader's workers put the batches they hand to the main process (Linux)

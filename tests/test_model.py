@@ -447,6 +447,52 @@ def test_bucketed_layouts_leave_the_global_level_unchanged(padded, monkeypatch):
         assert torch.allclose(got[0][1][name], got[1][1][name], atol=1e-5, rtol=1e-4), name
 
 
+def test_bucketed_layouts_of_a_her2st_fold_take_a_few_shapes():
+    """60 batches of 256 from a her2st-sized fold (24 sections, 9,866 spots): the plain layouts take many
+    shapes (a compiled step would compile or capture each), the bucketed ones at most two."""
+    from experiments.fold_benchmark import grid_xy, section_sizes
+    sizes = section_sizes(24, 9866)
+    grids = P.SpotGrids.of([grid_xy(n) for n in sizes])
+    rows = np.concatenate([np.stack([np.full(n, k), np.arange(n)], 1) for k, n in enumerate(sizes)])
+    rng, shapes = np.random.default_rng(0), {False: set(), True: set()}
+    for _ in range(60):
+        b = rows[rng.choice(len(rows), 256, replace=False)]
+        for buckets in shapes:
+            layout = grids.layout(b[:, 0], b[:, 1], buckets)
+            shapes[buckets].add((tuple(layout.pad.shape), tuple(layout.query.shape), len(layout.tokens)))
+    assert len(shapes[True]) <= 2 < 8 < len(shapes[False])
+
+
 def test_buckets_are_few_and_never_smaller():
     assert [P.bucket(x) for x in (1, 5, 8, 9, 19, 21, 25, 712, 9000)] == [1, 5, 8, 10, 20, 24, 28, 768, 10240]
     assert {P.bucket(x) for x in range(19, 26)} == {20, 24, 28} and all(P.bucket(x) >= x for x in range(1, 5000))
+
+
+def test_a_compiled_step_agrees_with_the_eager_step():
+    """--compile (runtime.compile_step) on a bucketed layout: the eager step's loss and gradients. The
+    graphs are captured as inductor receives them (dynamo, then AOTAutograd) and run by the aot_eager
+    backend: inductor's C++ build of even this tiny step took 386 s on this project's 2-core test
+    machine. Dropout off: a compiled graph draws its own random masks."""
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported on this Python / platform")
+    from genedml import runtime
+    torch.manual_seed(0)
+    net = M.GeneDML(tiny_cfg(local_encoder="frozen")).train()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    b = make_batch()
+    b["local"] = torch.randn(4, 3, 512)
+    context = P.GlobalContext.of(b.pop("context"))
+    layout = context.grids.layout(b["section"].numpy(), b["index"].numpy(), buckets=True)
+    label = torch.rand(4, G)
+    compiled = runtime.compile_step(net, losses.gene_dml_loss, backend="aot_eager")
+    got = []
+    for model, loss_fn in ((net, losses.gene_dml_loss), compiled):
+        net.zero_grad()
+        loss, _ = loss_fn(model(**b, context=context, expression=label, layout=layout), label, k=2, sync=False)
+        loss.backward()
+        got.append((loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    assert torch.allclose(got[0][0], got[1][0], atol=1e-5) and got[0][1].keys() == got[1][1].keys()
+    for name in got[0][1]:
+        assert torch.allclose(got[0][1][name], got[1][1][name], atol=1e-5, rtol=1e-4), name
