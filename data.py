@@ -31,6 +31,7 @@ from genedml.encoders import as_encoder, tag
 from genedml.features import section_features, section_tokens
 from genedml.metrics import pearson_per_gene
 from genedml.packing import GlobalContext, SpotGrids
+from genedml import runtime
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +167,31 @@ class Split:
         """A DataLoader over the split whose batches carry their global-level layout (Collate)."""
         return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, collate_fn=Collate(self.context.grids), **kw)
 
-    def train_loader(self, batch_sampler, device, workers: int | None = None) -> torch.utils.data.DataLoader:
-        """The training loader (train.py's): the sampler's batches, stacked and laid out (Collate) by
-        `workers` processes ahead of the step (default_workers when None); pinned memory lets the copies
-        to a GPU overlap the step (non_blocking). Persistent workers keep their own random streams
-        across epochs: exact --resume is a property of workers = 0 (the CPU default)."""
+    def train_loader(self, batch_sampler, device, workers: int | None = None, buckets: bool = False) -> torch.utils.data.DataLoader:
+        """The training loader (train.py's): the sampler's batches, stacked and laid out (Collate; with
+        buckets, padded to a few sizes for compiled steps) by `workers` processes ahead of the step
+        (loader_settings). Persistent workers keep their own random streams across epochs: exact
+        --resume is a property of workers = 0 (the CPU default)."""
+        settings = self.loader_settings(batch_sampler.batch_size, device, workers)  # under torchrun: an upper bound
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batch_sampler,
+                                           collate_fn=Collate(self.context.grids, buckets), **settings)
+
+    def loader_settings(self, batch: int, device, workers: int | None = None) -> dict:
+        """DataLoader settings of training, for any loader of this split (validation's too): `workers`
+        persistent processes (default_workers when None), each with up to 4 batches prefetched, fewer
+        where /dev/shm cannot hold them (runtime.fit_to_shm, with a warning); pinned memory on CUDA,
+        so the copies to the GPU overlap the step (non_blocking)."""
         workers = default_workers(device) if workers is None else workers
-        cuda = torch.device(device).type == "cuda"
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batch_sampler, num_workers=workers,
-                                           collate_fn=Collate(self.context.grids), pin_memory=cuda,
-                                           persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+        prefetch = 4
+        if workers:  # workers hand their batches over through shared memory
+            with torch.random.fork_rng(devices=[]):  # one item's bytes, without a draw from training's stream
+                item = self.dataset[0]
+            size = batch * sum(v.nbytes for v in item.values() if torch.is_tensor(v))
+            workers, prefetch, message = runtime.fit_to_shm(workers, prefetch, size, runtime.shm_free_bytes())
+            if message:
+                log.warning(message)
+        return dict(num_workers=workers, pin_memory=torch.device(device).type == "cuda",
+                    persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None)
 
 
 def default_workers(device) -> int:
@@ -186,14 +202,15 @@ def default_workers(device) -> int:
 class Collate:
     """The DataLoader's collate function: stack the items, then lay out the step's global level
     (packing.SpotGrids.layout) as batch["layout"]. It runs in the loader's workers, ahead of the step,
-    so the model's forward pass needs no host-device round trip to find the step's sections."""
+    so the model's forward pass needs no host-device round trip to find the step's sections.
+    buckets: pad the layout to a few sizes (compiled steps: SpotGrids.layout)."""
 
-    def __init__(self, grids: SpotGrids):
-        self.grids = grids
+    def __init__(self, grids: SpotGrids, buckets: bool = False):
+        self.grids, self.buckets = grids, buckets
 
     def __call__(self, items: list) -> dict:
         batch = torch.utils.data.default_collate(items)
-        batch["layout"] = self.grids.layout(batch["section"].numpy(), batch["index"].numpy())
+        batch["layout"] = self.grids.layout(batch["section"].numpy(), batch["index"].numpy(), self.buckets)
         return batch
 
 

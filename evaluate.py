@@ -74,14 +74,14 @@ def predict(model, loader, context, device, amp=None, encoder=None):
     half = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
     out = {}
     for batch in loader:
-        layout = batch["layout"].to(device) if "layout" in batch else None
+        on = lambda x: x.to(device, non_blocking=True)  # asynchronous from a pinned loader's batches
+        layout = on(batch["layout"]) if "layout" in batch else None
         with torch.autocast(device.type, dtype=half, enabled=amp):
-            local = batch["local"].to(device)
+            local = on(batch["local"])
             if encoder is not None:
                 local = encoder.tokens(local).flatten(1, 2)  # (B, h*w, C)
-            pred = model(local, batch["neighbour_feats"].to(device),
-                         batch["neighbour_mask"].to(device), batch["section"].to(device),
-                         batch["index"].to(device), context, layout=layout).prediction.float().cpu()
+            pred = model(local, on(batch["neighbour_feats"]), on(batch["neighbour_mask"]),
+                         on(batch["section"]), on(batch["index"]), context, layout=layout).prediction.float().cpu()
         for s in batch["section"].unique().tolist():
             m = batch["section"] == s
             p, r = out.get(s, (torch.empty(0, pred.shape[1]), torch.empty(0, dtype=torch.long)))
@@ -89,9 +89,10 @@ def predict(model, loader, context, device, amp=None, encoder=None):
     return {s: (p[r.argsort()].numpy(), r.sort().values.numpy()) for s, (p, r) in out.items()}
 
 
-def evaluate_split(model, split, device, batch_size=64, amp=None, encoder=None):
-    """Per-slide metrics of a model on one prepared split (see data.prepare_split); amp and encoder as predict's."""
-    preds = predict(model, split.loader(batch_size), split.context, device, amp, encoder)
+def evaluate_split(model, split, device, batch_size=64, amp=None, encoder=None, loader=None):
+    """Per-slide metrics of a model on one prepared split (see data.prepare_split); amp and encoder as predict's.
+    loader: the split's batches in order (default: split.loader(batch_size), in this process)."""
+    preds = predict(model, loader or split.loader(batch_size), split.context, device, amp, encoder)
     per_slide = {}
     for s, (pred, rows) in sorted(preds.items()):
         assert len(rows) == len(split.sections[s].spot_ids), "every spot of a slide must be predicted"

@@ -38,11 +38,11 @@ import data
 from genedml.cache import ArrayCache
 from genedml import distributed
 from genedml import encoders
+from genedml import resident, runtime
 import evaluate
 from genedml.crops import at_field_of_view, native_crop_um
 from genedml.trunk import MIN_CROP
-from genedml.checkpoint import (CheckpointWriter, check_resume, load_checkpoint, plain, refuse_other_settings, resume_log,
-                                save_atomic)
+from genedml.checkpoint import CheckpointWriter, check_resume, load_checkpoint, plain, refuse_other_settings, resume_log
 from evaluate import evaluate_split
 from genedml.cli import HelpFormatter, comma_list, number
 from genedml.metrics import summarise
@@ -133,6 +133,12 @@ def get_args(argv=None):
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 mixed precision (default: on for CUDA)")
     g.add_argument("--log-every", type=number(int, low=1), default=20, help="steps between progress-bar updates of the loss parts")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model and the loss: fewer kernel launches a step "
+                   "(the first steps compile, minutes); each step's global layout is padded to a few sizes so graphs are reused")
+    g.add_argument("--data-on-device", default="auto", choices=("auto", "on", "off"),
+                   help="keep the training set (crops or token maps, features, labels) on the device and gather each batch "
+                        "there, with no loader workers; auto: on CUDA when it takes at most half the free GPU memory "
+                        "(the run's first line says which)")
 
     known, _ = p.parse_known_args(argv)  # --data and --encoder first: they set the other defaults
     cohort = known.data
@@ -265,7 +271,12 @@ def train_fold(args, fold):
     opt, sched, scaler = build_optimiser(args, model, run)
     progress = resume_from(args, run, model, opt, sched, scaler, d.select_part)
     ddp = distributed.wrap(model, run.device)            # DDP under torchrun; the model itself in one process
-    writer = CheckpointWriter(background=run.device.type == "cuda")  # on a GPU last.pt is written during the next epoch
+    step_loss = gene_dml_loss
+    if args.compile:                                     # fewer, fused kernels; validation runs the plain model
+        ddp, step_loss = runtime.compile_step(ddp, gene_dml_loss)
+    val_loader = validation_loader(args, d, run) if run.main else None
+    # on a GPU best.pt and last.pt are written during the next epoch, each by its own thread
+    writer, best_writer = (CheckpointWriter(background=run.device.type == "cuda") for _ in range(2))
 
     # ---- loop: train an epoch, select on the validation patient (or, labelled, on the test fold), checkpoint
     for epoch in range(progress.start, args.epochs):
@@ -274,10 +285,12 @@ def train_fold(args, fold):
                 print(f"early stop: no better {d.select_part} PCC(M) for {args.patience} epochs")
             break
         seen, sums, train_time = train_epoch(args, epoch, model, ddp, d, opt, sched, scaler, run,
-                                             first=epoch == progress.start)
+                                             first=epoch == progress.start, loss_fn=step_loss)
         if run.main:  # rank 0 alone validates and writes
+            t1 = time.time()
             per_slide, _ = evaluate_split(model, d.splits[d.select_part], run.device, args.batch_size, run.amp,
-                                          encoder=d.encoder if d.online else None)
+                                          d.encoder if d.online else None, val_loader)
+            validation_seconds = time.time() - t1
             metric = summarise(per_slide)[1]
             score = metric["pcc_m"] if math.isfinite(metric["pcc_m"]) else -math.inf
             improved = score > progress.best
@@ -295,26 +308,31 @@ def train_fold(args, fold):
             t1 = time.time()
             ckpt = fold_checkpoint(args, fold, d, model, cfg, epoch, progress)
             if improved:
-                save_atomic(ckpt, run.out / "best.pt")  # the model, no optimiser: what evaluation reads
+                best_writer.save(ckpt, run.out / "best.pt")  # the model, no optimiser: what evaluation reads
+            best_seconds = time.time() - t1
             # last.pt: best.pt's contents plus what --resume needs (Adam's state is 2x the model), and
             # this epoch's log line, which a kill before the append below would otherwise lose
             writer.save({**ckpt, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "scaler": scaler.state_dict(), "log": json.loads(json.dumps(record))},  # plain floats
                         run.out / "last.pt")
-            record["checkpoint_seconds"] = time.time() - t1  # what checkpointing kept the loop waiting
+            # what validation and checkpointing (both files; best.pt's part alone) kept the loop waiting
+            record.update(validation_seconds=validation_seconds, checkpoint_seconds=time.time() - t1,
+                          best_seconds=best_seconds)
             with open(run.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         progress.bad = distributed.broadcast(progress.bad, run.device)  # rank 0's count: every process stops together
 
     writer.wait()
+    best_writer.wait()
     if run.main:
         print(f"best {d.select_part} PCC(M) {progress.best:.4f} at epoch {progress.best_epoch}; checkpoint {run.out / 'best.pt'}")
     return run.out / "best.pt"
 
 
-def train_epoch(args, epoch, model, ddp, d, opt, sched, scaler, run, first=False):
+def train_epoch(args, epoch, model, ddp, d, opt, sched, scaler, run, first=False, loss_fn=None):
     """One pass over the training spots. Returns the spots seen, the summed loss parts and the seconds,
-    over every process."""
+    over every process. ddp and loss_fn: the model and loss the step calls (compiled, with --compile)."""
+    loss_fn = loss_fn or gene_dml_loss
     # Every epoch reseeds from (seed, epoch): shuffling, augmentation and dropout then do not
     # depend on what ran before, which makes --resume exact without saving RNG states. The batches
     # are the same on every process; augmentation and dropout draw from each process's own seed.
@@ -338,8 +356,8 @@ def train_epoch(args, epoch, model, ddp, d, opt, sched, scaler, run, first=False
                           expression=label if use_genes else None, layout=batch["layout"].to(device, non_blocking=True))
         if args.gather == "global" and use_genes:    # under torchrun: InfoNCE and k-means over the global batch
             outputs = distributed.gather_outputs(outputs)
-        loss, parts = gene_dml_loss(outputs, label, tau=args.tau, tau_group=args.tau_group, k=args.k,
-                                    lam=args.lam, w_inst=args.w_inst, w_mse=args.w_mse)
+        loss, parts = loss_fn(outputs, label, tau=args.tau, tau_group=args.tau_group, k=args.k,
+                              lam=args.lam, w_inst=args.w_inst, w_mse=args.w_mse)
         nonfinite |= ~torch.isfinite(loss.detach())
         if step % args.log_every == 0:
             stop_if_nonfinite(nonfinite, f"epoch {epoch} step {step}", run)
@@ -397,10 +415,7 @@ def start_run(args) -> Run:
         logging.getLogger().setLevel(logging.WARNING)
     amp = (device.type == "cuda") if args.amp is None else args.amp
     amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True        # the trunk sees one crop size: pick its fastest kernels once
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for what stays in float32 (e.g. the losses)
-        torch.backends.cudnn.allow_tf32 = True
+    runtime.setup_cuda(device)                       # cuDNN autotuning, TF32 (the benchmarks' set-up too)
     resume = load_checkpoint(args.resume) if args.resume else None
     seed_everything(args.seed)
     return Run(out, device, main_process, amp, amp_dtype, resume, distributed.world_size())
@@ -472,12 +487,14 @@ def prepare_data(args, fold, run) -> FoldData:
                 else token_statistics(splits["train"].tokens)
     crop_um = crop_um or native_crop_um([sections[n] for n in names["train"]], args.crop_size)
     select_part = "test" if args.select_on_test else "val"
+    on_device, feeding = resident.choose(args.data_on_device, splits["train"], run.device)
     if run.main:
         print(f"fold {fold}: train {names['train']}  val {names['val']}  test {names['test']}  "
               f"| {len(splits['train'].dataset)} training spots, {len(genes)} genes ({genes_from}), selection on {select_part}, "
               f"{args.local_encoder}{' (online)' if online else ''} local encoder, {args.encoder} "
               f"({encoder.feature_dim}-d features, {encoder.token_dim}-d tokens)"
-              + ("" if crop_from == "native" else f", crops of {crop_um:.4g} µm ({crop_from})"))
+              + ("" if crop_from == "native" else f", crops of {crop_um:.4g} µm ({crop_from})")
+              + f" | batches: {feeding}{', compiled' if args.compile else ''}")
     # --batch-size is the global batch: under torchrun each process loads its 1/N share of every one.
     train_set = splits["train"].dataset
     if args.batch_size % run.world or len(train_set) < run.world:
@@ -485,7 +502,7 @@ def prepare_data(args, fold, run) -> FoldData:
                          f"spots must split into {run.world} equal shares, one per process")
     batches = distributed.ShardedBatchSampler(len(train_set), args.batch_size, drop_last=len(train_set) > args.batch_size,
                                               seed=args.seed, rank=distributed.rank(), world=run.world)
-    loader = splits["train"].train_loader(batches, run.device, args.workers)  # workers lay out batches ahead
+    loader = training_batches(args, splits["train"], batches, run.device, on_device)
     return FoldData(names, sections, genes, crop_um, crop_from, encoder, online, splits, train_tokens, select_part, batches, loader)
 
 
@@ -497,6 +514,20 @@ def runs_online(args, device) -> bool:
     if args.frozen_tokens == "auto":
         return args.encoder != "resnet18" or device.type == "cuda"
     return args.frozen_tokens == "online"
+
+
+def training_batches(args, split, batches, device, on_device: bool):
+    """The training set gathered on the device (resident.py), or the loader whose workers lay out
+    batches ahead; with --compile each layout padded to a few sizes (packing.bucket)."""
+    if on_device:
+        return resident.ResidentBatches(split, batches, device, buckets=args.compile)
+    return split.train_loader(batches, device, args.workers, buckets=args.compile)
+
+
+def validation_loader(args, d: FoldData, run):
+    """The selection split's batches in order, with the training loader's workers, prefetch and pinning."""
+    split = d.splits[d.select_part]
+    return split.loader(args.batch_size, **split.loader_settings(args.batch_size, run.device, args.workers))
 
 
 def build_model(args, d: FoldData, device):

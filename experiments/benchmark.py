@@ -4,7 +4,7 @@ What Gene-DML costs: data serving, a training step, evaluation, and how cost gro
     python -m experiments.benchmark                          # every section but fold, CPU defaults (the step: ~30+ min on 2 cores)
     python -m experiments.benchmark --only step,scale --device cuda --json bench.json
     python -m experiments.benchmark --quick                  # every size shrunk: a smoke run under a minute
-    python -m experiments.benchmark --gpu-check              # the GPU check: her2st's step and epoch at batch 256, bf16
+    python -m experiments.benchmark --gpu-check              # the GPU check: her2st's step and epoch at batch 256, bf16, every mode
 
 Everything runs on synthetic inputs of real sizes, so no data is needed. Each comparison is timed
 in the same run and reported as a ratio, which survives a busy machine better than the absolute
@@ -20,7 +20,8 @@ other jobs hold cores: torch's threads then wait on each other, up to 20x slower
          her2st sizes (~400 spots each; fold_benchmark), a batch of --batch spots drawn from all of
          it, so the global level runs over every spot of every section the batch touches (one
          packed pass: one padded attention call on CUDA, each section alone on a CPU). GeneDML with all three levels, gene_dml_loss with all losses, fused Adam as
-         train.py, with the trainable local encoder (crops) and with the frozen one (cached tokens),
+         train.py, with the trainable local encoder (crops) and with the frozen one (cached tokens, and
+         online: the frozen encoder's tokens of the step's crops under no_grad, then the same model),
          against a bare torchvision ResNet18 step on the same crops (default and channels-last
          layouts), all timed interleaved, round after round (median); where the trainable step's
          time goes: its local trunk, neighbour and global levels (forward + backward timed alone),
@@ -28,11 +29,17 @@ other jobs hold cores: torch's threads then wait on each other, up to 20x slower
          items/s in one process (items, stacking and the global layout); the frozen-feature rate
          (features.extract_features: the local crop + 25 tiles per spot) and the token rate
          (features.extract_tokens: 8 transforms of one crop per spot).
-  fold   one training epoch per local-encoder mode over a synthetic her2st-sized fold (--fold-spots
-         spots in --fold-sections sections) through train.py's loader (workers as train.py picks
-         them): seconds, spots/s, the share of the epoch spent waiting for data, peak GPU memory.
-  --gpu-check  the one prepared check for a lent GPU (under 5 minutes): step (24 sections) and fold
-         at batch 256 in bf16, her2st's sizes. On a CPU it runs the same code at a small size.
+  fold   one training epoch over a synthetic her2st-sized fold (--fold-spots spots in --fold-sections
+         sections) for each local-encoder mode (--fold-modes: trainable, frozen on cached tokens,
+         frozen online), eager or compiled (--fold-compile: train.py --compile, buckets on), fed by
+         train.py's loader (workers as train.py picks them) or from the training set on the device
+         (--fold-feeds; train.py --data-on-device): spots/s, the share of the timed steps spent waiting
+         for data, the epoch's seconds, the first steps' (compiling), peak GPU memory, and on CUDA
+         whether a step (and, on the device, fetching its batch) runs without a host-device sync.
+         The timed steps follow the warm-up in the same epoch, from the same iterator.
+  --gpu-check  the one prepared check for a lent GPU: step (24 sections) and fold at batch 256 in
+         bf16, her2st's sizes, every mode, compile off and on, both feeds (unmeasured so far: the
+         compiles may take minutes). On a CPU it runs the same code at a small size, eager only.
   eval   metrics.slide_metrics (vectorised) against a per-gene np.corrcoef loop; they must agree.
   ddp    training steps/s of one process and of two (torchrun's DDP on gloo, one thread each,
          the same global batch, embeddings gathered as train.py does): a smoke figure that the
@@ -93,6 +100,8 @@ from experiments.measure import (CropPerItem, FakeCrops, _status_mb, counting_km
                      synthetic_section, timed, write_slide)
 from genedml.metrics import slide_metrics
 from model import GeneDML, GeneDMLConfig
+from genedml import runtime
+from genedml.encoders import as_encoder
 from genedml.trunk import build_trunk, preprocess
 
 SECTIONS = ("data", "step", "fold", "eval", "ddp", "scale", "encoders", "slide")
@@ -101,8 +110,18 @@ QUICK = dict(slide_px="2000x2000", spots=64, items=32, decode_items=1, batch=8, 
              cohort_sections=4, cohort_px="800x800", cohort_spots=36, step_sections="1,3", loader_batches=2,
              fold_sections=3, fold_spots=96, fold_steps=None, encoders="resnet18,tiny-vit",
              encoder_px=64, encoder_batch=2, wsi_spots=300, wsi_window=150)
-GPU_CHECK = dict(only="step,fold", batch=256, step_sections="24", amp=True, reps=5)  # her2st's sizes otherwise
-GPU_CHECK_CPU = dict(only="step,fold", step_sections="3", reps=1, warmup=1, fold_spots=24)
+GPU_CHECK = dict(only="step,fold", batch=256, step_sections="24", amp=True, reps=5, fold_compile="off,on")  # her2st's sizes otherwise
+GPU_CHECK_CPU = dict(only="step,fold", step_sections="3", reps=1, warmup=1, fold_spots=16, crop=32)
+
+
+def _choices(allowed):
+    """A comma list of some of `allowed`, for argparse."""
+    def parse(text):
+        picked = [t.strip() for t in text.split(",") if t.strip()]
+        if not picked or set(picked) - set(allowed):
+            raise argparse.ArgumentTypeError(f"a comma list of {', '.join(allowed)}, got {text!r}")
+        return picked
+    return parse
 
 
 def _px(text):
@@ -143,6 +162,12 @@ def get_args(argv=None):
     p.add_argument("--fold-spots", type=int, default=9866, help="fold: spots in all (her2st fold 0: 9,866)")
     p.add_argument("--fold-steps", type=int, default=None, help="fold: time only this many steps (default: the whole epoch)")
     p.add_argument("--workers", type=int, default=None, help="fold: loader workers (default: as train.py, 0 on the CPU)")
+    p.add_argument("--fold-modes", type=_choices(fold_benchmark.MODES), default=",".join(fold_benchmark.MODES),
+                   help="fold: local-encoder modes (online: the frozen encoder on each step's crops, train.py's default on CUDA)")
+    p.add_argument("--fold-compile", type=_choices(("off", "on")), default="off",
+                   help="fold: eager steps, compiled ones (train.py --compile; inductor, minutes to compile), or both: off,on")
+    p.add_argument("--fold-feeds", type=_choices(fold_benchmark.FEEDS), default=",".join(fold_benchmark.FEEDS),
+                   help="fold: batches from train.py's loader, or gathered from the training set on the device (--data-on-device)")
     p.add_argument("--gpu-check", action="store_true",
                    help="the one prepared GPU check (< 5 min on one GPU): step and fold at batch 256 in bf16; on the "
                         "CPU the same at a small size")
@@ -258,14 +283,18 @@ def _step_at(args, device, amp, S):
     section, index, layout, context = on(batch["section"]), on(batch["index"]), batch["layout"].to(device), split.context
     fused = dict(fused=device.type in ("cpu", "cuda"))  # as train.py builds its Adam
 
-    def gene_dml(mode):
+    encoder = as_encoder(build_trunk("none")).to(device)  # the online frozen mode's encoder
+
+    def gene_dml(mode, online=False):
         model = GeneDML(GeneDMLConfig.for_cohort("her2st", G, local_encoder=mode)).to(device).train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, **fused)
         inputs = local if mode == "trainable" else tokens
 
         def step():
+            # online: the frozen encoder's tokens of this step's crops (under no_grad), then the frozen model
+            x = encoder.tokens(local).flatten(1, 2) if online else inputs
             with autocast():
-                out = model(inputs, neighbour, mask, section, index, context, expression=label, layout=layout)
+                out = model(x, neighbour, mask, section, index, context, expression=label, layout=layout)
             loss, _ = losses.gene_dml_loss(out, label, k=args.k)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -288,7 +317,7 @@ def _step_at(args, device, amp, S):
         return step
 
     model, opt, trainable_step = gene_dml("trainable")
-    steps = {"trainable": trainable_step, "frozen": gene_dml("frozen")[2],
+    steps = {"trainable": trainable_step, "frozen": gene_dml("frozen")[2], "online": gene_dml("frozen", online=True)[2],
              "resnet18": bare_resnet18(False), "resnet18_channels_last": bare_resnet18(True)}
 
     def fwd_bwd(fn):  # forward + backward of one part of the trainable model, timed alone
@@ -323,9 +352,9 @@ def _step_at(args, device, amp, S):
     extract_features(trunk, FakeCrops(2, c), device=device, progress=False)  # warm-up
     t = timed(lambda: extract_features(trunk, FakeCrops(args.feat_spots, c), device=device, progress=False), device)
     t_tok = timed(lambda: extract_tokens(trunk, FakeCrops(args.feat_spots, c), device=device, progress=False), device)
-    loader_rates = {"trainable": fold_benchmark.items_per_s(_without_tokens(split), B, args.loader_batches),
+    loader_rates = {"trainable": fold_benchmark.items_per_s(fold_benchmark.without_tokens(split), B, args.loader_batches),
                     "frozen": fold_benchmark.items_per_s(split, B, args.loader_batches)}
-    rate = {k: B / seconds[k] for k in ("trainable", "frozen", "resnet18", "resnet18_channels_last")}
+    rate = {k: B / seconds[k] for k in ("trainable", "frozen", "online", "resnet18", "resnet18_channels_last")}
     share = {k: seconds[k] / seconds["trainable"] for k in part_names}
     fig = dict(sections=S, sections_in_batch=int(layout.pad.shape[0]), spots_in_fold=len(split.dataset),
                batch=B, crop=c, amp=amp, reps=args.reps, seconds_per_step=seconds, spots_per_s=rate,
@@ -339,6 +368,7 @@ def _step_at(args, device, amp, S):
     where = f"{S} section{'s' if S > 1 else ''} ({len(split.dataset)} spots), batch {B} from {fig['sections_in_batch']} of them"
     rows = [(f"[{where}] trainable local encoder, GeneDML step at {c} px", f"{rate['trainable']:.1f} spots/s"),
             ("  frozen local encoder: GeneDML step on cached tokens", f"{rate['frozen']:.1f} spots/s"),
+            ("  frozen local encoder online: its tokens of the step's crops, then the step", f"{rate['online']:.1f} spots/s"),
             ("  bare ResNet18 step, same crops (torchvision, fused Adam)", f"{rate['resnet18']:.1f} spots/s"),
             ("  bare ResNet18 step, channels-last", f"{rate['resnet18_channels_last']:.1f} spots/s"),
             ("  trainable / bare ResNet18 (spots/s)", f"{fig['trainable_over_resnet18']:.2f}x"),
@@ -355,34 +385,30 @@ def _step_at(args, device, amp, S):
     return fig, rows
 
 
-def _without_tokens(split):
-    """The same fold served as the trainable mode reads it: crops, not tokens."""
-    d = split.dataset
-    plain = data.SpotDataset.__new__(data.SpotDataset)
-    plain.__dict__.update(d.__dict__, tokens=None)
-    return dataclasses.replace(split, dataset=plain, tokens=None)
-
-
 def bench_fold(args, device, amp):
-    """One epoch of a synthetic her2st-sized fold per local-encoder mode, through train.py's loader."""
+    """One epoch of a synthetic her2st-sized fold for each local-encoder mode (--fold-modes), compiled
+    or not (--fold-compile), fed by train.py's loader or from the device (--fold-feeds)."""
     workers = data.default_workers(device) if args.workers is None else args.workers
     split = fold_benchmark.synthetic_fold(args.fold_sections, args.fold_spots, args.crop, tokens=True, device=device,
                                           genes=args.genes)
-    fig, rows = {"sections": args.fold_sections, "spots": len(split.dataset), "batch": args.batch, "workers": workers}, []
-    for mode, s in (("trainable", _without_tokens(split)), ("frozen", split)):
-        r = fold_benchmark.train_epoch(s, mode, args.batch, device, amp, workers, warmup=args.warmup,
-                                       max_steps=args.fold_steps)
-        fig[mode] = r
-        mem = f", peak {r['peak_gb']:.1f} GB" if r["peak_gb"] is not None else ""
-        if r["sync_free_step"] is not None:
-            rows.append((f"{mode}: a step without host-device syncs", "yes" if r["sync_free_step"] is True else
-                         f"no: {r['sync_free_step'][:60]}"))
-        rows.append((f"{mode}: epoch of {r['steps']} steps x {args.batch} ({args.fold_sections} sections, {workers} workers)",
-                     f"{r['seconds']:.1f} s, {r['spots_per_s']:.0f} spots/s, data wait {100 * r['data_wait_share']:.0f} %{mem}"))
-        if r["steps"] < len(split.dataset) // args.batch:
-            full = r["seconds"] * (len(split.dataset) // args.batch) / r["steps"]
-            fig[mode]["epoch_s_extrapolated"] = full
-            rows.append((f"  {mode}: the full epoch ({len(split.dataset) // args.batch} steps), extrapolated", f"{full:.1f} s"))
+    fig, rows = {"sections": args.fold_sections, "spots": len(split.dataset), "batch": args.batch, "workers": workers,
+                 "runs": []}, []
+    for mode in args.fold_modes:
+        for compiled in args.fold_compile:
+            served = split if mode == "frozen" else fold_benchmark.without_tokens(split)
+            runs = fold_benchmark.train_epochs(served, mode, args.batch, device, amp, workers, warmup=args.warmup,
+                                               max_steps=args.fold_steps, compile=compiled == "on", feeds=args.fold_feeds)
+            for feed, r in runs.items():
+                fig["runs"].append(r)
+                name = f"{mode}, compile {compiled}, {'data on the device' if feed == 'device' else f'loader ({workers} workers)'}"
+                mem = f", peak {r['peak_gb']:.1f} GB" if r["peak_gb"] is not None else ""
+                if r["sync_free_step"] is not None:
+                    rows.append((f"{name}: a step without host-device syncs", "yes" if r["sync_free_step"] is True else
+                                 f"no: {r['sync_free_step'][:60]}"))
+                rows.append((f"{name}: {r['steps']} of {r['epoch_steps']} steps x {args.batch} timed",
+                             f"{r['spots_per_s']:.0f} spots/s, data wait {100 * r['data_wait_share']:.0f} %{mem}"))
+                rows.append((f"  epoch of {r['epoch_steps']} steps ({args.fold_sections} sections); first steps",
+                             f"{r['epoch_s']:.2f} s; {r['warmup_s']:.1f} s"))
     return fig, rows
 
 
@@ -414,6 +440,7 @@ def main(argv=None):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     amp = device.type == "cuda" if args.amp is None else args.amp
+    runtime.setup_cuda(device)  # train.py's set-up: cuDNN autotuning, TF32
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

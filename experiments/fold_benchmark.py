@@ -6,8 +6,10 @@ folds her2st`); a batch of 256 spots drawn from it holds ~24 sections, so the gl
 over every spot of ~24 sections at each step. The fold here has the real sizes (HER2ST_SIZES,
 scaled to the asked total), random crops, frozen features and token maps of the real shapes, and
 goes through the code that trains: data.SpotDataset, data.Collate, a DataLoader as train.py
-builds it, GeneDML and gene_dml_loss, fused Adam. Only the pixels and counts are random.
+builds it (or the training set on the device, resident.py), runtime's CUDA set-up and compile,
+GeneDML and gene_dml_loss, fused Adam. Only the pixels and counts are random.
 """
+import dataclasses
 import time
 
 import numpy as np
@@ -19,8 +21,10 @@ from genedml.crops import N_DIHEDRAL, SectionCrops
 import data
 import losses
 from model import GeneDML, GeneDMLConfig
+from genedml import resident, runtime
+from genedml.encoders import as_encoder
 from genedml.packing import GlobalContext
-from genedml.trunk import FEAT_DIM
+from genedml.trunk import FEAT_DIM, build_trunk
 
 # Spots per her2st section (counts joined with the spot file), all 36 sections, sorted.
 HER2ST_SIZES = [176, 178, 180, 181, 184, 187, 270, 277, 283, 289, 295, 298, 301, 302, 303, 306, 306, 315,
@@ -65,6 +69,14 @@ def synthetic_fold(sections: int, total: int, crop: int, tokens: bool, device, g
     return data.Split(secs, dataset, context, toks if tokens else None)
 
 
+def without_tokens(split: data.Split) -> data.Split:
+    """The same fold served as the trainable and online frozen modes read it: crops, not tokens."""
+    d = split.dataset
+    plain = data.SpotDataset.__new__(data.SpotDataset)
+    plain.__dict__.update(d.__dict__, tokens=None)
+    return dataclasses.replace(split, dataset=plain, tokens=None)
+
+
 def loader(split: data.Split, batch: int, device, workers: int, seed: int = 0):
     """The training loader as train.py builds it: shuffled full batches, laid out by Collate in workers."""
     sampler = torch.utils.data.BatchSampler(
@@ -80,48 +92,84 @@ def items_per_s(split: data.Split, batch: int, batches: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def train_epoch(split: data.Split, mode: str, batch: int, device, amp: bool, workers: int, warmup: int = 2,
-                max_steps: int | None = None) -> dict:
-    """One epoch of training steps as train.py runs them (after `warmup` untimed steps): seconds, spots/s,
-    the share of the epoch the loop waited for the loader, peak device memory, and (CUDA) whether a step
-    ran under torch.cuda.set_sync_debug_mode("error") without a host-device sync."""
+MODES = ("trainable", "frozen", "online")  # local encoder: trained on crops, frozen on cached tokens, frozen on each step's crops
+FEEDS = ("loader", "device")  # train.py's loader (workers), or the training set on the device (--data-on-device)
+
+
+def train_epochs(split: data.Split, mode: str, batch: int, device, amp: bool, workers: int, warmup: int = 2,
+                 max_steps: int | None = None, compile: bool = False, feeds=FEEDS) -> dict:
+    """One epoch of training steps as train.py runs them, for each way of feeding them (`feeds`), with
+    one model (built once, compiled once with --compile): per feed, seconds, spots/s, the share of the
+    timed steps the loop waited for its batch, peak device memory, and (CUDA) whether a step ran
+    under torch.cuda.set_sync_debug_mode("error") without a host-device sync.
+
+    split serves tokens (mode "frozen") or crops. "online": the frozen encoder runs under no_grad on
+    each step's (augmented) crops and the model reads its tokens, as the cached mode reads the stored
+    ones. The first `warmup` steps (and the sync check) are untimed; the timed steps are the rest of
+    the same epoch, from the same iterator, whose workers kept prefetching meanwhile (a second
+    iterator would start on an empty pipeline, which train.py's epochs after the first do not)."""
+    runtime.setup_cuda(device)
     torch.manual_seed(0)
     G = split.dataset.labels[0].shape[1]
-    model = GeneDML(GeneDMLConfig.for_cohort("her2st", G, local_encoder=mode)).to(device).train()
+    frozen = mode != "trainable"
+    model = GeneDML(GeneDMLConfig.for_cohort("her2st", G, local_encoder="frozen" if frozen else "trainable")).to(device).train()
     model.set_statistics(np.concatenate(split.dataset.labels), split.context.feats.cpu(),
-                         tokens=(np.zeros(FEAT_DIM, np.float32), np.ones(FEAT_DIM, np.float32)) if mode == "frozen" else None)
+                         tokens=(np.zeros(FEAT_DIM, np.float32), np.ones(FEAT_DIM, np.float32)) if frozen else None)
+    encoder = as_encoder(build_trunk("none")).to(device) if mode == "online" else None
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
+    forward, loss_fn = runtime.compile_step(model, losses.gene_dml_loss) if compile else (model, losses.gene_dml_loss)
     on = lambda x: x.to(device, non_blocking=True)
 
     def step(b):
-        label = on(b["label"])
+        label, local = on(b["label"]), on(b["local"])
+        if encoder is not None:
+            local = encoder.tokens(local).flatten(1, 2)  # (B, h*w, C), under no_grad
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(on(b["local"]), on(b["neighbour_feats"]), on(b["neighbour_mask"]), on(b["section"]),
-                        on(b["index"]), split.context, expression=label, layout=b["layout"].to(device, non_blocking=True))
-        loss, _ = losses.gene_dml_loss(out, label, k=18)
+            out = forward(local, on(b["neighbour_feats"]), on(b["neighbour_mask"]), on(b["section"]),
+                          on(b["index"]), split.context, expression=label, layout=b["layout"].to(device, non_blocking=True))
+        loss, _ = loss_fn(out, label, k=18)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    batches = loader(split, batch, device, workers)
-    it = iter(batches)
+    out = {}
+    for feed in feeds:
+        sampler = torch.utils.data.BatchSampler(
+            torch.utils.data.RandomSampler(split.dataset, generator=torch.Generator().manual_seed(0)), batch, drop_last=True)
+        batches = resident.ResidentBatches(split, sampler, device, buckets=compile) if feed == "device" else \
+            split.train_loader(sampler, device, workers, buckets=compile)
+        out[feed] = _time_epoch(batches, step, device, warmup, max_steps, checked_batch=feed == "device")
+        out[feed].update(mode=mode, compile=compile, feed=feed, workers=0 if feed == "device" else workers)
+        del batches
+    return out
+
+
+def _time_epoch(batches, step, device, warmup, max_steps, checked_batch) -> dict:
+    """Warm-up steps, a sync-checked step (CUDA; checked_batch: fetching the batch too), then the rest
+    of the epoch timed, all from one iterator."""
+    it, total = iter(batches), len(batches)
+    t0 = time.perf_counter()
     for _ in range(warmup):
         step(next(it))
+    used = warmup
     sync_free = None  # on CUDA: does a step run without waiting for the device? (torch raises at a sync)
     if device.type == "cuda":
-        b = next(it)
+        b = None if checked_batch else next(it)
+        torch.cuda.synchronize(device)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            step(b)
+            step(next(it) if checked_batch else b)
             sync_free = True
         except RuntimeError as e:
             sync_free = str(e).splitlines()[0]
         finally:
             torch.cuda.set_sync_debug_mode("default")
+        used += 1
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    steps = len(batches) if max_steps is None else min(max_steps, len(batches))
-    it = iter(batches)  # a full epoch, timed
+    warmup_s = time.perf_counter() - t0  # the first steps: compiling, with --compile
+    steps = total - used if max_steps is None else min(max_steps, total - used)
+    assert steps > 0, f"an epoch of {total} steps leaves none to time after {used} untimed ones"
     waited, seen = 0.0, 0
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -134,5 +182,6 @@ def train_epoch(split: data.Split, mode: str, batch: int, device, amp: bool, wor
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return dict(mode=mode, steps=steps, spots=seen, seconds=seconds, spots_per_s=seen / seconds,
-                data_wait_share=waited / seconds, peak_gb=peak, workers=workers, sync_free_step=sync_free)
+    return dict(steps=steps, untimed_steps=used, epoch_steps=total, spots=seen, seconds=seconds,
+                spots_per_s=seen / seconds, epoch_s=seconds * total / steps, data_wait_share=waited / seconds,
+                warmup_s=warmup_s, peak_gb=peak, sync_free_step=sync_free)

@@ -42,7 +42,7 @@ from genedml.trunk import MIN_CROP
 log = logging.getLogger(__name__)
 
 # Flags that do not change what a run computes: a re-run of --fold all may differ in these.
-RUN_ONLY = {"out", "fold", "resume", "root", "cache_dir", "workers", "device", "log_every"}
+RUN_ONLY = {"out", "fold", "resume", "root", "cache_dir", "workers", "device", "log_every", "compile", "data_on_device"}
 KEYS = ("model", "frozen_trunk", "config", "genes", "data", "selection")  # what every Gene-DML checkpoint holds
 
 

@@ -43,9 +43,13 @@ class SpotGrids:
         start = np.concatenate([[0], np.cumsum([len(c) for c in cell])]).astype(np.int64)
         return cls(start, np.concatenate(cell), (H, W))
 
-    def layout(self, section, index) -> "GlobalLayout":
+    def layout(self, section, index, buckets: bool = False) -> "GlobalLayout":
         """Lay out one step's global level (see GlobalLayout) from the batch's section and row (B,),
-        in numpy: called by the loader's collate function, ahead of the step."""
+        in numpy: called by the loader's collate function, ahead of the step. With buckets, the
+        step's sizes (sections S, slots n, queries r, tokens T) are padded up to a few values
+        (`bucket`), so that compiled graphs are reused across steps; results are unchanged (see
+        GlobalLayout: spare sections and tokens are never read by the batch's spots). At her2st's
+        batch of 256 (24 sections, all touched) the 13 shapes of 60 steps become 1 or 2."""
         section, index = np.asarray(section, np.int64), np.asarray(index, np.int64)
         S_all = len(self.start) - 1
         assert section.ndim == 1 and section.shape == index.shape, "section and index must both be (B,)"
@@ -55,25 +59,44 @@ class SpotGrids:
         secs, slot = np.unique(section, return_inverse=True)   # the step's S sections; each spot's slot
         size = size_all[secs]                                  # (S,) spots per section
         first = np.concatenate([[0], np.cumsum(size)[:-1]])    # where each section starts in the packed tokens
-        n, T = int(size.max()), int(size.sum())
-        valid = np.arange(n)[None] < size[:, None]             # (S, n) slots holding a spot
-        pad = np.where(valid, first[:, None] + np.arange(n)[None], T)  # T: the zero row past the end
-        tokens = (self.start[secs][:, None] + np.arange(n)[None])[valid]  # (T,) rows of the features
+        count = np.bincount(slot, minlength=len(secs))         # (S,) the batch's spots per section
+        S, n, T, r = len(secs), int(size.max()), int(size.sum()), int(count.max())
+        S_pad, T_pad = S, T
+        if buckets:  # each size up to its bucket, but never past what the split can hold
+            n, T_pad = min(bucket(n), int(size_all.max())), min(bucket(T), int(self.start[-1]))
+            r = min(1 << (r - 1).bit_length(), len(section))   # a power of two: only the last layer's queries
+            S_pad = min(bucket(S + (T_pad > T)), S_all + 1)   # spare tokens need a spare section to sit in
+        valid = np.zeros((S_pad, n), bool)                     # (S_pad, n) slots holding a spot
+        valid[:S] = np.arange(n)[None] < size[:, None]
+        key_mask = valid.copy()
+        key_mask[S:, 0] = True  # a spare section attends to one key, the zero row: an all-masked row would be NaN
+        pad = np.full((S_pad, n), T_pad)                       # T_pad: the zero row past the end
+        pad[:S] = np.where(valid[:S], first[:, None] + np.arange(n)[None], T_pad)
+        spare = T_pad - T                                      # spare tokens: feature row 0, in spare section S
+        tokens = np.concatenate([(self.start[secs][:, None] + np.arange(n)[None])[valid[:S]], np.zeros(spare, np.int64)])
         H, W = self.grid
-        cell = np.repeat(np.arange(len(secs)), size) * (H * W) + self.cell[tokens]  # (T,) in the (S, H, W) stack
+        cell = np.concatenate([np.repeat(np.arange(S), size) * (H * W) + self.cell[tokens[:T]],  # in the (S, H, W) stack
+                               np.full(spare, S * H * W)])
+        unpad = np.concatenate([np.flatnonzero(valid), np.full(spare, S * n)])  # spare tokens read the spare slot
         # the batch's own spots, the only queries of the last layer: per section, padded to r
         rows = first[slot] + index                             # (B,) packed position of each batch spot
         by_slot = np.argsort(slot, kind="stable")
-        count = np.bincount(slot, minlength=len(secs))
         rank = np.empty_like(slot)
         rank[by_slot] = np.arange(len(slot)) - np.repeat(np.concatenate([[0], np.cumsum(count)[:-1]]), count)
-        r = int(count.max())
-        query = np.repeat(first[:, None], r, axis=1)           # (S, r): spare queries read the section's first spot
+        query = np.zeros((S_pad, r), np.int64)                 # (S_pad, r): spare queries read the section's first spot
+        query[:S] = first[:, None]
         query[slot, rank] = rows
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
-        return GlobalLayout(tokens=t(tokens), cell=t(cell), pad=t(pad), key_mask=t(valid),
-                            unpad=t(np.flatnonzero(valid)), query=t(query), order=t(slot * r + rank), rows=t(rows),
+        return GlobalLayout(tokens=t(tokens), cell=t(cell), pad=t(pad), key_mask=t(key_mask),
+                            unpad=t(unpad), query=t(query), order=t(slot * r + rank), rows=t(rows),
                             sizes=size.tolist(), counts=count.tolist())
+
+
+def bucket(x: int) -> int:
+    """x rounded up to the next of 4, 5, 6, 7, 8 x 2^k (at most 25% more; x itself up to 8): a few
+    sizes an octave, e.g. her2st's 19-25 sections a batch to 20, 24 or 28."""
+    step = 1 << max(0, int(x).bit_length() - 3)
+    return -(-int(x) // step) * step
 
 
 @dataclass
@@ -91,8 +114,8 @@ class GlobalLayout:
     query: torch.Tensor     # (S, r) packed positions of the batch's spots, per section, padded
     order: torch.Tensor     # (B,) flat query s * r + j of each batch spot, in batch order
     rows: torch.Tensor      # (B,) packed position of each batch spot
-    sizes: list             # (S,) spots of each section, host ints (the CPU's attention runs each alone)
-    counts: list            # (S,) the batch's spots in each section, host ints
+    sizes: list             # spots of each of the step's own sections, host ints (the CPU's attention runs each alone)
+    counts: list            # the batch's spots in each of the step's own sections, host ints
 
     def to(self, device, non_blocking=False) -> "GlobalLayout":
         return GlobalLayout(**{k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
@@ -145,4 +168,4 @@ def attend(qkv, layout: GlobalLayout, heads: int, queries: bool = False) -> torc
         parts.append(F.pad(y, (0, 0, 0, r - r_s)) if queries else y)
         start += n_s
     y = torch.cat(parts)  # (T, C) in packed order, or (S * r, C) as the padded queries
-    return y[layout.order] if queries else y
+    return y[layout.order] if queries else F.pad(y, (0, 0, 0, len(layout.tokens) - len(y)))  # spare tokens: 0

@@ -4,7 +4,8 @@
 torch.hub's cache, or downloaded), or a local checkpoint (a torchvision-style state dict, or a training
 checkpoint such as Ciga et al.'s self-supervised tenpercent_resnet18.ckpt), loaded strictly with
 torch.load(weights_only=True). `read_state_dict` and `check_keys` read and check any encoder's weights
-(encoders.py uses them too). `preprocess` turns uint8 crops into the normalised floats it reads.
+(encoders.py uses them too). `Preprocess` (the trunk's `preprocess`) turns uint8 crops into the
+normalised floats it reads.
 The frozen encoders of the other levels are chosen in encoders.py; this module needs nothing of ours.
 """
 import logging
@@ -21,7 +22,25 @@ FEAT_DIM = 512  # channels of ResNet18's last stage: the default width of the fr
 MIN_CROP = 32   # px: the trunk's output stride; a smaller crop is less than one of its output positions
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")  # torchvision's names
 
+
+class Preprocess(nn.Module):
+    """uint8 images (B,3,H,W) -> float, /255, normalised with a mean and std (ImageNet's by default).
+
+    The mean and std are buffers, so they move with the module (`.to(device)`) and a forward pass
+    creates no tensor: on CUDA a tensor made from Python numbers is a blocking host-to-device copy,
+    a sync in every step. They are not persistent, so no state dict holds them."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3, \
+            f"expected uint8 images (B,3,H,W), got {x.dtype} {tuple(x.shape)}"
+        return (x.float() / 255 - self.mean) / self.std
 
 
 class ResNet18Trunk(nn.Sequential):
@@ -29,13 +48,20 @@ class ResNet18Trunk(nn.Sequential):
 
     Departures from torchvision.models.resnet18:
     - no avgpool and no fc: the local level keeps all (H/32)·(W/32) positions as tokens (7x7 at 224 px);
+    - `preprocess`, the uint8 -> normalised float step its input needs (Preprocess), travels with it
+      but is not run by forward (which takes the normalised floats, as torchvision's does);
     - nothing else: the modules keep torchvision's names, so its state dicts (less fc.*) load as they are.
     """
 
     def __init__(self):
         r = torchvision.models.resnet18(weights=None)
-        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-        super().__init__(OrderedDict((n, getattr(r, n)) for n in names))
+        super().__init__(OrderedDict((n, getattr(r, n)) for n in LAYERS))
+        self.preprocess = Preprocess()  # a child after the layers: forward below runs the layers only
+
+    def forward(self, x):  # (B, 3, H, W) normalised floats
+        for name in LAYERS:
+            x = self._modules[name](x)
+        return x
 
 
 def build_trunk(weights: str = "none", progress: bool = True) -> ResNet18Trunk:
@@ -119,10 +145,13 @@ def check_keys(expected: dict, state: dict, source, what: str, optional: str | N
         raise ValueError(f"{source}: not the weights of {what}; {'; '.join(problems)}")
 
 
+_PREPROCESS = {torch.device("cpu"): Preprocess()}  # device -> its Preprocess: the constants copied there once
+
+
 def preprocess(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images (B,3,H,W) -> float, /255, normalised with ImageNet's mean and std."""
-    assert x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3, \
-        f"expected uint8 images (B,3,H,W), got {x.dtype} {tuple(x.shape)}"
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x.float() / 255 - mean) / std
+    """uint8 images (B,3,H,W) -> float, /255, normalised with ImageNet's mean and std (Preprocess).
+    For code without a trunk at hand; a model should call its trunk's own `preprocess`. The
+    constants reach a device once, at the first call there, never in every call."""
+    if x.device not in _PREPROCESS:
+        _PREPROCESS[x.device] = Preprocess().to(x.device)
+    return _PREPROCESS[x.device](x)

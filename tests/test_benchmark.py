@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from experiments import benchmark
 
@@ -11,7 +12,7 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     ev = figures["eval"]
     assert sorted(figures["step"]["shapes"]) == [1, 3]  # a one-slide fold and a several-slide fold
     for S, step in figures["step"]["shapes"].items():
-        assert all(step["spots_per_s"][k] > 0 for k in ("trainable", "frozen", "resnet18", "resnet18_channels_last"))
+        assert all(step["spots_per_s"][k] > 0 for k in ("trainable", "frozen", "online", "resnet18", "resnet18_channels_last"))
         assert step["trainable_over_resnet18"] > 0 and step["frozen_over_trainable"] > 0
         assert 0 <= step["kmeans_share"] < 1 and all(0 <= v < 1.5 for v in step["shares"].values())
         assert step["feature_images_per_s"] > 0 and step["token_spots_per_s"] > 0
@@ -24,12 +25,28 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
 def test_gpu_check_runs_on_the_cpu_at_a_small_size():
     args = benchmark.get_args(["--gpu-check", "--device", "cpu"])
     assert args.only == ["step", "fold"] and args.step_sections == [3] and args.fold_spots < 1000  # small on a CPU
+    assert args.fold_modes == ["trainable", "frozen", "online"] and args.fold_feeds == ["loader", "device"]
+    assert args.fold_compile == ["off"]  # inductor's compile takes minutes on a small CPU: the GPU check alone compiles
+    assert benchmark.GPU_CHECK["fold_compile"] == "off,on"
     figures = benchmark.main(["--gpu-check", "--device", "cpu", "--only", "fold"])  # the step: test above
     fold = figures["fold"]
-    for mode in ("trainable", "frozen"):
-        r = fold[mode]
-        assert r["steps"] == fold["spots"] // fold["batch"] and r["spots"] == r["steps"] * fold["batch"]
-        assert r["seconds"] > 0 and 0 <= r["data_wait_share"] <= 1 and r["peak_gb"] is None  # no GPU memory on a CPU
+    runs = {(r["mode"], r["feed"]): r for r in fold["runs"]}
+    assert set(runs) == {(m, f) for m in ("trainable", "frozen", "online") for f in ("loader", "device")}
+    for r in runs.values():
+        assert r["epoch_steps"] == fold["spots"] // fold["batch"] and r["steps"] == r["epoch_steps"] - r["untimed_steps"] > 0
+        assert r["spots"] == r["steps"] * fold["batch"] and r["epoch_s"] >= r["seconds"] > 0
+        assert 0 <= r["data_wait_share"] <= 1 and r["peak_gb"] is None and r["sync_free_step"] is None  # no GPU here
+
+
+def test_the_fold_benchmark_times_the_epoch_it_warmed_up(monkeypatch):
+    """The timed steps continue the warm-up's iterator: a second one would start on an empty pipeline
+    (its workers' prefetched batches dropped), inflating the data-wait share."""
+    from experiments import fold_benchmark
+    split = fold_benchmark.without_tokens(fold_benchmark.synthetic_fold(2, 24, 32, tokens=True, device="cpu", genes=6))
+    iterators, real = [], torch.utils.data.DataLoader.__iter__
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", lambda self: (iterators.append(1), real(self))[1])
+    r = fold_benchmark.train_epochs(split, "trainable", 8, torch.device("cpu"), False, 0, warmup=1, feeds=("loader",))
+    assert len(iterators) == 1 and r["loader"]["untimed_steps"] == 1 and r["loader"]["steps"] == r["loader"]["epoch_steps"] - 1
 
 
 def test_quick_ddp_benchmark_times_two_processes():

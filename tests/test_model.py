@@ -10,6 +10,7 @@ import torch
 import torchvision
 
 from genedml import features as F_
+import losses
 import model as M
 from genedml import packing as P
 from genedml import trunk as T
@@ -374,3 +375,117 @@ def test_statistics_start_spots_apart_and_predictions_at_the_mean():
     err_after = (after.prediction - expr.mean(0)).abs().mean()
     assert err_after < 0.5 * err_before
     assert "expr_mean" in m.state_dict() and "feat_std" in m.state_dict()  # saved with the weights
+
+
+@pytest.mark.parametrize("mode", ["trainable", "frozen", "online"])
+def test_a_training_step_makes_no_tensor_from_python_data(mode, monkeypatch):
+    """On CUDA a tensor made from Python data (torch.tensor, as_tensor) inside forward is a blocking
+    host-to-device copy: a sync in every step. The step (forward, loss) makes none: constants live in
+    buffers. The layout and context are built ahead, as the loader builds them."""
+    torch.manual_seed(0)
+    frozen = mode != "trainable"
+    cfg = tiny_cfg(local_encoder="frozen" if frozen else "trainable",
+                   frozen_tokens="online" if mode == "online" else "cached")
+    net = M.GeneDML(cfg).train()
+    encoder = None
+    if mode == "online":  # the training step runs the frozen encoder on the crops, then the model
+        from genedml.encoders import as_encoder
+        encoder = as_encoder(T.build_trunk("none"))
+    b = make_batch(crop=32)
+    context = P.GlobalContext.of(b.pop("context"))
+    layout = context.grids.layout(b["section"].numpy(), b["index"].numpy())
+    if mode == "frozen":
+        b["local"] = torch.randn(4, 1, 512)
+    label = torch.rand(4, G)
+    made = []
+    for name in ("tensor", "as_tensor"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _o=original, _n=name, **kw: (made.append(_n), _o(*a, **kw))[1])
+    if encoder is not None:
+        b["local"] = encoder.tokens(b["local"]).flatten(1, 2)
+    out = net(**b, context=context, expression=label, layout=layout)
+    loss, _ = losses.gene_dml_loss(out, label, k=2)
+    assert made == [], f"the step made tensors from Python data: {made}"
+    loss.backward()
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["one padded call (GPU)", "a call per section (CPU)"])
+def test_bucketed_layouts_leave_the_global_level_unchanged(padded, monkeypatch):
+    """Padding a step's sizes to buckets (spare sections, slots, queries and tokens, for reusable
+    compiled graphs) changes no value and no gradient of the global level."""
+    monkeypatch.setattr(P, "PADDED_ON", ("cpu", "cuda") if padded else ())
+    torch.manual_seed(0)
+    net = M.GeneDML(tiny_cfg(levels=("global",), global_depth=3)).eval()
+    rng = np.random.default_rng(1)
+    sizes = (9, 4, 13, 6, 11, 7, 10, 5, 12)
+    context = P.GlobalContext.of([(torch.randn(n, 512), torch.as_tensor(np.stack([np.arange(n) % 4, np.arange(n) // 4], 1)))
+                                  for n in sizes])
+    section = torch.as_tensor(rng.choice([0, 2, 3, 4, 5, 6, 8], 11))  # 7 of the 9 sections
+    index = torch.as_tensor([int(rng.integers(sizes[s])) for s in section.tolist()])
+    plain = context.grids.layout(section, index)
+    padded_layout = context.grids.layout(section, index, buckets=True)
+    S, T = plain.pad.shape[0], len(plain.tokens)
+    assert padded_layout.pad.shape[0] > S and len(padded_layout.tokens) > T  # spare sections and tokens
+    assert padded_layout.query.shape[1] >= plain.query.shape[1] and padded_layout.pad.shape[1] >= plain.pad.shape[1]
+    assert padded_layout.key_mask.any(1).all()  # every section has a key: an all-masked attention row is NaN on a GPU
+    weights = torch.randn(len(section), D)
+    got = []
+    for layout in (plain, padded_layout):
+        net.zero_grad()
+        out = net.global_tokens(section, index, context, layout)
+        (out * weights).sum().backward()
+        got.append((out.detach(), {n: p.grad.clone() for n, p in net.global_encoder.named_parameters()}))
+    assert torch.allclose(got[0][0], got[1][0], atol=1e-5)
+    for name in got[0][1]:
+        assert torch.allclose(got[0][1][name], got[1][1][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_bucketed_layouts_of_a_her2st_fold_take_a_few_shapes():
+    """60 batches of 256 from a her2st-sized fold (24 sections, 9,866 spots): the plain layouts take many
+    shapes (a compiled step would compile or capture each), the bucketed ones at most two."""
+    from experiments.fold_benchmark import grid_xy, section_sizes
+    sizes = section_sizes(24, 9866)
+    grids = P.SpotGrids.of([grid_xy(n) for n in sizes])
+    rows = np.concatenate([np.stack([np.full(n, k), np.arange(n)], 1) for k, n in enumerate(sizes)])
+    rng, shapes = np.random.default_rng(0), {False: set(), True: set()}
+    for _ in range(60):
+        b = rows[rng.choice(len(rows), 256, replace=False)]
+        for buckets in shapes:
+            layout = grids.layout(b[:, 0], b[:, 1], buckets)
+            shapes[buckets].add((tuple(layout.pad.shape), tuple(layout.query.shape), len(layout.tokens)))
+    assert len(shapes[True]) <= 2 < 8 < len(shapes[False])
+
+
+def test_buckets_are_few_and_never_smaller():
+    assert [P.bucket(x) for x in (1, 5, 8, 9, 19, 21, 25, 712, 9000)] == [1, 5, 8, 10, 20, 24, 28, 768, 10240]
+    assert {P.bucket(x) for x in range(19, 26)} == {20, 24, 28} and all(P.bucket(x) >= x for x in range(1, 5000))
+
+
+def test_a_compiled_step_agrees_with_the_eager_step():
+    """--compile (runtime.compile_step) on a bucketed layout: the eager step's loss and gradients. The
+    graphs are captured as inductor receives them (dynamo, then AOTAutograd) and run by the aot_eager
+    backend: inductor's C++ build of even this tiny step took 386 s on this project's 2-core test
+    machine. Dropout off: a compiled graph draws its own random masks."""
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported on this Python / platform")
+    from genedml import runtime
+    torch.manual_seed(0)
+    net = M.GeneDML(tiny_cfg(local_encoder="frozen")).train()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    b = make_batch()
+    b["local"] = torch.randn(4, 3, 512)
+    context = P.GlobalContext.of(b.pop("context"))
+    layout = context.grids.layout(b["section"].numpy(), b["index"].numpy(), buckets=True)
+    label = torch.rand(4, G)
+    compiled = runtime.compile_step(net, losses.gene_dml_loss, backend="aot_eager")
+    got = []
+    for model, loss_fn in ((net, losses.gene_dml_loss), compiled):
+        net.zero_grad()
+        loss, _ = loss_fn(model(**b, context=context, expression=label, layout=layout), label, k=2)
+        loss.backward()
+        got.append((loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    assert torch.allclose(got[0][0], got[1][0], atol=1e-5) and got[0][1].keys() == got[1][1].keys()
+    for name in got[0][1]:
+        assert torch.allclose(got[0][1][name], got[1][1][name], atol=1e-5, rtol=1e-4), name

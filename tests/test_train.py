@@ -30,7 +30,7 @@ from model import GeneDML, GeneDMLConfig
 from genedml.trunk import build_trunk
 
 SECTIONS = "A1,B1,C1"  # demo fold 0: test patient A, validation patient B, training patient C
-TIMING = ("seconds", "spots_per_s", "checkpoint_seconds")  # the only log fields allowed to differ between identical runs
+TIMING = ("seconds", "spots_per_s", "checkpoint_seconds", "validation_seconds", "best_seconds")  # the only log fields allowed to differ between identical runs
 
 
 def train_argv(root, cache, out, *extra, epochs=2):
@@ -356,6 +356,13 @@ def assert_resumed_like(straight, resumed, keys):
         assert_same_tensors(a[key], b[key], key)
     drop = lambda lines: [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
     assert drop(read_log(resumed / "log.jsonl")) == drop(read_log(straight / "log.jsonl"))
+
+
+def test_the_training_set_on_the_device_trains_as_the_loader_does(run, demo_root, cache_dir, tmp_path, capsys):
+    """--data-on-device on (here the CPU is the device) runs the loader's run: the same log and weights."""
+    train.main(train_argv(demo_root, cache_dir, tmp_path, "--data-on-device", "on"))
+    assert "batches: training set on the cpu" in capsys.readouterr().out
+    assert_resumed_like(run, tmp_path, ("model", "optimizer", "scheduler", "epoch", "best"))
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(stopped):
