@@ -13,6 +13,8 @@ Read model.py, losses.py, data.py, train.py and evaluate.py first; come here for
     metrics        PCC(M), PCC(H), per-gene Pearson
     distributed    several processes under torchrun: DDP, the all-gather, sharded batches
     cli            the help formatter and flag checks train.py and evaluate.py share
+    runtime        the one CUDA set-up, loader workers sized to /dev/shm, --compile of the step
+    resident       the training set kept on the device (--data-on-device): the loader's batches, gathered there
     demo           the synthetic demo cohort (`python data.py demo`)
     download       the resumable her2st downloader (`python data.py download`)
     visium         your own Visium / HEST-1k slides as a cohort table (`python -m genedml.visium info`)

@@ -105,6 +105,8 @@ def test_ci_installs_every_optional_extra_the_tests_skip_without():
                     and node.args and isinstance(node.args[0], ast.Constant)):
                 skipped_without.add(node.args[0].value.split(".")[0])
     skipped_without -= {m.split(".")[0] for m in modules()}
+    required = [l.split("#")[0].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
+    skipped_without -= {l.split(">")[0].split("=")[0].split("<")[0].strip().lower() for l in required if l} | {"PIL"}
     lines = [l.split("#")[0].strip() for l in (ROOT / "requirements-extras.txt").read_text().splitlines()]
     extras = [l.split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("-", "_") for l in lines if l]
     steps = (ROOT / ".ci" / "run").read_text()
