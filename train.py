@@ -317,7 +317,7 @@ def train_epoch(args, epoch, model, ddp, d, opt, sched, scaler, run, first=False
         if args.gather == "global" and use_genes:    # under torchrun: InfoNCE and k-means over the global batch
             outputs = distributed.gather_outputs(outputs)
         loss, parts = loss_fn(outputs, label, tau=args.tau, tau_group=args.tau_group, k=args.k,
-                                    lam=args.lam, w_inst=args.w_inst, w_mse=args.w_mse, sync=False)
+                              lam=args.lam, w_inst=args.w_inst, w_mse=args.w_mse, sync=False)
         nonfinite |= ~torch.isfinite(loss.detach())
         if step % args.log_every == 0:
             stop_if_nonfinite(nonfinite, f"epoch {epoch} step {step}", run)
