@@ -172,7 +172,8 @@ class Split:
         buckets, padded to a few sizes for compiled steps) by `workers` processes ahead of the step
         (loader_settings). Persistent workers keep their own random streams across epochs: exact
         --resume is a property of workers = 0 (the CPU default)."""
-        settings = self.loader_settings(batch_sampler.batch_size, device, workers)  # under torchrun: an upper bound
+        # the global batch: under torchrun the N processes' loaders (batch / N each) share one /dev/shm
+        settings = self.loader_settings(batch_sampler.batch_size, device, workers)
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=batch_sampler,
                                            collate_fn=Collate(self.context.grids, buckets), **settings)
 
