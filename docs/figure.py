@@ -3,7 +3,7 @@
 Regenerate (from the repository root, or from anywhere):   python docs/figure.py
 
 The figure is data: BOXES (module, name, text, rectangle, colour) and ARROWS (points, label, side).
-A box whose module is set is labelled with the exact class of model.py (or trunk.py, encoders.py) or function
+A box whose module is set is labelled with the exact class of model.py (or genedml/trunk.py, genedml/encoders.py) or function
 of losses.py that implements it, so a reader can look it up (tests/test_figure.py checks every name).
 A box drawn inside another is a part of it (the trunk of LocalEncoder, the PEG of GlobalEncoder).
 The first line of a box's text is its title; a box that holds others writes its text at the top.
@@ -39,10 +39,10 @@ BOXES = [
     Box(None, "crop", "spot crop\n224 x 224 px, uint8\n(B,3,224,224)", rect(C0, LOCAL), "local"),
     Box("model", "LocalEncoder", "LocalEncoder  (trainable, as in TRIPLEX; or frozen tokens)",
         (C1[0], LOCAL[0], C2[1], LOCAL[1]), "local"),
-    Box("trunk", "ResNet18Trunk", "ResNet18Trunk\nResNet18 without avgpool, fc", (300, 96, 520, 166), "local"),
+    Box("genedml.trunk", "ResNet18Trunk", "ResNet18Trunk\nResNet18 without avgpool, fc", (300, 96, 520, 166), "local"),
     Box(None, "tokens", "49 tokens\nthe 7 x 7 map, flattened", (610, 96, 810, 166), "local"),
     Box(None, "tiles", "5 x 5 tiles around it\n(224 px each)\n+ on-image mask (B,25)", rect(C0, NBR), "neighbour"),
-    Box("encoders", "FrozenEncoder", "FrozenEncoder\n(encoders.py)\nfrozen ResNet18 or\nfoundation model:\n"
+    Box("genedml.encoders", "FrozenEncoder", "FrozenEncoder\n(encoders.py)\nfrozen ResNet18 or\nfoundation model:\n"
         "one feature per tile,\nextracted once, cached", (C1[0], NBR[0], C1[1], GLOB[1]), "shared"),
     Box("model", "NeighbourEncoder", "NeighbourEncoder\n4 x Block, off-image tiles masked", rect(C2, NBR), "neighbour"),
     Box("model", "RelativePositionBias", "RelativePositionBias\na bias per head and (|drow|, |dcol|)",

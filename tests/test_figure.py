@@ -17,8 +17,8 @@ spec.loader.exec_module(figure)
 
 
 def defined(module: str) -> dict[str, ast.AST]:
-    """The top-level classes, functions and assignments of REPO/<module>.py, by name."""
-    tree = ast.parse((REPO / f"{module}.py").read_text(encoding="utf-8"))
+    """The top-level classes, functions and assignments of a module (model, genedml.trunk ...), by name."""
+    tree = ast.parse((REPO / f"{module.replace('.', '/')}.py").read_text(encoding="utf-8"))
     names = {}
     for node in tree.body:
         if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
