@@ -251,8 +251,9 @@ class FrozenEncoder(nn.Module):
         self.token_dim = FEAT_DIM if isinstance(net, ResNet18Trunk) else net.num_features
         assert spec.width in (None, self.token_dim), f"{spec.name}: built {self.token_dim} wide, published {spec.width}"
         self.feature_dim = self.token_dim * (2 if spec.tile == "cls+mean" else 1)
+        self.eval()  # from the start: frozen, its BatchNorm keeps its running statistics
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True):  # always in eval mode, whatever a caller asks
         return super().train(False)
 
     def precision(self, device) -> str:

@@ -410,7 +410,7 @@ def test_tiny_uni_predicts_and_runs_an_external_test(tiny_run, demo_root, cache_
     pred = pd.read_csv(tmp_path / "p" / "predictions.csv")
     assert np.isfinite(pred[load(best)["genes"]].to_numpy()).all()
     assert evaluate.main(eval_argv([best], cache_dir, tmp_path / "x", "--external", "demo", "--root", str(demo_root),
-                                   "--sections", "D1")) == 0
+                                   "--external-sections", "D1")) == 0
     assert np.isfinite(pd.read_csv(tmp_path / "x" / "folds.csv").loc[0, "pcc_m"])
 
 
