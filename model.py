@@ -12,10 +12,11 @@ clustering-space image and gene embedding, and the predicted expression of G gen
 see losses.py.
 
 Read top to bottom: the config, the transformer parts, the three levels, the gene encoder, the
-fusion and GeneDML. Two helpers live outside so that this file holds the model alone: trunk.py
-(torchvision's ResNet18 without its classifier, and its weights) and packing.py (the step's
-sections laid out for the global level by the loader, and attention over them). At ~460 lines it stays one file:
-it is the one a reader re-derives Gene-DML from.
+fusion and GeneDML. Every level is defined here; the global level first for one section
+(GlobalEncoder.forward), then batched over a step's sections (GlobalEncoder.packed). Two helpers live
+outside so that this file holds the model alone: genedml/trunk.py (torchvision's ResNet18 without its
+classifier, and its weights) and genedml/packing.py (the step's sections laid out for the batched global
+level by the loader, and attention within each of them). It is the one file a reader re-derives Gene-DML from.
 """
 
 from dataclasses import dataclass, replace
