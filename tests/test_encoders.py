@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torchvision import transforms as T
 
 from genedml import cohorts
 import data
@@ -115,7 +116,6 @@ def test_h_optimus_0_normalises_with_its_own_statistics():
     assert all(encoders.ENCODERS[n].mean == (0.485, 0.456, 0.406) for n in ("uni", "uni2-h", "virchow2", "gigapath"))
 
 
-T = pytest.importorskip("torchvision.transforms")
 BICUBIC = T.InterpolationMode.BICUBIC
 # The model cards' transforms of a tile (PIL image), written out independently of the registry
 PUBLISHED_TRANSFORMS = {
