@@ -200,7 +200,7 @@ class LocalEncoder(nn.Module):
             assert local.ndim == 3 and local.shape[-1] == C and local.is_floating_point(), \
                 f"frozen local encoder: expected tokens (B,n,{C}), got {local.dtype} {tuple(local.shape)}"
             return (local.float() - self.token_mean) / self.token_std  # (B, n, C)
-        fmap = self.trunk(self.trunk.preprocess(local).contiguous(memory_format=torch.channels_last))  # ImageNet-normalised  # (B, 512, c/32, c/32)
+        fmap = self.trunk(self.trunk.preprocess(local).contiguous(memory_format=torch.channels_last))  # (B, 512, c/32, c/32)
         return fmap.flatten(2).transpose(1, 2)  # (B, (c/32)², 512): 49 tokens at 224 px
 
 

@@ -102,7 +102,7 @@ from genedml.metrics import slide_metrics
 from model import GeneDML, GeneDMLConfig
 from genedml import runtime
 from genedml.encoders import as_encoder
-from genedml.trunk import build_trunk, preprocess
+from genedml.trunk import Preprocess, build_trunk
 
 SECTIONS = ("data", "step", "fold", "eval", "ddp", "scale", "encoders", "slide")
 QUICK = dict(slide_px="2000x2000", spots=64, items=32, decode_items=1, batch=8, crop=64, context=64,
@@ -305,11 +305,12 @@ def _step_at(args, device, amp, S):
         resnet = torchvision.models.resnet18(num_classes=G).to(device).train()
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         resnet = resnet.to(memory_format=fmt)
+        normalise = Preprocess().to(device)  # its constants on the device once, as the trunk holds them
         opt = torch.optim.Adam(resnet.parameters(), lr=1e-4, **fused)
 
         def step():
             with autocast():
-                pred = resnet(preprocess(local).contiguous(memory_format=fmt))
+                pred = resnet(normalise(local).contiguous(memory_format=fmt))
             loss = F.mse_loss(pred.float(), label)
             opt.zero_grad(set_to_none=True)
             loss.backward()

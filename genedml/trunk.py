@@ -145,13 +145,8 @@ def check_keys(expected: dict, state: dict, source, what: str, optional: str | N
         raise ValueError(f"{source}: not the weights of {what}; {'; '.join(problems)}")
 
 
-_PREPROCESS = {torch.device("cpu"): Preprocess()}  # device -> its Preprocess: the constants copied there once
-
-
 def preprocess(x: torch.Tensor) -> torch.Tensor:
     """uint8 images (B,3,H,W) -> float, /255, normalised with ImageNet's mean and std (Preprocess).
-    For code without a trunk at hand; a model should call its trunk's own `preprocess`. The
-    constants reach a device once, at the first call there, never in every call."""
-    if x.device not in _PREPROCESS:
-        _PREPROCESS[x.device] = Preprocess().to(x.device)
-    return _PREPROCESS[x.device](x)
+    For tests and scripts: it builds the constants at each call (on CUDA a copy that waits); a model
+    or a timed step holds a Preprocess module instead, as the trunk does (ResNet18Trunk.preprocess)."""
+    return Preprocess().to(x.device)(x)
